@@ -1,0 +1,87 @@
+//! The agents' gRPC link (`butte.agent.v1.AgentLink/Session`): one
+//! bidirectional stream per agent, opened by the agent, Register first.
+
+use std::pin::Pin;
+
+use butte_api::agent_link::v1::agent_link_server::AgentLink;
+use butte_api::agent_link::v1::{AgentMessage, MasterMessage, agent_message};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::master::Shared;
+
+pub struct AgentLinkService {
+    shared: Shared,
+}
+
+impl AgentLinkService {
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+}
+
+type MasterStream = Pin<Box<dyn Stream<Item = Result<MasterMessage, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AgentLink for AgentLinkService {
+    type SessionStream = MasterStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<MasterStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the link closed before the agent registered")
+        })?;
+        let Some(agent_message::Kind::Register(register)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message on the agent link must be Register",
+            ));
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let (agent_id, epoch) = self
+            .shared
+            .lock()
+            .register_agent(register, sender)
+            .map_err(|message| {
+                Status::invalid_argument(format!("registration refused: {message}"))
+            })?;
+
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::info!(agent_id, %status, "agent link failed");
+                        break;
+                    }
+                };
+                let mut master = shared.lock();
+                match message.kind {
+                    Some(agent_message::Kind::Heartbeat(_)) => master.agent_heartbeat(&agent_id),
+                    Some(agent_message::Kind::StatusUpdate(update)) => {
+                        master.agent_status_update(&agent_id, update)
+                    }
+                    Some(agent_message::Kind::ResourcesChanged(_)) => {
+                        tracing::warn!(
+                            agent_id,
+                            "resource changes are not supported yet; re-register the agent instead"
+                        );
+                    }
+                    Some(agent_message::Kind::Register(_)) => {
+                        tracing::warn!(agent_id, "Register sent twice on one link; ignored");
+                    }
+                    None => {}
+                }
+            }
+            shared.lock().agent_disconnected(&agent_id, epoch);
+        });
+        let outbound = UnboundedReceiverStream::new(receiver).map(Ok);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}

@@ -1,0 +1,107 @@
+//! The master's flags; each also reads `BUTTE_<FLAG>` from the environment.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "butte-master",
+    version,
+    about = "Butte master: Mesos v1 scheduler and operator APIs with DRF offers"
+)]
+pub struct MasterConfig {
+    /// Address to listen on.
+    #[arg(long, env = "BUTTE_IP", default_value = "127.0.0.1")]
+    pub ip: IpAddr,
+    /// Port for HTTP (scheduler and operator APIs) and the agents' gRPC link.
+    #[arg(long, env = "BUTTE_PORT", default_value_t = 5050)]
+    pub port: u16,
+    /// Directory for the registry (frameworks, agents, tasks survive restarts).
+    #[arg(long, env = "BUTTE_WORK_DIR")]
+    pub work_dir: PathBuf,
+    /// Registry backend; only the embedded file is supported so far.
+    #[arg(long, env = "BUTTE_REGISTRY")]
+    pub registry: Option<String>,
+    /// Serve the web UI (not built yet; accepted for forward compatibility).
+    #[arg(long, env = "BUTTE_WEB_UI", default_value = "off")]
+    pub web_ui: String,
+    /// Log format: text or json.
+    #[arg(long, env = "BUTTE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Seconds between allocation cycles.
+    #[arg(long, env = "BUTTE_ALLOCATION_INTERVAL", default_value = "1", value_parser = parse_seconds)]
+    pub allocation_interval: Duration,
+    /// Seconds after which an unused offer is rescinded; 0 keeps offers until used (Mesos's default).
+    #[arg(long, env = "BUTTE_OFFER_TIMEOUT", default_value = "0", value_parser = parse_seconds)]
+    pub offer_timeout: Duration,
+    /// Seconds without a word from an agent before the master drops its link.
+    #[arg(long, env = "BUTTE_AGENT_PING_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
+    pub agent_ping_timeout: Duration,
+    /// Seconds a disconnected agent has to come back before its tasks are unreachable.
+    #[arg(long, env = "BUTTE_AGENT_REREGISTER_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub agent_reregister_timeout: Duration,
+    /// Largest accepted request body, in bytes (larger ones get 413).
+    #[arg(long, env = "BUTTE_MAX_REQUEST_BYTES", default_value_t = 8 << 20)]
+    pub max_request_bytes: usize,
+    /// Seconds before an unacknowledged status update is sent to its framework again (doubles up to 10 min).
+    #[arg(long, env = "BUTTE_STATUS_UPDATE_RETRY", default_value = "10", value_parser = parse_seconds)]
+    pub status_update_retry: Duration,
+    /// Role weights, e.g. `web=2,batch=0.5`.
+    #[arg(long, env = "BUTTE_WEIGHTS", default_value = "")]
+    pub weights: String,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("{text:?} is not a non-negative number of seconds"))
+}
+
+impl MasterConfig {
+    /// Parses `--weights`.
+    pub fn role_weights(&self) -> Result<Vec<(String, f64)>, String> {
+        self.weights
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .map(|pair| {
+                let (role, weight) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("weight {pair:?} is not ROLE=WEIGHT"))?;
+                let weight: f64 = weight
+                    .parse()
+                    .ok()
+                    .filter(|w: &f64| w.is_finite() && *w > 0.0)
+                    .ok_or_else(|| {
+                        format!("weight {weight:?} of role {role:?} must be a number > 0")
+                    })?;
+                Ok((role.to_owned(), weight))
+            })
+            .collect()
+    }
+
+    /// A configuration for tests and embedding: loopback, any free port.
+    pub fn for_work_dir(work_dir: PathBuf) -> Self {
+        Self {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            work_dir,
+            registry: None,
+            web_ui: "off".into(),
+            log_format: "text".into(),
+            allocation_interval: Duration::from_secs(1),
+            offer_timeout: Duration::ZERO,
+            agent_ping_timeout: Duration::from_secs(15),
+            agent_reregister_timeout: Duration::from_secs(30),
+            max_request_bytes: 8 << 20,
+            status_update_retry: Duration::from_secs(10),
+            weights: String::new(),
+        }
+    }
+}

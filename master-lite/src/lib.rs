@@ -1,0 +1,152 @@
+//! Butte's master: frameworks subscribe over the Mesos v1 scheduler API and
+//! get resource offers chosen by DRF; agents register over a gRPC link; the
+//! registry keeps what a restart must not lose.
+
+pub mod agent_link;
+pub mod allocator;
+pub mod config;
+pub mod http;
+pub mod master;
+pub mod operator_api;
+pub mod registry;
+pub mod scheduler_api;
+pub mod task;
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use butte_api::agent_link::v1::agent_link_server::AgentLinkServer;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::MasterConfig;
+use master::{Master, Shared};
+
+/// A master serving on its port, until `shutdown`.
+pub struct RunningMaster {
+    pub addr: SocketAddr,
+    pub shared: Shared,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    ticker: JoinHandle<()>,
+}
+
+impl RunningMaster {
+    /// Stops serving: ends every event stream and agent link, then waits up
+    /// to 2 s for connections to drain before closing the rest.
+    pub async fn shutdown(mut self) {
+        self.ticker.abort();
+        self.shared.lock().close_streams();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(2), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
+    }
+}
+
+/// Binds, opens the registry and starts serving.
+pub async fn start(config: MasterConfig) -> anyhow::Result<RunningMaster> {
+    if let Some(registry) = &config.registry {
+        anyhow::bail!(
+            "--registry {registry:?} is not supported yet; leave it out to use the embedded registry under --work-dir"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind((config.ip, config.port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}:{}: {e}; is another master running there?",
+                config.ip,
+                config.port
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let master = Master::open(config, addr)?;
+    let shared = Shared::new(master);
+
+    let ticker = tokio::spawn(allocation_loop(shared.clone()));
+    let grpc = tonic::service::Routes::new(AgentLinkServer::new(
+        agent_link::AgentLinkService::new(shared.clone()),
+    ))
+    .into_axum_router();
+    let dispatch_state = shared.clone();
+    let app =
+        grpc.fallback(move |request: Request<Body>| dispatch(dispatch_state.clone(), request));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the master's server failed");
+        }
+    });
+    tracing::info!(%addr, "butte master serving");
+    Ok(RunningMaster {
+        addr,
+        shared,
+        stop: Some(stop),
+        server,
+        ticker,
+    })
+}
+
+/// Runs timers and allocation: every allocation interval, and at once when
+/// something made resources or demand appear.
+async fn allocation_loop(shared: Shared) {
+    let interval = shared
+        .lock()
+        .config
+        .allocation_interval
+        .max(std::time::Duration::from_millis(10));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shared.allocation_wanted.notified() => {}
+        }
+        let mut master = shared.lock();
+        master.tick();
+        master.allocate();
+    }
+}
+
+async fn dispatch(shared: Shared, request: Request<Body>) -> Response {
+    let path = request.uri().path().to_owned();
+    match http::route(&path) {
+        Some("/api/v1/scheduler") => scheduler_api::handle(shared, request).await,
+        Some("/api/v1") => operator_api::handle_api(shared, request).await,
+        Some("/version") => http::json_response(&serde_json::json!({
+            "version": butte_api::MESOS_VERSION,
+            "build_user": "butte",
+            "butte_version": env!("CARGO_PKG_VERSION"),
+        })),
+        Some("/health") => StatusCode::OK.into_response(),
+        Some("/redirect") => {
+            // A single master is always the leader: point at ourselves.
+            let location = {
+                let master = shared.lock();
+                let address = master.info.address.clone().unwrap_or_default();
+                format!("//{}:{}", address.ip.unwrap_or_default(), address.port)
+            };
+            let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+            response
+        }
+        Some(route) => operator_api::view(&shared.lock(), route),
+        None => http::HttpError::new(StatusCode::NOT_FOUND, format!("no endpoint at {path}"))
+            .into_response(),
+    }
+}

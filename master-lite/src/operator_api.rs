@@ -1,0 +1,583 @@
+//! What operators read: `POST /api/v1` (GET_HEALTH, GET_VERSION, GET_STATE,
+//! GET_AGENTS, GET_FRAMEWORKS, GET_TASKS, GET_METRICS, GET_ROLES), the v0 JSON
+//! views (`/state`, `/slaves`, `/frameworks`, `/tasks`, `/roles`),
+//! `/metrics/snapshot` and Prometheus text at `/metrics`.
+
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use butte_api::mesos::v1::master::{Call, Response as ApiResponse, call, response};
+use butte_api::mesos::v1::{Metric, Resource, Role, Task, TaskState, VersionInfo};
+use butte_api::resources::Resources;
+use serde_json::{Value, json};
+
+use crate::http::{HttpError, encoded, json_response, read_body, request_format, response_format};
+use crate::master::{Master, Shared, roles_of};
+use crate::task::is_terminal;
+
+pub async fn handle_api(shared: Shared, request: Request<Body>) -> Response {
+    match serve_api(shared, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn serve_api(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
+    if request.method() != Method::POST {
+        return Err(HttpError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Expecting 'POST', received '{}'", request.method()),
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    let format = request_format(&parts.headers)?;
+    let accept = response_format(&parts.headers)?;
+    let limit = shared.lock().config.max_request_bytes;
+    let call: Call = format.decode(&read_body(&parts.headers, body, limit).await?)?;
+    let kind = call
+        .r#type
+        .and_then(|t| call::Type::try_from(t).ok())
+        .unwrap_or(call::Type::Unknown);
+    let master = shared.lock();
+    let mut answer = ApiResponse {
+        r#type: Some(response::Type::Unknown as i32),
+        ..Default::default()
+    };
+    match kind {
+        call::Type::GetHealth => {
+            answer.r#type = Some(response::Type::GetHealth as i32);
+            answer.get_health = Some(response::GetHealth { healthy: true });
+        }
+        call::Type::GetVersion => {
+            answer.r#type = Some(response::Type::GetVersion as i32);
+            answer.get_version = Some(response::GetVersion {
+                version_info: version_info(),
+            });
+        }
+        call::Type::GetState => {
+            answer.r#type = Some(response::Type::GetState as i32);
+            answer.get_state = Some(get_state(&master));
+        }
+        call::Type::GetAgents => {
+            answer.r#type = Some(response::Type::GetAgents as i32);
+            answer.get_agents = Some(get_agents(&master));
+        }
+        call::Type::GetFrameworks => {
+            answer.r#type = Some(response::Type::GetFrameworks as i32);
+            answer.get_frameworks = Some(get_frameworks(&master));
+        }
+        call::Type::GetTasks => {
+            answer.r#type = Some(response::Type::GetTasks as i32);
+            answer.get_tasks = Some(get_tasks(&master));
+        }
+        call::Type::GetMetrics => {
+            answer.r#type = Some(response::Type::GetMetrics as i32);
+            let metrics = metrics_snapshot(&master)
+                .into_iter()
+                .map(|(name, value)| Metric {
+                    name,
+                    value: Some(value),
+                })
+                .collect();
+            answer.get_metrics = Some(response::GetMetrics { metrics });
+        }
+        call::Type::GetRoles => {
+            answer.r#type = Some(response::Type::GetRoles as i32);
+            answer.get_roles = Some(response::GetRoles {
+                roles: roles(&master),
+            });
+        }
+        call::Type::Unknown => {
+            return Err(HttpError::bad_request(
+                "Expecting 'type' to be present and a known operator call (GET_STATE, ...)",
+            ));
+        }
+        other => {
+            return Err(HttpError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "operator call {} is not supported by this master yet",
+                    other.as_str_name()
+                ),
+            ));
+        }
+    }
+    Ok(encoded(StatusCode::OK, accept, &answer))
+}
+
+fn version_info() -> VersionInfo {
+    VersionInfo {
+        version: butte_api::MESOS_VERSION.to_owned(),
+        build_user: Some("butte".to_owned()),
+        git_tag: Some(format!("butte-{}", env!("CARGO_PKG_VERSION"))),
+        ..Default::default()
+    }
+}
+
+fn active_tasks(master: &Master) -> impl Iterator<Item = &Task> {
+    master
+        .frameworks
+        .values()
+        .flat_map(|f| f.tasks.values().map(|e| &e.task))
+}
+
+fn get_tasks(master: &Master) -> response::GetTasks {
+    let mut tasks = response::GetTasks::default();
+    for task in active_tasks(master) {
+        match task.state() {
+            TaskState::TaskUnreachable => tasks.unreachable_tasks.push(task.clone()),
+            state if is_terminal(state) => tasks.completed_tasks.push(task.clone()),
+            _ => tasks.tasks.push(task.clone()),
+        }
+    }
+    for framework in master.frameworks.values() {
+        tasks
+            .completed_tasks
+            .extend(framework.completed_tasks.iter().cloned());
+    }
+    tasks
+}
+
+fn get_agents(master: &Master) -> response::GetAgents {
+    let agents = master
+        .agents
+        .values()
+        .map(|agent| {
+            let free = master
+                .allocator
+                .free(agent.id())
+                .cloned()
+                .unwrap_or_default();
+            let offered = offered_on(master, |o| o.agent_id == agent.id());
+            let used = agent.total.checked_sub(&free).unwrap_or_default();
+            response::get_agents::Agent {
+                agent_info: agent.info.clone(),
+                active: agent.connected(),
+                version: agent.version.clone(),
+                pid: Some(format!(
+                    "agent@{}:{}",
+                    agent.info.hostname,
+                    agent.info.port.unwrap_or(5051)
+                )),
+                registered_time: Some(time_info(agent.registered_time)),
+                reregistered_time: agent.reregistered_time.map(time_info),
+                total_resources: agent.total.to_proto(None),
+                allocated_resources: used.to_proto(None),
+                offered_resources: offered.to_proto(None),
+                ..Default::default()
+            }
+        })
+        .collect();
+    response::GetAgents {
+        agents,
+        ..Default::default()
+    }
+}
+
+fn offered_on(
+    master: &Master,
+    keep: impl Fn(&crate::master::OutstandingOffer) -> bool,
+) -> Resources {
+    let mut sum = Resources::new();
+    for offer in master.offers.values().filter(|o| keep(o)) {
+        sum.add(&offer.resources);
+    }
+    sum
+}
+
+fn allocated_to(master: &Master, framework_id: &str) -> Vec<Resource> {
+    master
+        .allocator
+        .allocated(framework_id)
+        .map(|by_role| {
+            by_role
+                .iter()
+                .flat_map(|(role, r)| r.to_proto(Some(role)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn get_frameworks(master: &Master) -> response::GetFrameworks {
+    let frameworks = master
+        .frameworks
+        .values()
+        .map(|f| response::get_frameworks::Framework {
+            framework_info: f.info.clone(),
+            active: f.connection.is_some(),
+            connected: f.connection.is_some(),
+            recovered: false,
+            registered_time: Some(time_info(f.registered_time)),
+            reregistered_time: f.reregistered_time.map(time_info),
+            offers: master
+                .offers
+                .values()
+                .filter(|o| o.framework_id == f.id())
+                .map(|o| offer_proto(master, o))
+                .collect(),
+            allocated_resources: allocated_to(master, f.id()),
+            offered_resources: offered_on(master, |o| o.framework_id == f.id()).to_proto(None),
+            ..Default::default()
+        })
+        .collect();
+    let completed_frameworks = master
+        .completed_frameworks
+        .iter()
+        .map(|info| response::get_frameworks::Framework {
+            framework_info: info.clone(),
+            ..Default::default()
+        })
+        .collect();
+    response::GetFrameworks {
+        frameworks,
+        completed_frameworks,
+        ..Default::default()
+    }
+}
+
+fn offer_proto(
+    master: &Master,
+    offer: &crate::master::OutstandingOffer,
+) -> butte_api::mesos::v1::Offer {
+    butte_api::mesos::v1::Offer {
+        id: butte_api::mesos::v1::OfferId {
+            value: offer.id.clone(),
+        },
+        framework_id: butte_api::mesos::v1::FrameworkId {
+            value: offer.framework_id.clone(),
+        },
+        agent_id: butte_api::mesos::v1::AgentId {
+            value: offer.agent_id.clone(),
+        },
+        hostname: master
+            .agents
+            .get(&offer.agent_id)
+            .map(|a| a.info.hostname.clone())
+            .unwrap_or_default(),
+        resources: offer.resources.to_proto(Some(&offer.role)),
+        ..Default::default()
+    }
+}
+
+fn get_state(master: &Master) -> response::GetState {
+    response::GetState {
+        get_tasks: Some(get_tasks(master)),
+        get_executors: Some(response::GetExecutors::default()),
+        get_frameworks: Some(get_frameworks(master)),
+        get_agents: Some(get_agents(master)),
+    }
+}
+
+fn roles(master: &Master) -> Vec<Role> {
+    let mut by_role: BTreeMap<String, (Vec<butte_api::mesos::v1::FrameworkId>, Resources)> =
+        BTreeMap::new();
+    for framework in master.frameworks.values() {
+        for role in roles_of(&framework.info) {
+            by_role
+                .entry(role)
+                .or_default()
+                .0
+                .push(butte_api::mesos::v1::FrameworkId {
+                    value: framework.id().to_owned(),
+                });
+        }
+        for (role, resources) in master
+            .allocator
+            .allocated(framework.id())
+            .into_iter()
+            .flatten()
+        {
+            by_role.entry(role.clone()).or_default().1.add(resources);
+        }
+    }
+    by_role
+        .into_iter()
+        .map(|(name, (frameworks, resources))| Role {
+            weight: master.allocator.weight(&name),
+            resources: resources.to_proto(None),
+            name,
+            frameworks,
+        })
+        .collect()
+}
+
+fn time_info(unix_seconds: f64) -> butte_api::mesos::v1::TimeInfo {
+    butte_api::mesos::v1::TimeInfo {
+        nanoseconds: (unix_seconds * 1e9) as i64,
+    }
+}
+
+/// Mesos's metric names and meanings, read in one pass over the state.
+pub fn metrics_snapshot(master: &Master) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    let mut put = |name: &str, value: f64| {
+        m.insert(format!("master/{name}"), value);
+    };
+    put("elected", 1.0);
+    put("uptime_secs", master.started.elapsed().as_secs_f64());
+    let connected = master.agents.values().filter(|a| a.connected()).count();
+    put("slaves_active", connected as f64);
+    put("slaves_connected", connected as f64);
+    put(
+        "slaves_disconnected",
+        (master.agents.len() - connected) as f64,
+    );
+    put(
+        "slaves_unreachable",
+        master.agents.values().filter(|a| a.unreachable).count() as f64,
+    );
+    let active = master
+        .frameworks
+        .values()
+        .filter(|f| f.connection.is_some())
+        .count();
+    put("frameworks_active", active as f64);
+    put("frameworks_connected", active as f64);
+    put(
+        "frameworks_disconnected",
+        (master.frameworks.len() - active) as f64,
+    );
+    put(
+        "frameworks_inactive",
+        (master.frameworks.len() - active) as f64,
+    );
+    put("outstanding_offers", master.offers.len() as f64);
+    for state in [
+        TaskState::TaskStaging,
+        TaskState::TaskStarting,
+        TaskState::TaskRunning,
+        TaskState::TaskKilling,
+        TaskState::TaskUnreachable,
+    ] {
+        let count = active_tasks(master).filter(|t| t.state() == state).count();
+        put(
+            &state
+                .as_str_name()
+                .to_ascii_lowercase()
+                .replace("task_", "tasks_"),
+            count as f64,
+        );
+    }
+    for state in [
+        TaskState::TaskFinished,
+        TaskState::TaskFailed,
+        TaskState::TaskKilled,
+        TaskState::TaskLost,
+        TaskState::TaskError,
+        TaskState::TaskDropped,
+    ] {
+        let count = master
+            .frameworks
+            .values()
+            .flat_map(|f| {
+                f.completed_tasks
+                    .iter()
+                    .chain(f.tasks.values().map(|e| &e.task))
+            })
+            .filter(|t| t.state() == state)
+            .count();
+        put(
+            &state
+                .as_str_name()
+                .to_ascii_lowercase()
+                .replace("task_", "tasks_"),
+            count as f64,
+        );
+    }
+    let total = master.allocator.total().clone();
+    let mut used = Resources::new();
+    for agent in master.agents.values() {
+        if let Some(free) = master.allocator.free(agent.id()) {
+            used.add(&agent.total.checked_sub(free).unwrap_or_default());
+        }
+    }
+    for name in ["cpus", "mem", "disk", "gpus", "network_bandwidth"] {
+        let (t, u) = (total.scalar(name), used.scalar(name));
+        put(&format!("{name}_total"), t);
+        put(&format!("{name}_used"), u);
+        put(
+            &format!("{name}_percent"),
+            if t > 0.0 { u / t } else { 0.0 },
+        );
+    }
+    let c = &master.counters;
+    put("offers_sent", c.offers_sent as f64);
+    put("offers_declined", c.offers_declined as f64);
+    put("offers_rescinded", c.offers_rescinded as f64);
+    put("offers_accepted", c.offers_accepted as f64);
+    put("tasks_launched", c.tasks_launched as f64);
+    put("invalid_tasks", c.tasks_invalid as f64);
+    put("valid_status_updates", c.status_updates as f64);
+    put("allocation_runs", c.allocation_runs as f64);
+    put("allocation_run_ms", c.allocation_last_ms);
+    put("registry_write_errors", c.registry_errors as f64);
+    m.insert(
+        "allocator/mesos/allocation_runs".into(),
+        c.allocation_runs as f64,
+    );
+    m
+}
+
+/// Prometheus text exposition of the snapshot: `master/x_y` becomes `butte_master_x_y`.
+pub fn prometheus(master: &Master) -> String {
+    let mut out = String::new();
+    for (name, value) in metrics_snapshot(master) {
+        let name: String = format!("butte_{name}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        out.push_str(&format!("# TYPE {name} gauge\n{name} {value}\n"));
+    }
+    out
+}
+
+fn resources_json(resources: &Resources) -> Value {
+    let mut map = serde_json::Map::new();
+    for name in ["cpus", "mem", "disk", "gpus"] {
+        map.insert(name.to_owned(), json!(resources.scalar(name)));
+    }
+    for (name, value) in resources.scalars() {
+        map.insert(name.to_owned(), json!(value));
+    }
+    if let Some(ports) = resources.ranges("ports") {
+        map.insert("ports".to_owned(), json!(ports.to_string()));
+    }
+    Value::Object(map)
+}
+
+fn task_json(task: &Task) -> Value {
+    let resources = Resources::from_proto(&task.resources).unwrap_or_default();
+    json!({
+        "id": task.task_id.value,
+        "name": task.name,
+        "framework_id": task.framework_id.value,
+        "executor_id": task.executor_id.as_ref().map_or("", |e| e.value.as_str()),
+        "slave_id": task.agent_id.value,
+        "state": task.state().as_str_name(),
+        "resources": resources_json(&resources),
+        "statuses": task.statuses.iter().map(|s| json!({"state": s.state().as_str_name(), "timestamp": s.timestamp})).collect::<Vec<_>>(),
+    })
+}
+
+fn frameworks_json(master: &Master) -> (Vec<Value>, Vec<Value>) {
+    let frameworks = master
+        .frameworks
+        .values()
+        .map(|f| {
+            let mut used = Resources::new();
+            for r in master.allocator.allocated(f.id()).into_iter().flat_map(|m| m.values()) {
+                used.add(r);
+            }
+            json!({
+                "id": f.id(),
+                "name": f.info.name,
+                "user": f.info.user,
+                "hostname": f.info.hostname,
+                "failover_timeout": f.info.failover_timeout.unwrap_or(0.0),
+                "role": roles_of(&f.info).first().cloned().unwrap_or_default(),
+                "roles": roles_of(&f.info),
+                "capabilities": f.info.capabilities.iter().map(|c| c.r#type().as_str_name()).collect::<Vec<_>>(),
+                "active": f.connection.is_some(),
+                "connected": f.connection.is_some(),
+                "registered_time": f.registered_time,
+                "reregistered_time": f.reregistered_time,
+                "used_resources": resources_json(&used),
+                "offered_resources": resources_json(&offered_on(master, |o| o.framework_id == f.id())),
+                "tasks": f.tasks.values().map(|e| task_json(&e.task)).collect::<Vec<_>>(),
+                "completed_tasks": f.completed_tasks.iter().map(task_json).collect::<Vec<_>>(),
+                "offers": master.offers.values().filter(|o| o.framework_id == f.id()).map(|o| json!({"id": o.id, "slave_id": o.agent_id, "resources": resources_json(&o.resources)})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let completed = master
+        .completed_frameworks
+        .iter()
+        .map(|info| json!({"id": info.id.as_ref().map_or("", |f| f.value.as_str()), "name": info.name, "active": false}))
+        .collect();
+    (frameworks, completed)
+}
+
+fn slaves_json(master: &Master) -> Vec<Value> {
+    master
+        .agents
+        .values()
+        .map(|a| {
+            let free = master.allocator.free(a.id()).cloned().unwrap_or_default();
+            json!({
+                "id": a.id(),
+                "hostname": a.info.hostname,
+                "port": a.info.port.unwrap_or(5051),
+                "pid": format!("slave(1)@{}:{}", a.info.hostname, a.info.port.unwrap_or(5051)),
+                "active": a.connected(),
+                "version": a.version,
+                "registered_time": a.registered_time,
+                "resources": resources_json(&a.total),
+                "used_resources": resources_json(&a.total.checked_sub(&free).unwrap_or_default()),
+                "offered_resources": resources_json(&offered_on(master, |o| o.agent_id == a.id())),
+                "unreserved_resources": resources_json(&a.total),
+            })
+        })
+        .collect()
+}
+
+/// GET views in Mesos's v0 JSON shapes.
+pub fn view(master: &Master, route: &str) -> Response {
+    let (frameworks, completed) = frameworks_json(master);
+    match route {
+        "/state" | "/state.json" | "/state-summary" => json_response(&json!({
+            "version": butte_api::MESOS_VERSION,
+            "id": master.master_id(),
+            "pid": master.info.pid,
+            "hostname": master.info.hostname,
+            "start_time": master.start_time,
+            "elected_time": master.start_time,
+            "leader": master.info.pid,
+            "leader_info": butte_api::json::to_value(&master.info).unwrap_or_default(),
+            "activated_slaves": master.agents.values().filter(|a| a.connected()).count(),
+            "deactivated_slaves": master.agents.values().filter(|a| !a.connected()).count(),
+            "frameworks": frameworks,
+            "completed_frameworks": completed,
+            "unregistered_frameworks": [],
+            "slaves": slaves_json(master),
+        })),
+        "/frameworks" => json_response(
+            &json!({"frameworks": frameworks, "completed_frameworks": completed, "unregistered_frameworks": []}),
+        ),
+        "/slaves" => json_response(&json!({"slaves": slaves_json(master), "recovered_slaves": []})),
+        "/tasks" | "/tasks.json" => {
+            let tasks: Vec<Value> = master
+                .frameworks
+                .values()
+                .flat_map(|f| {
+                    f.tasks
+                        .values()
+                        .map(|e| task_json(&e.task))
+                        .chain(f.completed_tasks.iter().map(task_json))
+                })
+                .collect();
+            json_response(&json!({"tasks": tasks}))
+        }
+        "/roles" => {
+            let roles: Vec<Value> = roles(master)
+                .into_iter()
+                .map(|r| json!({"name": r.name, "weight": r.weight, "frameworks": r.frameworks.iter().map(|f| f.value.clone()).collect::<Vec<_>>(), "resources": resources_json(&Resources::from_proto(&r.resources).unwrap_or_default())}))
+                .collect();
+            json_response(&json!({"roles": roles}))
+        }
+        "/metrics/snapshot" => json_response(&json!(metrics_snapshot(master))),
+        "/metrics" => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            prometheus(master),
+        )
+            .into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}

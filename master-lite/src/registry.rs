@@ -1,0 +1,242 @@
+//! The registry: what a restarted master must not lose (its id, frameworks,
+//! agents, tasks), in an embedded redb file under `--work-dir`.
+//!
+//! Every change is written through in its own transaction, before the change
+//! is acknowledged to whoever caused it.
+
+use std::path::Path;
+
+use butte_api::mesos::v1::{AgentInfo, FrameworkInfo, Task};
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const FRAMEWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("frameworks");
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// the store could not be opened, read or written
+    #[error("registry {what} failed: {detail}")]
+    Store { what: &'static str, detail: String },
+    /// a stored record does not decode
+    #[error("registry record {key} in {table} is corrupt: {detail}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        detail: String,
+    },
+}
+
+fn store(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> RegistryError {
+    move |e| RegistryError::Store {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+/// Everything read back at start.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub master_id: Option<String>,
+    pub next_framework: u64,
+    pub next_agent: u64,
+    pub frameworks: Vec<FrameworkInfo>,
+    pub agents: Vec<AgentInfo>,
+    pub tasks: Vec<Task>,
+}
+
+pub struct Registry {
+    db: Database,
+}
+
+fn task_key(task: &Task) -> String {
+    format!("{}/{}", task.framework_id.value, task.task_id.value)
+}
+
+impl Registry {
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let db = Database::create(path).map_err(|e| RegistryError::Store {
+            what: "open",
+            detail: format!("{}: {e}", path.display()),
+        })?;
+        let txn = db.begin_write().map_err(|e| store("open")(&e))?;
+        {
+            txn.open_table(META).map_err(|e| store("open")(&e))?;
+            txn.open_table(FRAMEWORKS).map_err(|e| store("open")(&e))?;
+            txn.open_table(AGENTS).map_err(|e| store("open")(&e))?;
+            txn.open_table(TASKS).map_err(|e| store("open")(&e))?;
+        }
+        txn.commit().map_err(|e| store("open")(&e))?;
+        Ok(Self { db })
+    }
+
+    pub fn recover(&self) -> Result<Recovered, RegistryError> {
+        let err = store("read");
+        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let mut recovered = Recovered::default();
+        let meta = txn.open_table(META).map_err(|e| err(&e))?;
+        recovered.master_id = meta
+            .get("master_id")
+            .map_err(|e| err(&e))?
+            .map(|v| v.value().to_owned());
+        let counter = |key: &str| -> Result<u64, RegistryError> {
+            Ok(meta
+                .get(key)
+                .map_err(|e| err(&e))?
+                .and_then(|v| v.value().parse().ok())
+                .unwrap_or(0))
+        };
+        recovered.next_framework = counter("next_framework")?;
+        recovered.next_agent = counter("next_agent")?;
+        recovered.frameworks = read_all(&txn, FRAMEWORKS, "frameworks")?;
+        recovered.agents = read_all(&txn, AGENTS, "agents")?;
+        recovered.tasks = read_all(&txn, TASKS, "tasks")?;
+        Ok(recovered)
+    }
+
+    pub fn put_meta(&self, key: &str, value: &str) -> Result<(), RegistryError> {
+        self.write(|txn| {
+            txn.open_table(META)?.insert(key, value)?;
+            Ok(())
+        })
+    }
+
+    pub fn put_framework(&self, info: &FrameworkInfo) -> Result<(), RegistryError> {
+        let key = info.id.as_ref().map_or("", |f| f.value.as_str()).to_owned();
+        self.put(FRAMEWORKS, &key, &info.encode_to_vec())
+    }
+
+    /// Removes a framework and all its tasks.
+    pub fn remove_framework(&self, framework_id: &str) -> Result<(), RegistryError> {
+        let prefix = format!("{framework_id}/");
+        self.write(|txn| {
+            txn.open_table(FRAMEWORKS)?.remove(framework_id)?;
+            let mut tasks = txn.open_table(TASKS)?;
+            // '0' sorts right after '/', so this range is exactly the framework's tasks.
+            let end = format!("{framework_id}0");
+            let keys: Vec<String> = tasks
+                .range(prefix.as_str()..end.as_str())?
+                .map(|item| item.map(|(k, _)| k.value().to_owned()))
+                .collect::<Result<_, _>>()?;
+            for key in keys {
+                tasks.remove(key.as_str())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn put_agent(&self, info: &AgentInfo) -> Result<(), RegistryError> {
+        let key = info.id.as_ref().map_or("", |a| a.value.as_str()).to_owned();
+        self.put(AGENTS, &key, &info.encode_to_vec())
+    }
+
+    pub fn remove_agent(&self, agent_id: &str) -> Result<(), RegistryError> {
+        self.write(|txn| {
+            txn.open_table(AGENTS)?.remove(agent_id)?;
+            Ok(())
+        })
+    }
+
+    pub fn put_task(&self, task: &Task) -> Result<(), RegistryError> {
+        self.put(TASKS, &task_key(task), &task.encode_to_vec())
+    }
+
+    pub fn remove_task(&self, task: &Task) -> Result<(), RegistryError> {
+        let key = task_key(task);
+        self.write(|txn| {
+            txn.open_table(TASKS)?.remove(key.as_str())?;
+            Ok(())
+        })
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), RegistryError> {
+        self.write(|txn| {
+            txn.open_table(table)?.insert(key, value)?;
+            Ok(())
+        })
+    }
+
+    fn write(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), RegistryError> {
+        let err = store("write");
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        body(&txn).map_err(|e| err(&e))?;
+        txn.commit().map_err(|e| err(&e))
+    }
+}
+
+fn read_all<M: Message + Default>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    name: &'static str,
+) -> Result<Vec<M>, RegistryError> {
+    let err = store("read");
+    let table = txn.open_table(table).map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    for item in table.iter().map_err(|e| err(&e))? {
+        let (key, value) = item.map_err(|e| err(&e))?;
+        let message = M::decode(value.value()).map_err(|e| RegistryError::Corrupt {
+            table: name,
+            key: key.value().to_owned(),
+            detail: e.to_string(),
+        })?;
+        out.push(message);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use butte_api::mesos::v1::{FrameworkId, TaskId};
+
+    #[test]
+    fn framework_removal_takes_only_its_tasks() {
+        let dir = tempdir();
+        let registry = Registry::open(&dir.join("registry.redb")).unwrap();
+        for fw in ["f1", "f10", "f2"] {
+            registry
+                .put_framework(&FrameworkInfo {
+                    id: Some(FrameworkId { value: fw.into() }),
+                    ..Default::default()
+                })
+                .unwrap();
+            registry
+                .put_task(&Task {
+                    framework_id: FrameworkId { value: fw.into() },
+                    task_id: TaskId { value: "t".into() },
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        registry.remove_framework("f1").unwrap();
+        drop(registry);
+        let recovered = Registry::open(&dir.join("registry.redb"))
+            .unwrap()
+            .recover()
+            .unwrap();
+        let fws: Vec<_> = recovered
+            .frameworks
+            .iter()
+            .map(|f| f.id.clone().unwrap().value)
+            .collect();
+        assert_eq!(fws, ["f10", "f2"]);
+        assert_eq!(recovered.tasks.len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("butte-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,258 @@
+//! `POST /api/v1/scheduler`: the Mesos v1 scheduler API. SUBSCRIBE answers a
+//! RecordIO event stream; every other call answers 202 once applied.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use butte_api::mesos::v1::scheduler::{Call, Event, call, event};
+use butte_api::recordio;
+use butte_api::resources::Resources;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::http::{
+    Format, HttpError, STREAM_ID_HEADER, read_body, request_format, response_format,
+};
+use crate::master::{HEARTBEAT_SECONDS, Shared};
+
+pub async fn handle(shared: Shared, request: Request<Body>) -> Response {
+    match serve(shared, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn serve(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
+    if request.method() != Method::POST {
+        return Err(HttpError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Expecting 'POST', received '{}'", request.method()),
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    let format = request_format(&parts.headers)?;
+    let limit = shared.lock().config.max_request_bytes;
+    let bytes = read_body(&parts.headers, body, limit).await?;
+    let call: Call = format.decode(&bytes)?;
+    validate(&call)?;
+    let stream_id = parts
+        .headers
+        .get(STREAM_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+
+    if call.r#type() == call::Type::Subscribe {
+        if stream_id.is_some() {
+            return Err(HttpError::bad_request(format!(
+                "SUBSCRIBE calls must not carry the '{STREAM_ID_HEADER}' header; the master assigns one"
+            )));
+        }
+        let accept = response_format(&parts.headers)?;
+        let subscribe = call.subscribe.unwrap_or_default();
+        let subscription = shared
+            .lock()
+            .subscribe(call.framework_id.map(|f| f.value), subscribe)?;
+        return Ok(event_stream(shared, accept, subscription));
+    }
+
+    let framework_id = call
+        .framework_id
+        .as_ref()
+        .map(|f| f.value.clone())
+        .unwrap_or_default();
+    let mut master = shared.lock();
+    master.check_stream(&framework_id, stream_id.as_deref())?;
+    match call.r#type() {
+        call::Type::Teardown => {
+            master.remove_framework(&framework_id, "the scheduler sent TEARDOWN")
+        }
+        call::Type::Accept => master.accept(&framework_id, call.accept.unwrap_or_default()),
+        call::Type::Decline => master.decline(&framework_id, &call.decline.unwrap_or_default()),
+        call::Type::Revive => master.revive(&framework_id, &call.revive.unwrap_or_default().roles),
+        call::Type::Suppress => {
+            master.suppress(&framework_id, &call.suppress.unwrap_or_default().roles)
+        }
+        call::Type::Kill => master.kill(&framework_id, &call.kill.unwrap_or_default()),
+        call::Type::Shutdown => {
+            master.shutdown_executor(&framework_id, &call.shutdown.unwrap_or_default())
+        }
+        call::Type::Acknowledge => {
+            master.acknowledge(&framework_id, &call.acknowledge.unwrap_or_default())?
+        }
+        call::Type::Reconcile => {
+            master.reconcile(&framework_id, &call.reconcile.unwrap_or_default())
+        }
+        call::Type::Message => master.message(&framework_id, &call.message.unwrap_or_default()),
+        // Mesos's allocator ignores resource requests too.
+        call::Type::Request => {}
+        other => {
+            return Err(HttpError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "call type {} is not supported by this master",
+                    other.as_str_name()
+                ),
+            ));
+        }
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// Checks what Mesos checks before applying a call: its type, the body its
+/// type needs, and every resource it carries.
+fn validate(call: &Call) -> Result<(), HttpError> {
+    let Some(kind) = call.r#type.and_then(|t| call::Type::try_from(t).ok()) else {
+        return Err(HttpError::bad_request(
+            "Expecting 'type' to be present and a known call type (SUBSCRIBE, ACCEPT, DECLINE, ...)",
+        ));
+    };
+    let need = |present: bool, field: &str| {
+        if present {
+            Ok(())
+        } else {
+            Err(HttpError::bad_request(format!(
+                "Expecting '{field}' to be present for a {} call",
+                kind.as_str_name()
+            )))
+        }
+    };
+    if kind == call::Type::Unknown {
+        return Err(HttpError::bad_request(
+            "Expecting 'type' to be a known call type, got UNKNOWN",
+        ));
+    }
+    if kind != call::Type::Subscribe {
+        need(
+            call.framework_id
+                .as_ref()
+                .is_some_and(|f| !f.value.is_empty()),
+            "framework_id",
+        )?;
+    }
+    let check_filters = |filters: Option<&butte_api::mesos::v1::Filters>| match filters
+        .and_then(|f| f.refuse_seconds)
+    {
+        Some(seconds) if !seconds.is_finite() || seconds < 0.0 => Err(HttpError::bad_request(
+            format!("'filters.refuse_seconds' is {seconds}; use a finite number of seconds >= 0"),
+        )),
+        _ => Ok(()),
+    };
+    let check_resources = |what: &str, resources: &[butte_api::mesos::v1::Resource]| {
+        Resources::from_proto(resources)
+            .map(|_| ())
+            .map_err(|e| HttpError::bad_request(format!("{what}: {e}")))
+    };
+    match kind {
+        call::Type::Subscribe => need(call.subscribe.is_some(), "subscribe")?,
+        call::Type::Accept => {
+            need(call.accept.is_some(), "accept")?;
+            let accept = call
+                .accept
+                .as_ref()
+                .map(|a| (&a.operations, a.filters.as_ref()));
+            if let Some((operations, filters)) = accept {
+                check_filters(filters)?;
+                for operation in operations {
+                    let mut tasks = operation
+                        .launch
+                        .iter()
+                        .flat_map(|l| l.task_infos.iter())
+                        .collect::<Vec<_>>();
+                    if let Some(group) = operation.launch_group.as_ref() {
+                        tasks.extend(group.task_group.tasks.iter());
+                        check_resources("the task group's executor", &group.executor.resources)?;
+                    }
+                    for task in tasks {
+                        check_resources(&format!("task {}", task.task_id.value), &task.resources)?;
+                        if let Some(executor) = &task.executor {
+                            check_resources(
+                                &format!("task {}'s executor", task.task_id.value),
+                                &executor.resources,
+                            )?;
+                        }
+                    }
+                }
+            }
+        }
+        call::Type::Decline => {
+            need(call.decline.is_some(), "decline")?;
+            check_filters(call.decline.as_ref().and_then(|d| d.filters.as_ref()))?;
+        }
+        call::Type::Kill => need(call.kill.is_some(), "kill")?,
+        call::Type::Shutdown => need(call.shutdown.is_some(), "shutdown")?,
+        call::Type::Acknowledge => need(call.acknowledge.is_some(), "acknowledge")?,
+        call::Type::Reconcile => need(call.reconcile.is_some(), "reconcile")?,
+        call::Type::Message => need(call.message.is_some(), "message")?,
+        call::Type::Request => {
+            need(call.request.is_some(), "request")?;
+            for request in call.request.iter().flat_map(|r| r.requests.iter()) {
+                check_resources("request", &request.resources)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Tells the master when a subscriber's stream is gone (client closed it or the master ended it).
+struct StreamGuard {
+    shared: Shared,
+    framework_id: String,
+    stream_id: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.shared
+            .lock()
+            .framework_disconnected(&self.framework_id, &self.stream_id);
+    }
+}
+
+struct StreamState {
+    events: mpsc::UnboundedReceiver<Event>,
+    heartbeat: tokio::time::Interval,
+    format: Format,
+    _guard: StreamGuard,
+}
+
+fn event_stream(
+    shared: Shared,
+    format: Format,
+    subscription: crate::master::Subscription,
+) -> Response {
+    let period = Duration::from_secs_f64(HEARTBEAT_SECONDS);
+    let heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let state = StreamState {
+        events: subscription.events,
+        heartbeat,
+        format,
+        _guard: StreamGuard {
+            shared,
+            framework_id: subscription.framework_id,
+            stream_id: subscription.stream_id.clone(),
+        },
+    };
+    let stream = futures_util::stream::unfold(state, |mut state| async move {
+        let event = tokio::select! {
+            event = state.events.recv() => event?,
+            _ = state.heartbeat.tick() => Event { r#type: Some(event::Type::Heartbeat as i32), ..Default::default() },
+        };
+        let record = recordio::encode(&state.format.encode(&event));
+        Some((Ok::<_, Infallible>(Bytes::from(record)), state))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    if let Ok(value) = HeaderValue::from_str(&subscription.stream_id) {
+        headers.insert(STREAM_ID_HEADER, value);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}

@@ -1,0 +1,82 @@
+//! A real Mesos client library (mesoshttp 0.4.2 from PyPI) drives a framework
+//! against our master and an agent on the real gRPC link.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("BUTTE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/install-deps (it makes .venv with mesoshttp) or set BUTTE_TEST_PYTHON",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesoshttp_framework_subscribes_launches_acknowledges_declines_suppresses_revives_and_tears_down()
+ {
+    let master = support::master("mesoshttp").await;
+    let agent = support::TestAgent::connect(&master, "cpus:4;mem:4096;ports:[31000-32000]").await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mesoshttp_framework.py");
+    let child = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(format!("http://{}", master.addr))
+        .arg("60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let output = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+        .await
+        .expect("the mesoshttp framework finishes within 90 s")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "mesoshttp framework failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+
+    // What the client saw is what the master did: two tasks finished, the framework is gone.
+    let state: serde_json::Value = reqwest::get(format!("http://{}/state", master.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        state["frameworks"].as_array().unwrap().len(),
+        0,
+        "torn down: {state}"
+    );
+    assert_eq!(state["completed_frameworks"][0]["name"], "mesoshttp-test");
+    let metrics: serde_json::Value =
+        reqwest::get(format!("http://{}/metrics/snapshot", master.addr))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert!(
+        metrics["master/tasks_launched"].as_f64().unwrap() >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics["master/offers_declined"].as_f64().unwrap() >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        agent.unacked.lock().unwrap().is_empty(),
+        "every update acknowledged through to the agent"
+    );
+    master.shutdown().await;
+}
