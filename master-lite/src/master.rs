@@ -695,10 +695,7 @@ impl Master {
                 &framework_id,
                 Event {
                     r#type: Some(event::Type::Offers as i32),
-                    offers: Some(event::Offers {
-                        offers,
-                        ..Default::default()
-                    }),
+                    offers: Some(event::Offers { offers }),
                     ..Default::default()
                 },
             );
@@ -1214,7 +1211,7 @@ impl Master {
                             value: framework_id.to_owned(),
                         },
                         task_id: kill.task_id.clone(),
-                        kill_policy: kill.kill_policy.clone(),
+                        kill_policy: kill.kill_policy,
                     }),
                 );
                 if !sent {

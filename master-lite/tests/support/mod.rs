@@ -1,6 +1,6 @@
 //! Test doubles that speak the real wire: an agent on the gRPC link and a
 //! scheduler on the HTTP API, plus a master started on a free port.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
