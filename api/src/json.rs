@@ -44,9 +44,31 @@ fn descriptor<M: Name>() -> Result<MessageDescriptor, JsonError> {
         .ok_or(JsonError::UnknownType(name))
 }
 
-/// Encodes a message as single-line JSON in Mesos's mapping.
+/// Encodes a message as single-line, ASCII-only JSON in Mesos's mapping.
+///
+/// Non-ASCII characters are escaped so that a record's byte length equals its
+/// character length: line-based RecordIO readers (mesoshttp) count characters.
 pub fn to_json<M: Message + Name>(message: &M) -> Result<String, JsonError> {
-    to_value(message).map(|v| v.to_string())
+    to_value(message).map(|v| ascii_only(v.to_string()))
+}
+
+fn ascii_only(json: String) -> String {
+    if json.is_ascii() {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            // Non-ASCII only occurs inside JSON strings, where \u escapes are valid.
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
 }
 
 /// Encodes a message as a JSON value in Mesos's mapping.
@@ -180,6 +202,16 @@ mod tests {
             from_json::<TaskStatus>(with_extra.as_bytes()).unwrap(),
             status
         );
+    }
+
+    #[test]
+    fn non_ascii_is_escaped_and_decodes_back() {
+        let id = FrameworkId {
+            value: "naïve-🚀".into(),
+        };
+        let json = to_json(&id).unwrap();
+        assert!(json.is_ascii(), "{json}");
+        assert_eq!(from_json::<FrameworkId>(json.as_bytes()).unwrap(), id);
     }
 
     #[test]

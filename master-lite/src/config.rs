@@ -31,6 +31,9 @@ pub struct MasterConfig {
     /// Log format: text or json.
     #[arg(long, env = "BUTTE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Seconds between HEARTBEAT events on scheduler streams (Mesos sends one every 15 s).
+    #[arg(long, env = "BUTTE_HEARTBEAT_INTERVAL", default_value = "15", value_parser = parse_seconds)]
+    pub heartbeat_interval: Duration,
     /// Seconds between allocation cycles.
     #[arg(long, env = "BUTTE_ALLOCATION_INTERVAL", default_value = "1", value_parser = parse_seconds)]
     pub allocation_interval: Duration,
@@ -95,6 +98,7 @@ impl MasterConfig {
             registry: None,
             web_ui: "off".into(),
             log_format: "text".into(),
+            heartbeat_interval: Duration::from_secs(15),
             allocation_interval: Duration::from_secs(1),
             offer_timeout: Duration::ZERO,
             agent_ping_timeout: Duration::from_secs(15),

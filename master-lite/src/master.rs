@@ -21,8 +21,6 @@ use crate::config::MasterConfig;
 use crate::registry::{Registry, RegistryError};
 use crate::task::{is_terminal, may_transition};
 
-/// Seconds between HEARTBEAT events on a scheduler stream (Mesos's value).
-pub const HEARTBEAT_SECONDS: f64 = 15.0;
 /// Seconds between heartbeats an agent is told to send.
 pub const AGENT_HEARTBEAT_SECONDS: f64 = 5.0;
 /// Completed tasks and frameworks kept for the views.
@@ -527,7 +525,7 @@ impl Master {
                     framework_id: FrameworkId {
                         value: framework_id.clone(),
                     },
-                    heartbeat_interval_seconds: Some(HEARTBEAT_SECONDS),
+                    heartbeat_interval_seconds: Some(self.config.heartbeat_interval.as_secs_f64()),
                     master_info: Some(self.info.clone()),
                 }),
                 ..Default::default()

@@ -145,13 +145,8 @@ fn get_agents(master: &Master) -> response::GetAgents {
         .agents
         .values()
         .map(|agent| {
-            let free = master
-                .allocator
-                .free(agent.id())
-                .cloned()
-                .unwrap_or_default();
             let offered = offered_on(master, |o| o.agent_id == agent.id());
-            let used = agent.total.checked_sub(&free).unwrap_or_default();
+            let used = used_on(master, agent);
             response::get_agents::Agent {
                 agent_info: agent.info.clone(),
                 active: agent.connected(),
@@ -174,6 +169,16 @@ fn get_agents(master: &Master) -> response::GetAgents {
         agents,
         ..Default::default()
     }
+}
+
+/// What tasks use on an agent: neither free nor offered.
+fn used_on(master: &Master, agent: &crate::master::Agent) -> Resources {
+    let mut held = agent.total.clone();
+    if let Some(free) = master.allocator.free(agent.id()) {
+        held.subtract_contained(free);
+    }
+    held.subtract_contained(&offered_on(master, |o| o.agent_id == agent.id()));
+    held
 }
 
 fn offered_on(
@@ -388,10 +393,8 @@ pub fn metrics_snapshot(master: &Master) -> BTreeMap<String, f64> {
     }
     let total = master.allocator.total().clone();
     let mut used = Resources::new();
-    for agent in master.agents.values() {
-        if let Some(free) = master.allocator.free(agent.id()) {
-            used.add(&agent.total.checked_sub(free).unwrap_or_default());
-        }
+    for agent in master.agents.values().filter(|a| !a.unreachable) {
+        used.add(&used_on(master, agent));
     }
     for name in ["cpus", "mem", "disk", "gpus", "network_bandwidth"] {
         let (t, u) = (total.scalar(name), used.scalar(name));
@@ -510,7 +513,6 @@ fn slaves_json(master: &Master) -> Vec<Value> {
         .agents
         .values()
         .map(|a| {
-            let free = master.allocator.free(a.id()).cloned().unwrap_or_default();
             json!({
                 "id": a.id(),
                 "hostname": a.info.hostname,
@@ -520,7 +522,7 @@ fn slaves_json(master: &Master) -> Vec<Value> {
                 "version": a.version,
                 "registered_time": a.registered_time,
                 "resources": resources_json(&a.total),
-                "used_resources": resources_json(&a.total.checked_sub(&free).unwrap_or_default()),
+                "used_resources": resources_json(&used_on(master, a)),
                 "offered_resources": resources_json(&offered_on(master, |o| o.agent_id == a.id())),
                 "unreserved_resources": resources_json(&a.total),
             })

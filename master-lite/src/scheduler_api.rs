@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::http::{
     Format, HttpError, STREAM_ID_HEADER, read_body, request_format, response_format,
 };
-use crate::master::{HEARTBEAT_SECONDS, Shared};
+use crate::master::Shared;
 
 pub async fn handle(shared: Shared, request: Request<Body>) -> Response {
     match serve(shared, request).await {
@@ -37,6 +37,17 @@ async fn serve(shared: Shared, request: Request<Body>) -> Result<Response, HttpE
     let limit = shared.lock().config.max_request_bytes;
     let bytes = read_body(&parts.headers, body, limit).await?;
     let call: Call = format.decode(&bytes)?;
+    if call.r#type.is_none() && format == Format::Json {
+        // Unknown enum names are dropped like unknown fields; say which one it was.
+        let given = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("type").cloned());
+        if let Some(given) = given {
+            return Err(HttpError::bad_request(format!(
+                "call type {given} is not known; use SUBSCRIBE, ACCEPT, DECLINE, REVIVE, SUPPRESS, KILL, SHUTDOWN, ACKNOWLEDGE, RECONCILE, MESSAGE, REQUEST or TEARDOWN"
+            )));
+        }
+    }
     validate(&call)?;
     let stream_id = parts
         .headers
@@ -224,7 +235,11 @@ fn event_stream(
     format: Format,
     subscription: crate::master::Subscription,
 ) -> Response {
-    let period = Duration::from_secs_f64(HEARTBEAT_SECONDS);
+    let period = shared
+        .lock()
+        .config
+        .heartbeat_interval
+        .max(Duration::from_millis(100));
     let heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let state = StreamState {
         events: subscription.events,

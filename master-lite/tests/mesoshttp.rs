@@ -22,7 +22,10 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesoshttp_framework_subscribes_launches_acknowledges_declines_suppresses_revives_and_tears_down()
  {
-    let master = support::master("mesoshttp").await;
+    // mesoshttp hands over an event only when the next one arrives: heartbeat every second.
+    let mut config = butte_master_lite::MasterConfig::for_work_dir(support::work_dir("mesoshttp"));
+    config.heartbeat_interval = Duration::from_secs(1);
+    let master = support::master_with(config).await;
     let agent = support::TestAgent::connect(&master, "cpus:4;mem:4096;ports:[31000-32000]").await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mesoshttp_framework.py");
     let child = tokio::process::Command::new(python())

@@ -1,0 +1,224 @@
+//! Malformed and hostile input gets a clear 4xx, never a panic, and the
+//! master keeps serving afterwards.
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use support::{Scheduler, TestAgent};
+
+async fn post(
+    url: &str,
+    content_type: Option<&str>,
+    body: impl Into<reqwest::Body>,
+    stream_id: Option<&str>,
+) -> (StatusCode, String) {
+    let mut request = reqwest::Client::new().post(url).body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("Content-Type", content_type);
+    }
+    if let Some(stream_id) = stream_id {
+        request = request.header("Mesos-Stream-Id", stream_id);
+    }
+    let response = request.send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn hostile_scheduler_calls_get_clear_4xx_and_the_master_keeps_serving() {
+    let mut config = butte_master_lite::MasterConfig::for_work_dir(support::work_dir("hostile"));
+    config.max_request_bytes = 64 * 1024;
+    let master = support::master_with(config).await;
+    let _agent = TestAgent::connect(&master, "cpus:2;mem:2048;ports:[31000-31010]").await;
+    let url = format!("http://{}/api/v1/scheduler", master.addr);
+    let json = Some("application/json");
+
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode, &str)> = vec![
+        ("bad JSON", json, b"{\"type\": SUBSCRIBE".to_vec(), StatusCode::BAD_REQUEST, "Failed to parse"),
+        ("not an object", json, b"[1,2,3]".to_vec(), StatusCode::BAD_REQUEST, "Failed to parse"),
+        ("deep nesting", json, "[".repeat(100_000).into_bytes(), StatusCode::PAYLOAD_TOO_LARGE, "exceeds the limit"),
+        ("deep nesting within limit", json, format!("{{\"subscribe\":{}", "[".repeat(10_000)).into_bytes(), StatusCode::BAD_REQUEST, "Failed to parse"),
+        ("wrong content type", Some("text/plain"), b"{}".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "Content-Type"),
+        ("no content type", None, b"{}".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "Content-Type"),
+        ("unknown call type", json, br#"{"type": "FROBNICATE"}"#.to_vec(), StatusCode::BAD_REQUEST, "FROBNICATE"),
+        ("no call type", json, b"{}".to_vec(), StatusCode::BAD_REQUEST, "'type'"),
+        ("missing required field", json, br#"{"type":"SUBSCRIBE","subscribe":{"framework_info":{"name":"x"}}}"#.to_vec(), StatusCode::BAD_REQUEST, "'subscribe.framework_info.user'"),
+        ("subscribe without body", json, br#"{"type":"SUBSCRIBE"}"#.to_vec(), StatusCode::BAD_REQUEST, "'subscribe'"),
+        ("garbage protobuf", Some("application/x-protobuf"), vec![0xff, 0xff, 0xff, 0x0f, 0x01], StatusCode::BAD_REQUEST, "Failed to parse"),
+        ("oversized body", json, vec![b' '; 65 * 1024], StatusCode::PAYLOAD_TOO_LARGE, "exceeds the limit"),
+        ("invalid role", json, br#"{"type":"SUBSCRIBE","subscribe":{"framework_info":{"user":"u","name":"n","role":".."}}}"#.to_vec(), StatusCode::BAD_REQUEST, "role"),
+    ];
+    for (what, content_type, body, status, needle) in cases {
+        let (got, message) = post(&url, content_type, body, None).await;
+        assert_eq!(got, status, "{what}: {message}");
+        assert!(
+            message.contains(needle),
+            "{what}: {message:?} should mention {needle:?}"
+        );
+    }
+
+    let get = reqwest::get(&url).await.unwrap();
+    assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let html = reqwest::Client::new()
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("Accept", "text/html")
+        .body(json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": {"user": "u", "name": "n"}}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(html.status(), StatusCode::NOT_ACCEPTABLE);
+
+    // Calls of a subscribed framework: stream id and resources are checked.
+    let mut scheduler =
+        Scheduler::subscribe(&master, json!({"user": "root", "name": "hostile"})).await;
+    let offers = scheduler.next("OFFERS", 5).await;
+    let offer = offers["offers"]["offers"][0].clone();
+    let revive =
+        json!({"type": "REVIVE", "framework_id": {"value": scheduler.framework_id}}).to_string();
+    let (status, message) = post(&url, json, revive.clone(), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{message}");
+    assert!(message.contains("Mesos-Stream-Id"));
+    let (status, message) = post(&url, json, revive.clone(), Some("not-the-stream")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{message}");
+    let stranger = json!({"type": "REVIVE", "framework_id": {"value": "nobody"}}).to_string();
+    assert_eq!(
+        post(&url, json, stranger, Some(&scheduler.stream_id))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+
+    let with_resources = |resources: serde_json::Value| {
+        json!({"type": "ACCEPT", "framework_id": {"value": scheduler.framework_id}, "accept": {
+            "offer_ids": [offer["id"]],
+            "operations": [{"type": "LAUNCH", "launch": {"task_infos": [{
+                "name": "t", "task_id": {"value": "t"}, "agent_id": offer["agent_id"],
+                "resources": resources, "command": {"value": "true"}}]}}]}})
+        .to_string()
+    };
+    let bad_resources = [
+        (
+            json!([{"name": "cpus", "type": "SCALAR", "scalar": {"value": -1}}]),
+            "negative",
+        ),
+        (
+            json!([{"name": "cpus", "type": "SCALAR", "scalar": {"value": "NaN"}}]),
+            "non-finite",
+        ),
+        (
+            json!([{"name": "cpus", "type": "SCALAR", "scalar": {"value": "Infinity"}}]),
+            "non-finite",
+        ),
+        (
+            json!([{"name": "ports", "type": "RANGES", "ranges": {"range": [{"begin": 31000, "end": 31005}, {"begin": 31003, "end": 31008}]}}]),
+            "overlapping",
+        ),
+        (
+            json!([{"name": "ports", "type": "RANGES", "ranges": {"range": [{"begin": 31005, "end": 31000}]}}]),
+            "end is before its begin",
+        ),
+        (
+            json!([{"name": "cpus", "type": "SCALAR"}]),
+            "carries no SCALAR",
+        ),
+        (
+            json!([{"name": "", "type": "SCALAR", "scalar": {"value": 1}}]),
+            "empty name",
+        ),
+    ];
+    for (resources, needle) in bad_resources {
+        let (status, message) = post(
+            &url,
+            json,
+            with_resources(resources.clone()),
+            Some(&scheduler.stream_id),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{resources}: {message}");
+        assert!(
+            message.contains(needle),
+            "{resources}: {message:?} should mention {needle:?}"
+        );
+    }
+    let bad_filter = json!({"type": "DECLINE", "framework_id": {"value": scheduler.framework_id},
+        "decline": {"offer_ids": [offer["id"]], "filters": {"refuse_seconds": "NaN"}}})
+    .to_string();
+    assert_eq!(
+        post(&url, json, bad_filter, Some(&scheduler.stream_id))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    let bad_uuid = json!({"type": "ACKNOWLEDGE", "framework_id": {"value": scheduler.framework_id},
+        "acknowledge": {"agent_id": offer["agent_id"], "task_id": {"value": "t"}, "uuid": "AAAA"}})
+    .to_string();
+    let (status, message) = post(&url, json, bad_uuid, Some(&scheduler.stream_id)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{message}");
+
+    // Still serving: the offer is still usable and a task launches.
+    assert_eq!(
+        scheduler
+            .call(support::launch(&offer, &[("after", "true", 0.5, 64.0)]))
+            .await,
+        202
+    );
+    scheduler.await_state("after", "TASK_FINISHED", 5).await;
+    assert_eq!(
+        reqwest::get(format!("http://{}/health", master.addr))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        reqwest::get(format!("http://{}/no/such/thing", master.addr))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    master.shutdown().await;
+}
+
+#[tokio::test]
+async fn agent_with_invalid_resources_is_refused_with_the_reason() {
+    use butte_api::agent_link::v1::{
+        self as link, agent_link_client::AgentLinkClient, agent_message,
+    };
+    let master = support::master("bad-agent").await;
+    let mut client = AgentLinkClient::connect(format!("http://{}", master.addr))
+        .await
+        .unwrap();
+    let register = link::AgentMessage {
+        kind: Some(agent_message::Kind::Register(link::Register {
+            agent_info: butte_api::mesos::v1::AgentInfo {
+                hostname: "h".into(),
+                ..Default::default()
+            },
+            total_resources: vec![butte_api::resources::scalar("cpus", -4.0)],
+            ..Default::default()
+        })),
+    };
+    let error = client
+        .session(tokio_stream::iter(vec![register]))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(error.message().contains("negative"), "{}", error.message());
+    let not_register = link::AgentMessage {
+        kind: Some(agent_message::Kind::Heartbeat(link::Heartbeat {})),
+    };
+    let error = client
+        .session(tokio_stream::iter(vec![not_register]))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        error.message().contains("must be Register"),
+        "{}",
+        error.message()
+    );
+    master.shutdown().await;
+}
