@@ -1,7 +1,18 @@
 //! Malformed and hostile input gets a clear 4xx, never a panic, and the
 //! master keeps serving afterwards.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
+
+/// What is sent, and what must come back: (case, content type, body, status, words in the message).
+type Case = (
+    &'static str,
+    Option<&'static str>,
+    Vec<u8>,
+    StatusCode,
+    &'static str,
+);
 
 use reqwest::StatusCode;
 use serde_json::json;
@@ -33,7 +44,7 @@ async fn hostile_scheduler_calls_get_clear_4xx_and_the_master_keeps_serving() {
     let url = format!("http://{}/api/v1/scheduler", master.addr);
     let json = Some("application/json");
 
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("bad JSON", json, b"{\"type\": SUBSCRIBE".to_vec(), StatusCode::BAD_REQUEST, "Failed to parse"),
         ("not an object", json, b"[1,2,3]".to_vec(), StatusCode::BAD_REQUEST, "Failed to parse"),
         ("deep nesting", json, "[".repeat(100_000).into_bytes(), StatusCode::PAYLOAD_TOO_LARGE, "exceeds the limit"),
@@ -203,8 +214,7 @@ async fn agent_with_invalid_resources_is_refused_with_the_reason() {
     let error = client
         .session(tokio_stream::iter(vec![register]))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
     assert!(error.message().contains("negative"), "{}", error.message());
     let not_register = link::AgentMessage {
@@ -213,8 +223,7 @@ async fn agent_with_invalid_resources_is_refused_with_the_reason() {
     let error = client
         .session(tokio_stream::iter(vec![not_register]))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         error.message().contains("must be Register"),
         "{}",
