@@ -1,0 +1,546 @@
+//! Cgroups for tasks, behind one `Isolator` trait so the launch path never
+//! branches on the cgroup version.
+//!
+//! - `Hybrid`: a v1 host (this machine): limits through the v1 cpu, memory
+//!   and pids controllers, plus a node in the v2 mount that holds no limits
+//!   but keys the eBPF programs (its inode is the cgroup id).
+//! - `Unified`: a pure v2 host: the same limits through `cpu.max`,
+//!   `cpu.weight`, `memory.max`, `pids.max`.
+//!
+//! Every task cgroup lives under our own `butte/` subtree of each hierarchy.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The subtree we own in every hierarchy.
+pub const SUBTREE: &str = "butte";
+/// CFS period for the cpu quota, in microseconds (the kernel's default).
+const CFS_PERIOD_US: u64 = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// a cgroup file or directory operation failed
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// processes stayed in a cgroup after SIGKILL
+    #[error("cgroup {path} still holds processes after {waited:?}; they are not ours to reap")]
+    Busy { path: PathBuf, waited: Duration },
+    /// the host has neither layout we know
+    #[error(
+        "no usable cgroup hierarchy under {root}: expected cgroup v2 or v1 cpu/memory/pids controllers"
+    )]
+    NoHierarchy { root: PathBuf },
+    /// a task id that cannot name a directory
+    #[error("container id {0:?} cannot name a cgroup: use letters, digits, '-', '_' or '.'")]
+    BadId(String),
+}
+
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What a task may use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// CPU shares and CFS quota, in cores (0 = no quota).
+    pub cpus: f64,
+    /// Memory limit in MiB (0 = no limit).
+    pub mem_mb: f64,
+    /// Most processes and threads at once.
+    pub pids_max: u64,
+}
+
+/// Where a new task must be placed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// The v2 directory: the spawn clones straight into it (CLONE_INTO_CGROUP).
+    pub unified: PathBuf,
+    /// v1 `cgroup.procs` files the task joins before it execs (empty on pure v2).
+    pub v1_procs: Vec<PathBuf>,
+}
+
+/// The cgroup side of isolation.
+pub trait Isolator: Send + Sync {
+    /// Creates the cgroups of `id` with `limits`; on failure nothing is left behind.
+    fn create(&self, id: &str, limits: &Limits) -> Result<Placement, CgroupError>;
+    /// Whether the kernel's OOM killer killed a process of `id`.
+    fn oom_killed(&self, id: &str) -> Result<bool, CgroupError>;
+    /// Pids in `id` (host pid namespace).
+    fn pids(&self, id: &str) -> Result<Vec<i32>, CgroupError>;
+    /// Memory in use by `id`, in bytes.
+    fn memory_usage(&self, id: &str) -> Result<u64, CgroupError>;
+    /// Kills what is left in `id` and removes its cgroups.
+    fn destroy(&self, id: &str) -> Result<(), CgroupError>;
+    /// The ids that have cgroups now (to find leftovers after a crash).
+    fn list(&self) -> Result<Vec<String>, CgroupError>;
+}
+
+fn check_id(id: &str) -> Result<(), CgroupError> {
+    let ok = !id.is_empty()
+        && id != "."
+        && id != ".."
+        && id.len() <= 200
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CgroupError::BadId(id.to_owned()))
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_error("write", path))
+}
+
+fn read(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(io_error("read", path))
+}
+
+fn make_dir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(CgroupError::Io {
+            action: "create",
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
+    match fs::read_to_string(procs) {
+        Ok(text) => Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(CgroupError::Io {
+            action: "read",
+            path: procs.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+/// SIGKILLs everything in `dir` until `cgroup.procs` is empty, then removes it.
+fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let procs = dir.join("cgroup.procs");
+    let started = Instant::now();
+    let limit = Duration::from_secs(5);
+    loop {
+        let pids = read_pids(&procs)?;
+        if pids.is_empty() {
+            break;
+        }
+        if started.elapsed() > limit {
+            return Err(CgroupError::Busy {
+                path: dir.to_owned(),
+                waited: limit,
+            });
+        }
+        for pid in pids {
+            // SAFETY: kill(2) has no memory effects; a pid that already exited gives ESRCH.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // rmdir can see EBUSY for a moment while the last exit is being accounted.
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if started.elapsed() < limit && e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                return Err(CgroupError::Io {
+                    action: "remove",
+                    path: dir.to_owned(),
+                    source: e,
+                });
+            }
+        }
+    }
+}
+
+fn list_children(dir: &Path) -> Result<Vec<String>, CgroupError> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(CgroupError::Io {
+            action: "list",
+            path: dir.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+/// Picks the layout of the host under `root` (normally `/sys/fs/cgroup`).
+pub fn detect(root: &Path) -> Result<Box<dyn Isolator>, CgroupError> {
+    if root.join("cgroup.controllers").exists() {
+        return Ok(Box::new(Unified::new(root.to_owned())?));
+    }
+    let unified = root.join("unified");
+    let has_v1 = ["cpu", "memory", "pids"]
+        .iter()
+        .all(|c| root.join(c).join("cgroup.procs").exists());
+    if has_v1 && unified.join("cgroup.procs").exists() {
+        return Ok(Box::new(Hybrid::new(root.to_owned())?));
+    }
+    Err(CgroupError::NoHierarchy {
+        root: root.to_owned(),
+    })
+}
+
+/// v1 controllers for limits, plus a v2 node per task.
+pub struct Hybrid {
+    root: PathBuf,
+}
+
+/// The v1 controllers a task joins, in join order.
+const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+
+impl Hybrid {
+    pub fn new(root: PathBuf) -> Result<Self, CgroupError> {
+        let hybrid = Self { root };
+        for dir in hybrid.subtrees() {
+            make_dir(&dir)?;
+        }
+        Ok(hybrid)
+    }
+
+    fn controllers(&self) -> impl Iterator<Item = &'static str> + '_ {
+        V1_CONTROLLERS
+            .into_iter()
+            .filter(|c| self.root.join(c).join("cgroup.procs").exists())
+    }
+
+    fn subtrees(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = self
+            .controllers()
+            .map(|c| self.root.join(c).join(SUBTREE))
+            .collect();
+        dirs.push(self.root.join("unified").join(SUBTREE));
+        dirs
+    }
+
+    fn dir(&self, controller: &str, id: &str) -> PathBuf {
+        self.root.join(controller).join(SUBTREE).join(id)
+    }
+
+    fn unified(&self, id: &str) -> PathBuf {
+        self.root.join("unified").join(SUBTREE).join(id)
+    }
+
+    fn apply(&self, id: &str, limits: &Limits) -> Result<Placement, CgroupError> {
+        let mut v1_procs = Vec::new();
+        for controller in self.controllers() {
+            let dir = self.dir(controller, id);
+            make_dir(&dir)?;
+            match controller {
+                "cpu" => {
+                    let shares = ((limits.cpus * 1024.0).round() as u64).max(2);
+                    write(&dir.join("cpu.shares"), &shares.to_string())?;
+                    if limits.cpus > 0.0 {
+                        let quota = ((limits.cpus * CFS_PERIOD_US as f64).round() as u64).max(1000);
+                        write(&dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                        write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                    }
+                }
+                "memory" if limits.mem_mb > 0.0 => {
+                    let bytes = (limits.mem_mb * 1024.0 * 1024.0).round() as u64;
+                    write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                }
+                "pids" if limits.pids_max > 0 => {
+                    write(&dir.join("pids.max"), &limits.pids_max.to_string())?
+                }
+                _ => {}
+            }
+            v1_procs.push(dir.join("cgroup.procs"));
+        }
+        let unified = self.unified(id);
+        make_dir(&unified)?;
+        Ok(Placement { unified, v1_procs })
+    }
+}
+
+impl Isolator for Hybrid {
+    fn create(&self, id: &str, limits: &Limits) -> Result<Placement, CgroupError> {
+        check_id(id)?;
+        self.apply(id, limits).inspect_err(|_| {
+            let _ = self.destroy(id);
+        })
+    }
+
+    fn oom_killed(&self, id: &str) -> Result<bool, CgroupError> {
+        let text = read(&self.dir("memory", id).join("memory.oom_control"))?;
+        Ok(counter(&text, "oom_kill") > 0)
+    }
+
+    fn pids(&self, id: &str) -> Result<Vec<i32>, CgroupError> {
+        read_pids(&self.unified(id).join("cgroup.procs"))
+    }
+
+    fn memory_usage(&self, id: &str) -> Result<u64, CgroupError> {
+        let path = self.dir("memory", id).join("memory.usage_in_bytes");
+        read(&path)?.trim().parse().map_err(|_| CgroupError::Io {
+            action: "parse",
+            path,
+            source: io::Error::from(io::ErrorKind::InvalidData),
+        })
+    }
+
+    fn destroy(&self, id: &str) -> Result<(), CgroupError> {
+        check_id(id)?;
+        // The v2 node sees every process of the task; empty it first.
+        kill_and_remove(&self.unified(id))?;
+        let mut first_error = None;
+        for controller in self.controllers() {
+            if let Err(e) = kill_and_remove(&self.dir(controller, id)) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn list(&self) -> Result<Vec<String>, CgroupError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for dir in self.subtrees() {
+            ids.extend(list_children(&dir)?);
+        }
+        Ok(ids.into_iter().collect())
+    }
+}
+
+/// A pure cgroup v2 host.
+pub struct Unified {
+    root: PathBuf,
+}
+
+impl Unified {
+    pub fn new(root: PathBuf) -> Result<Self, CgroupError> {
+        let subtree = root.join(SUBTREE);
+        make_dir(&subtree)?;
+        // Hand cpu, memory and pids down to task cgroups.
+        let wanted = ["cpu", "memory", "pids"];
+        let available = read(&root.join("cgroup.controllers")).unwrap_or_default();
+        for controller in wanted
+            .iter()
+            .filter(|c| available.split_whitespace().any(|a| a == **c))
+        {
+            let _ = write(
+                &root.join("cgroup.subtree_control"),
+                &format!("+{controller}"),
+            );
+            write(
+                &subtree.join("cgroup.subtree_control"),
+                &format!("+{controller}"),
+            )?;
+        }
+        Ok(Self { root })
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(SUBTREE).join(id)
+    }
+}
+
+/// The v2 file contents for `limits`: (file, value) pairs.
+pub fn unified_limit_files(limits: &Limits) -> Vec<(&'static str, String)> {
+    let mut files = Vec::new();
+    // cpu.weight is 1..10000 with 100 for one share of 1024 (the kernel's mapping).
+    let shares = (limits.cpus * 1024.0).max(2.0);
+    let weight = (1.0 + ((shares - 2.0) * 9999.0) / 262_142.0)
+        .round()
+        .clamp(1.0, 10_000.0) as u64;
+    files.push(("cpu.weight", weight.to_string()));
+    if limits.cpus > 0.0 {
+        let quota = ((limits.cpus * CFS_PERIOD_US as f64).round() as u64).max(1000);
+        files.push(("cpu.max", format!("{quota} {CFS_PERIOD_US}")));
+    }
+    if limits.mem_mb > 0.0 {
+        files.push((
+            "memory.max",
+            ((limits.mem_mb * 1024.0 * 1024.0).round() as u64).to_string(),
+        ));
+        files.push(("memory.swap.max", "0".to_owned()));
+    }
+    if limits.pids_max > 0 {
+        files.push(("pids.max", limits.pids_max.to_string()));
+    }
+    files
+}
+
+impl Isolator for Unified {
+    fn create(&self, id: &str, limits: &Limits) -> Result<Placement, CgroupError> {
+        check_id(id)?;
+        let dir = self.dir(id);
+        make_dir(&dir)?;
+        for (file, value) in unified_limit_files(limits) {
+            let path = dir.join(file);
+            // memory.swap.max is absent without swap accounting: not a limit we need.
+            if file == "memory.swap.max" && !path.exists() {
+                continue;
+            }
+            if let Err(e) = write(&path, &value) {
+                let _ = self.destroy(id);
+                return Err(e);
+            }
+        }
+        Ok(Placement {
+            unified: dir,
+            v1_procs: Vec::new(),
+        })
+    }
+
+    fn oom_killed(&self, id: &str) -> Result<bool, CgroupError> {
+        Ok(counter(&read(&self.dir(id).join("memory.events"))?, "oom_kill") > 0)
+    }
+
+    fn pids(&self, id: &str) -> Result<Vec<i32>, CgroupError> {
+        read_pids(&self.dir(id).join("cgroup.procs"))
+    }
+
+    fn memory_usage(&self, id: &str) -> Result<u64, CgroupError> {
+        let path = self.dir(id).join("memory.current");
+        read(&path)?.trim().parse().map_err(|_| CgroupError::Io {
+            action: "parse",
+            path,
+            source: io::Error::from(io::ErrorKind::InvalidData),
+        })
+    }
+
+    fn destroy(&self, id: &str) -> Result<(), CgroupError> {
+        check_id(id)?;
+        kill_and_remove(&self.dir(id))
+    }
+
+    fn list(&self) -> Result<Vec<String>, CgroupError> {
+        list_children(&self.root.join(SUBTREE))
+    }
+}
+
+/// The value of `name` in a `key value` per line file (memory.events, memory.oom_control).
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unified_files_follow_the_kernel_formats() {
+        let files = unified_limit_files(&Limits {
+            cpus: 0.5,
+            mem_mb: 64.0,
+            pids_max: 100,
+        });
+        let get = |name: &str| {
+            files
+                .iter()
+                .find(|(f, _)| *f == name)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(get("cpu.max"), "50000 100000");
+        assert_eq!(get("memory.max"), (64 * 1024 * 1024).to_string());
+        assert_eq!(get("pids.max"), "100");
+        // One core (1024 shares) maps to weight 39, 0.5 core to 20 (the kernel's shares->weight formula).
+        assert_eq!(get("cpu.weight"), "20");
+        let unlimited = unified_limit_files(&Limits {
+            cpus: 0.0,
+            mem_mb: 0.0,
+            pids_max: 0,
+        });
+        assert_eq!(
+            unlimited.len(),
+            1,
+            "only a weight without limits: {unlimited:?}"
+        );
+    }
+
+    #[test]
+    fn unified_isolator_writes_its_files_into_a_fake_tree() {
+        let root = std::env::temp_dir().join(format!("butte-cgv2-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+        fs::create_dir_all(root.join(SUBTREE)).unwrap();
+        fs::write(root.join(SUBTREE).join("cgroup.subtree_control"), "").unwrap();
+        let isolator = detect(&root).unwrap();
+        let placement = isolator
+            .create(
+                "task-1",
+                &Limits {
+                    cpus: 2.0,
+                    mem_mb: 128.0,
+                    pids_max: 64,
+                },
+            )
+            .unwrap();
+        assert_eq!(placement.unified, root.join(SUBTREE).join("task-1"));
+        assert!(placement.v1_procs.is_empty());
+        assert_eq!(
+            fs::read_to_string(placement.unified.join("cpu.max")).unwrap(),
+            "200000 100000"
+        );
+        assert_eq!(
+            fs::read_to_string(placement.unified.join("memory.max")).unwrap(),
+            "134217728"
+        );
+        assert_eq!(isolator.list().unwrap(), vec!["task-1".to_owned()]);
+        fs::write(
+            placement.unified.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(isolator.oom_killed("task-1").unwrap());
+        assert!(matches!(
+            isolator.create(
+                "../escape",
+                &Limits {
+                    cpus: 1.0,
+                    mem_mb: 0.0,
+                    pids_max: 0
+                }
+            ),
+            Err(CgroupError::BadId(_))
+        ));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn counters_parse_kernel_key_value_files() {
+        let oom_control = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
+        assert_eq!(counter(oom_control, "oom_kill"), 2);
+        assert_eq!(counter(oom_control, "missing"), 0);
+    }
+}

@@ -1,0 +1,514 @@
+//! Spawning a task into its container: clone3 into new pid, mount, uts and
+//! ipc namespaces and straight into its v2 cgroup, then, in the child: join
+//! the v1 cgroups, make the host's rootfs read-only except the sandbox, give
+//! it a private /tmp and its own /proc, set the hostname, and exec.
+//!
+//! Call `spawn` only from a single-threaded process (the agent's launcher):
+//! the child runs between clone and exec without taking any lock, using
+//! only what was prepared before the clone.
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, NulError};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// a string given to the spawn holds a NUL byte
+    #[error("{what} contains a NUL byte: {source}")]
+    Nul {
+        what: &'static str,
+        source: NulError,
+    },
+    /// a preparation step in the parent failed
+    #[error("failed to {step}: {source}")]
+    Prepare {
+        step: &'static str,
+        source: io::Error,
+    },
+    /// the child failed before exec; `step` says where
+    #[error("container setup failed at {step}: {source}")]
+    Child {
+        step: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Everything a container needs, given by the agent.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    /// argv[0] is the program; resolved through PATH by execvpe.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The task's sandbox: the working directory and the one writable place.
+    pub sandbox: PathBuf,
+    pub hostname: String,
+    /// The v2 cgroup directory to clone into.
+    pub cgroup: PathBuf,
+    /// v1 `cgroup.procs` files to join before exec.
+    pub v1_procs: Vec<PathBuf>,
+    /// Size of the private /tmp, in MiB.
+    pub tmp_mb: u64,
+}
+
+/// A spawned container's first process.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Host pid.
+    pub pid: i32,
+    /// pidfd: readable when the process exits; signals without pid reuse races.
+    pub pidfd: OwnedFd,
+}
+
+// Steps the child reports on failure (index into STEPS).
+const STEPS: [&str; 10] = [
+    "joining a v1 cgroup",
+    "making / private",
+    "making the rootfs read-only",
+    "binding the sandbox",
+    "making the sandbox writable",
+    "mounting /tmp",
+    "mounting /proc",
+    "setting the hostname",
+    "entering the sandbox and its stdio",
+    "exec",
+];
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+fn cstring(what: &'static str, s: impl Into<Vec<u8>>) -> Result<CString, SpawnError> {
+    CString::new(s).map_err(|source| SpawnError::Nul { what, source })
+}
+
+fn path_cstring(what: &'static str, path: &Path) -> Result<CString, SpawnError> {
+    cstring(what, path.as_os_str().as_encoded_bytes().to_vec())
+}
+
+fn open_fd(path: &Path, flags: libc::c_int, step: &'static str) -> Result<OwnedFd, SpawnError> {
+    let c = path_cstring("a path", path)?;
+    // SAFETY: `c` is a valid NUL-terminated string; the fd returned is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o644) };
+    if fd < 0 {
+        return Err(SpawnError::Prepare {
+            step,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fd was just opened and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Spawns the container. Returns once the child has exec'd (or failed, with
+/// the step and errno it failed at).
+pub fn spawn(spec: &ContainerSpec) -> Result<Spawned, SpawnError> {
+    if spec.sandbox.starts_with("/tmp") || spec.sandbox.is_relative() {
+        return Err(SpawnError::Prepare {
+            step: "place the sandbox",
+            source: io::Error::other(format!(
+                "sandbox {} must be an absolute path outside /tmp (the task gets a private /tmp that would hide it); move the work dir",
+                spec.sandbox.display()
+            )),
+        });
+    }
+    // Everything the child touches is prepared here, before the clone.
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| cstring("an argument", a.as_str()))
+        .collect::<Result<_, _>>()?;
+    if argv.is_empty() {
+        return Err(SpawnError::Prepare {
+            step: "read the command",
+            source: io::Error::other("empty argv"),
+        });
+    }
+    let env: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstring("an environment variable", format!("{k}={v}")))
+        .collect::<Result<_, _>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map_or(
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        |(_, v)| v.as_str(),
+    );
+    // execvpe uses the caller's PATH; resolve the program here, where allocating is safe.
+    let program = resolve(&spec.argv[0], path_var);
+    let program = path_cstring("the program", &program)?;
+    let v1_procs: Vec<CString> = spec
+        .v1_procs
+        .iter()
+        .map(|p| path_cstring("a cgroup path", p))
+        .collect::<Result<_, _>>()?;
+    let sandbox = path_cstring("the sandbox", &spec.sandbox)?;
+    let hostname = spec.hostname.as_bytes();
+    let hostname = &hostname[..hostname.len().min(64)];
+    let tmp_options = cstring(
+        "tmp options",
+        format!("size={}m,mode=1777", spec.tmp_mb.max(1)),
+    )?;
+    let (root, tmp, proc_) = (c"/", c"/tmp", c"/proc");
+    let stdout = open_fd(
+        &spec.sandbox.join("stdout"),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        "open the sandbox's stdout",
+    )?;
+    let stderr = open_fd(
+        &spec.sandbox.join("stderr"),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        "open the sandbox's stderr",
+    )?;
+    let devnull = open_fd(Path::new("/dev/null"), libc::O_RDONLY, "open /dev/null")?;
+    let cgroup = open_fd(
+        &spec.cgroup,
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        "open the task's v2 cgroup",
+    )?;
+    let mut pipe = [0 as RawFd; 2];
+    // SAFETY: `pipe` has room for two fds.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(SpawnError::Prepare {
+            step: "create the error pipe",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: both fds were just created and are owned here.
+    let (error_read, error_write) =
+        unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: (libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_PIDFD) as u64
+            | CLONE_INTO_CGROUP,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without a stack forks this (single-threaded) process; the
+    // child only runs `child_main`, which uses no allocator and never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        return Err(SpawnError::Prepare {
+            step: "clone3 into the namespaces",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if pid == 0 {
+        let child = Child {
+            v1_procs: &v1_procs,
+            root,
+            sandbox: &sandbox,
+            tmp,
+            tmp_options: &tmp_options,
+            proc_,
+            hostname,
+            stdout: stdout.as_raw_fd(),
+            stderr: stderr.as_raw_fd(),
+            devnull: devnull.as_raw_fd(),
+            error_pipe: error_write.as_raw_fd(),
+            program: &program,
+            argv: &argv_ptrs,
+            env: &env_ptrs,
+        };
+        // SAFETY: we are the freshly cloned child; child_main ends in exec or _exit.
+        unsafe { child_main(&child) }
+    }
+    drop(error_write);
+    // SAFETY: clone3 stored an owned pidfd for the child.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let spawned = Spawned {
+        pid: pid as i32,
+        pidfd,
+    };
+
+    // The pipe closes on exec (success) or carries [step, errno] (failure).
+    let mut report = [0u8; 8];
+    let read = loop {
+        // SAFETY: reading into a local buffer of the given size.
+        let n = unsafe {
+            libc::read(
+                error_read.as_raw_fd(),
+                report.as_mut_ptr().cast(),
+                report.len(),
+            )
+        };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    if read == 8 {
+        let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]) as usize;
+        let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+        // The child has _exit'ed; reap it so no zombie is left.
+        // SAFETY: waiting for our own child by pid.
+        unsafe { libc::waitpid(spawned.pid, std::ptr::null_mut(), 0) };
+        return Err(SpawnError::Child {
+            step: STEPS.get(step).copied().unwrap_or("setup"),
+            source: io::Error::from_raw_os_error(errno),
+        });
+    }
+    Ok(spawned)
+}
+
+fn resolve(program: &str, path_var: &str) -> PathBuf {
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    path_var
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
+struct Child<'a> {
+    v1_procs: &'a [CString],
+    root: &'a std::ffi::CStr,
+    sandbox: &'a CString,
+    tmp: &'a std::ffi::CStr,
+    tmp_options: &'a CString,
+    proc_: &'a std::ffi::CStr,
+    hostname: &'a [u8],
+    stdout: RawFd,
+    stderr: RawFd,
+    devnull: RawFd,
+    error_pipe: RawFd,
+    program: &'a CString,
+    argv: &'a [*const libc::c_char],
+    env: &'a [*const libc::c_char],
+}
+
+/// Reports the failed step and errno to the parent and exits.
+unsafe fn fail(child: &Child<'_>, step: usize) -> ! {
+    // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut report = [0u8; 8];
+        report[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+        report[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(child.error_pipe, report.as_ptr().cast(), report.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child between clone and exec: only syscalls, no allocation.
+unsafe fn child_main(child: &Child<'_>) -> ! {
+    // SAFETY: every pointer passed below comes from a live CString/CStr or
+    // array prepared by the parent; nothing here allocates or takes a lock.
+    unsafe {
+        for procs in child.v1_procs {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(child, 0);
+            }
+            libc::close(fd);
+        }
+        if libc::mount(
+            std::ptr::null(),
+            child.root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(child, 1);
+        }
+        // The sandbox gets its own mount first, so it can be made writable again.
+        if libc::mount(
+            child.sandbox.as_ptr(),
+            child.sandbox.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(child, 3);
+        }
+        let mut read_only = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        if libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            child.root.as_ptr(),
+            AT_RECURSIVE,
+            &mut read_only as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) != 0
+        {
+            fail(child, 2);
+        }
+        let mut writable = MountAttr {
+            attr_set: 0,
+            attr_clr: MOUNT_ATTR_RDONLY,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        if libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            child.sandbox.as_ptr(),
+            0 as libc::c_uint,
+            &mut writable as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) != 0
+        {
+            fail(child, 4);
+        }
+        if libc::mount(
+            c"tmpfs".as_ptr(),
+            child.tmp.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            child.tmp_options.as_ptr().cast(),
+        ) != 0
+        {
+            fail(child, 5);
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            child.proc_.as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(child, 6);
+        }
+        if libc::sethostname(child.hostname.as_ptr().cast(), child.hostname.len()) != 0 {
+            fail(child, 7);
+        }
+        if libc::chdir(child.sandbox.as_ptr()) != 0
+            || libc::dup2(child.devnull, 0) < 0
+            || libc::dup2(child.stdout, 1) < 0
+            || libc::dup2(child.stderr, 2) < 0
+        {
+            fail(child, 8);
+        }
+        libc::setsid();
+        libc::execve(
+            child.program.as_ptr(),
+            child.argv.as_ptr(),
+            child.env.as_ptr(),
+        );
+        fail(child, 9)
+    }
+}
+
+/// Sends `signal` through a pidfd (no pid-reuse race).
+pub fn signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Reaps an exited child through its pidfd; `None` if it is still running.
+pub fn try_reap(pidfd: &OwnedFd) -> io::Result<Option<Exit>> {
+    const P_PIDFD: libc::idtype_t = 3;
+    // SAFETY: siginfo_t is plain data; waitid fills it for our own child.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::waitid(
+            P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: si_pid/si_status are valid to read after waitid for SIGCHLD info.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(if info.si_code == libc::CLD_EXITED {
+        Exit::Code(status)
+    } else {
+        Exit::Signal(status)
+    }))
+}
+
+/// Waits (blocking) for the child behind `pidfd` to exit and reaps it.
+pub fn wait(pidfd: &OwnedFd) -> io::Result<Exit> {
+    loop {
+        if let Some(exit) = try_reap(pidfd)? {
+            return Ok(exit);
+        }
+        let mut poll = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a pidfd polls readable when its process exits.
+        let rc = unsafe { libc::poll(&mut poll, 1, -1) };
+        if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(io::Error::last_os_error());
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! A container on this kernel, seen from inside: its cgroups, its pid
+//! namespace, its hostname, a read-only host rootfs with a writable sandbox
+//! and a private /tmp; its limits enforced; nothing left behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use butte_isolators::cgroups::{Isolator, Limits, detect};
+use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
+
+fn isolator() -> Box<dyn Isolator> {
+    assert_eq!(unsafe_geteuid(), 0, "kernel tests need root");
+    detect(Path::new("/sys/fs/cgroup")).expect("a cgroup hierarchy on this host")
+}
+
+#[allow(unsafe_code)]
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+fn sandbox(id: &str) -> PathBuf {
+    // Not under /tmp: the task's private /tmp would hide it.
+    let dir = PathBuf::from(format!("/var/lib/butte-kernel-tests/{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(isolator: &dyn Isolator, id: &str, limits: Limits, script: &str) -> (Exit, String, PathBuf) {
+    let placement = isolator.create(id, &limits).unwrap();
+    let sandbox = sandbox(id);
+    let spec = ContainerSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec![
+            ("PATH".into(), "/usr/bin:/bin".into()),
+            ("MESOS_SANDBOX".into(), sandbox.display().to_string()),
+        ],
+        sandbox: sandbox.clone(),
+        hostname: id.into(),
+        cgroup: placement.unified.clone(),
+        v1_procs: placement.v1_procs.clone(),
+        tmp_mb: 16,
+    };
+    let child = spawn(&spec).unwrap();
+    let exit = wait(&child.pidfd).unwrap();
+    let stdout = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
+    (exit, stdout, sandbox)
+}
+
+fn unique(name: &str) -> String {
+    format!("kt-{name}-{}", std::process::id())
+}
+
+#[test]
+fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
+    let isolator = isolator();
+    let id = unique("inside");
+    let script = "cat /proc/self/cgroup; ps -e -o pid=,comm= > $MESOS_SANDBOX/ps; echo host=$(hostname); \
+                  touch /etc/butte-must-fail 2>/dev/null && echo etc=writable || echo etc=readonly; \
+                  echo data > $MESOS_SANDBOX/written && echo sandbox=writable; \
+                  touch /tmp/x && ls /tmp | wc -l | sed 's/^/tmp=/'; echo pid1=$$";
+    let (exit, out, sandbox) = run(
+        &*isolator,
+        &id,
+        Limits {
+            cpus: 1.0,
+            mem_mb: 128.0,
+            pids_max: 64,
+        },
+        script,
+    );
+    assert_eq!(exit, Exit::Code(0), "{out}");
+    assert!(
+        out.contains(&format!("/butte/{id}")),
+        "/proc/self/cgroup names our cgroup:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("memory:/butte/{id}"))
+            || !Path::new("/sys/fs/cgroup/memory").exists(),
+        "{out}"
+    );
+    // The shell (pid 1) and ps itself: the task's own processes only.
+    let ps = std::fs::read_to_string(sandbox.join("ps")).unwrap();
+    let seen: Vec<Vec<&str>> = ps.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(
+        seen,
+        vec![vec!["1", "sh"], vec![seen[1][0], "ps"]],
+        "ps sees only the task's processes:\n{ps}"
+    );
+    assert!(out.contains(&format!("host={id}")), "{out}");
+    assert!(out.contains("etc=readonly"), "{out}");
+    assert!(out.contains("sandbox=writable"), "{out}");
+    assert!(out.contains("tmp=1"), "a private, empty /tmp:\n{out}");
+    assert!(
+        out.contains("pid1=1"),
+        "the task is pid 1 of its namespace:\n{out}"
+    );
+    assert!(!Path::new("/etc/butte-must-fail").exists());
+    assert_eq!(
+        std::fs::read_to_string(sandbox.join("written")).unwrap(),
+        "data\n"
+    );
+    isolator.destroy(&id).unwrap();
+    assert!(!isolator.list().unwrap().contains(&id));
+    std::fs::remove_dir_all(sandbox).unwrap();
+}
+
+fn cpu_seconds(id: &str) -> f64 {
+    let usage = std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/butte/{id}/cpuacct.usage"))
+        .or_else(|_| {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/butte/{id}/cpu.stat")).map(|s| {
+                // usage_usec N on v2
+                let usec: u64 = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                (usec * 1000).to_string()
+            })
+        })
+        .unwrap();
+    usage.trim().parse::<f64>().unwrap() / 1e9
+}
+
+#[test]
+fn cpu_quota_of_half_a_core_holds_a_busy_loop_to_half_a_core() {
+    let isolator = isolator();
+    let id = unique("quota");
+    let placement = isolator
+        .create(
+            &id,
+            &Limits {
+                cpus: 0.5,
+                mem_mb: 64.0,
+                pids_max: 16,
+            },
+        )
+        .unwrap();
+    let sandbox = sandbox(&id);
+    let spec = ContainerSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), "while :; do :; done".into()],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        sandbox: sandbox.clone(),
+        hostname: id.clone(),
+        cgroup: placement.unified.clone(),
+        v1_procs: placement.v1_procs.clone(),
+        tmp_mb: 1,
+    };
+    let child = spawn(&spec).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (start_cpu, start) = (cpu_seconds(&id), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = (cpu_seconds(&id) - start_cpu) / start.elapsed().as_secs_f64();
+    butte_isolators::container::signal(&child.pidfd, libc::SIGKILL).unwrap();
+    assert_eq!(wait(&child.pidfd).unwrap(), Exit::Signal(libc::SIGKILL));
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+    assert!(
+        (0.45..=0.55).contains(&used),
+        "busy loop under a 0.5 cpu quota used {used:.3} cpu"
+    );
+}
+
+#[test]
+fn memory_limit_gets_the_task_oom_killed_and_reported() {
+    let isolator = isolator();
+    let id = unique("oom");
+    // dd allocates and touches a 256 MiB buffer: far past the 32 MiB limit.
+    let (exit, _, sandbox) = run(
+        &*isolator,
+        &id,
+        Limits {
+            cpus: 1.0,
+            mem_mb: 32.0,
+            pids_max: 16,
+        },
+        "exec dd if=/dev/zero of=/dev/null bs=256M count=1",
+    );
+    assert_eq!(exit, Exit::Signal(libc::SIGKILL));
+    assert!(
+        isolator.oom_killed(&id).unwrap(),
+        "the cgroup records an OOM kill"
+    );
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+}
+
+#[test]
+fn failed_setup_names_the_step_and_leaves_no_process() {
+    let isolator = isolator();
+    let id = unique("badexec");
+    let placement = isolator
+        .create(
+            &id,
+            &Limits {
+                cpus: 1.0,
+                mem_mb: 64.0,
+                pids_max: 16,
+            },
+        )
+        .unwrap();
+    let sandbox = sandbox(&id);
+    let spec = ContainerSpec {
+        argv: vec!["/no/such/program".into()],
+        env: vec![],
+        sandbox: sandbox.clone(),
+        hostname: id.clone(),
+        cgroup: placement.unified.clone(),
+        v1_procs: placement.v1_procs.clone(),
+        tmp_mb: 1,
+    };
+    let error = spawn(&spec).unwrap_err().to_string();
+    assert!(
+        error.contains("exec") && error.contains("No such file"),
+        "{error}"
+    );
+    assert!(isolator.pids(&id).unwrap().is_empty());
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+}
+
+#[test]
+fn destroy_kills_what_is_left_and_removes_every_cgroup() {
+    let isolator = isolator();
+    let id = unique("destroy");
+    let placement = isolator
+        .create(
+            &id,
+            &Limits {
+                cpus: 1.0,
+                mem_mb: 64.0,
+                pids_max: 16,
+            },
+        )
+        .unwrap();
+    let sandbox = sandbox(&id);
+    let spec = ContainerSpec {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "sleep 600 & sleep 600".into(),
+        ],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        sandbox: sandbox.clone(),
+        hostname: id.clone(),
+        cgroup: placement.unified.clone(),
+        v1_procs: placement.v1_procs.clone(),
+        tmp_mb: 1,
+    };
+    let child = spawn(&spec).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(isolator.pids(&id).unwrap().len() >= 2);
+    // Reap in the background as a launcher would, while destroy kills.
+    let reaper = std::thread::spawn(move || wait(&child.pidfd).unwrap());
+    isolator.destroy(&id).unwrap();
+    assert_eq!(reaper.join().unwrap(), Exit::Signal(libc::SIGKILL));
+    assert!(!isolator.list().unwrap().contains(&id));
+    for controller in ["cpu", "memory", "pids", "unified"] {
+        assert!(
+            !Path::new(&format!("/sys/fs/cgroup/{controller}/butte/{id}")).exists(),
+            "{controller} left behind"
+        );
+    }
+    std::fs::remove_dir_all(sandbox).unwrap();
+}
