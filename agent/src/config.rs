@@ -1,0 +1,64 @@
+//! The agent's flags; each also reads `BUTTE_<FLAG>` from the environment.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "butte-agent",
+    version,
+    about = "Butte agent: runs tasks in isolated containers"
+)]
+pub struct AgentConfig {
+    /// The master, HOST:PORT.
+    #[arg(long, env = "BUTTE_MASTER", default_value = "127.0.0.1:5050")]
+    pub master: String,
+    /// Address this agent is reached at (and listens on).
+    #[arg(long, env = "BUTTE_IP", default_value = "127.0.0.1")]
+    pub ip: IpAddr,
+    #[arg(long, env = "BUTTE_PORT", default_value_t = 5051)]
+    pub port: u16,
+    /// Hostname reported to the master (defaults to --ip).
+    #[arg(long, env = "BUTTE_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Sandboxes and checkpoints go here; not under /tmp (tasks get a private /tmp).
+    #[arg(long, env = "BUTTE_WORK_DIR", default_value = "/var/lib/butte/agent")]
+    pub work_dir: PathBuf,
+    /// Resources to offer, e.g. 'cpus:4;mem:8192;ports:[31000-32000]'; discovered when absent.
+    #[arg(long, env = "BUTTE_RESOURCES")]
+    pub resources: Option<String>,
+    /// GPU backend; only `none` until the GPU work lands.
+    #[arg(long, env = "BUTTE_GPU_BACKEND", default_value = "none")]
+    pub gpu_backend: String,
+    /// The cgroup filesystem root.
+    #[arg(long, env = "BUTTE_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Prefix of this agent's container ids (cgroup names); leftovers with it
+    /// are removed at start. Defaults to `a<port>-`, so agents on one host
+    /// never touch each other's containers.
+    #[arg(long, env = "BUTTE_CONTAINER_PREFIX")]
+    pub container_prefix: Option<String>,
+    /// Processes and threads a task may have at once.
+    #[arg(long, env = "BUTTE_TASK_PIDS_MAX", default_value_t = 4096)]
+    pub task_pids_max: u64,
+    /// Seconds between resends of an unacknowledged status update.
+    #[arg(long, env = "BUTTE_STATUS_UPDATE_RETRY", default_value_t = 10.0)]
+    pub status_update_retry: f64,
+    /// Log format: text or json.
+    #[arg(long, env = "BUTTE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl AgentConfig {
+    pub fn container_prefix(&self) -> String {
+        self.container_prefix
+            .clone()
+            .unwrap_or_else(|| format!("a{}-", self.port))
+    }
+
+    pub fn hostname(&self) -> String {
+        self.hostname.clone().unwrap_or_else(|| self.ip.to_string())
+    }
+}

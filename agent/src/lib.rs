@@ -1,0 +1,19 @@
+//! Butte's node agent: registers with the master over the gRPC link and runs
+//! each task in its own container (cgroups and namespaces), launched by a
+//! single-threaded launcher process.
+
+pub mod agent;
+pub mod checkpoint;
+pub mod config;
+pub mod launcher;
+pub mod launcher_client;
+pub mod link;
+pub mod resources;
+
+pub use config::AgentConfig;
+
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

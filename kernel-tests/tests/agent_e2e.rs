@@ -1,0 +1,292 @@
+//! Master and agent binaries on this machine, a real Mesos client library
+//! (mesoshttp) as the framework, real containers: tasks run, report, are
+//! killed, hit their memory limit, see only themselves, and leave nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_owned()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("BUTTE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/install-deps",
+        python.display()
+    );
+    python
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Cluster {
+    master: Child,
+    agent: Option<Child>,
+    master_port: u16,
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Cluster {
+    fn start(name: &str, master_port: u16, agent_port: u16, resources: &str) -> Cluster {
+        let dir = PathBuf::from(format!(
+            "/var/lib/butte-kernel-tests/{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = |file: &str| std::fs::File::create(dir.join(file)).unwrap();
+        let master = Command::new(binary("butte-master"))
+            .args([
+                "--port",
+                &master_port.to_string(),
+                "--heartbeat-interval",
+                "1",
+                "--allocation-interval",
+                "0.2",
+            ])
+            .arg("--work-dir")
+            .arg(dir.join("master"))
+            .stdout(log("master.log"))
+            .stderr(log("master.err"))
+            .spawn()
+            .unwrap();
+        wait_for("the master", || http_get(master_port, "/health").is_some());
+        let prefix = format!("kt{agent_port}-");
+        let agent = Command::new(binary("butte-agent"))
+            .args([
+                "--master",
+                &format!("127.0.0.1:{master_port}"),
+                "--port",
+                &agent_port.to_string(),
+            ])
+            .args([
+                "--resources",
+                resources,
+                "--container-prefix",
+                &prefix,
+                "--status-update-retry",
+                "1",
+            ])
+            .arg("--work-dir")
+            .arg(dir.join("agent"))
+            .stdout(log("agent.log"))
+            .stderr(log("agent.err"))
+            .spawn()
+            .unwrap();
+        wait_for("the agent to register", || {
+            http_get(master_port, "/metrics/snapshot")
+                .is_some_and(|body| body.contains("\"master/slaves_active\":1.0"))
+        });
+        Cluster {
+            master,
+            agent: Some(agent),
+            master_port,
+            dir,
+            prefix,
+        }
+    }
+
+    fn run_framework(&self, mode: &str) -> String {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/agent_framework.py");
+        let output = Command::new(python())
+            .arg(script)
+            .arg(format!("http://127.0.0.1:{}", self.master_port))
+            .args([mode, "150"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let logs = std::fs::read_to_string(self.dir.join("agent.err")).unwrap_or_default();
+        let tail: String = logs.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+        assert!(
+            output.status.success(),
+            "framework ({mode}) failed:\n{stdout}\n{}\nagent log (last lines, newest first):\n{tail}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    fn sandbox(&self, task_id: &str) -> PathBuf {
+        let frameworks = self.dir.join("agent/sandboxes");
+        for framework in std::fs::read_dir(&frameworks).unwrap() {
+            let task_dir = framework.unwrap().path().join(task_id);
+            if let Ok(mut runs) = std::fs::read_dir(&task_dir) {
+                return runs.next().unwrap().unwrap().path();
+            }
+        }
+        panic!("no sandbox for {task_id} under {}", frameworks.display());
+    }
+
+    /// Our cgroups still present, in any hierarchy.
+    fn cgroups_left(&self) -> Vec<PathBuf> {
+        let mut left = Vec::new();
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
+            let subtree = hierarchy.unwrap().path().join("butte");
+            for entry in std::fs::read_dir(&subtree).into_iter().flatten() {
+                let path = entry.unwrap().path();
+                if path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&self.prefix)
+                {
+                    left.push(path);
+                }
+            }
+        }
+        left
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            // SAFETY: kill(2) on our own child.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(agent.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while agent.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}
+
+#[test]
+fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
+    let cluster = Cluster::start("e2e", 15150, 15151, "cpus:8;mem:4096;ports:[31000-32000]");
+    let stdout = cluster.run_framework("e2e");
+    println!("{stdout}");
+
+    for i in 0..50 {
+        let out =
+            std::fs::read_to_string(cluster.sandbox(&format!("echo-{i}")).join("stdout")).unwrap();
+        assert_eq!(out, format!("hello-{i}\n"), "echo-{i}'s sandbox stdout");
+    }
+    let inspect = cluster.sandbox("inspect");
+    let cgroup = std::fs::read_to_string(inspect.join("cgroup")).unwrap();
+    assert!(
+        cgroup.contains(&format!("memory:/butte/{}", cluster.prefix)),
+        "/proc/self/cgroup names our cgroup:\n{cgroup}"
+    );
+    assert!(
+        cgroup.contains(&format!("0::/butte/{}", cluster.prefix)),
+        "and the v2 node:\n{cgroup}"
+    );
+    let ps = std::fs::read_to_string(inspect.join("ps")).unwrap();
+    let commands: Vec<&str> = ps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        commands,
+        ["sh", "ps"],
+        "ps inside the task sees only the task:\n{ps}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(inspect.join("hostname")).unwrap(),
+        "inspect\n"
+    );
+    let env = std::fs::read_to_string(inspect.join("env")).unwrap();
+    for variable in [
+        "MESOS_TASK_ID=inspect",
+        "MESOS_FRAMEWORK_ID=",
+        "MESOS_AGENT_ID=",
+        &format!("MESOS_SANDBOX={}", inspect.display()),
+    ] {
+        assert!(
+            env.contains(variable),
+            "{variable} in the task's environment:\n{env}"
+        );
+    }
+    assert!(
+        cluster.cgroups_left().is_empty(),
+        "finished tasks leave no cgroups: {:?}",
+        cluster.cgroups_left()
+    );
+}
+
+#[test]
+fn two_hundred_launches_and_kills_leave_no_cgroup_mount_or_process() {
+    let mut cluster = Cluster::start("churn", 15160, 15161, "cpus:4;mem:4096");
+    let stdout = cluster.run_framework("churn");
+    assert!(stdout.contains("\"ok\": true"), "{stdout}");
+    // Cleanup is the agent's doing on each task's end, not its shutdown's.
+    assert!(
+        cluster.cgroups_left().is_empty(),
+        "cgroups left: {:?}",
+        cluster.cgroups_left()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&cluster.dir.display().to_string()),
+        "no sandbox mount leaks into the host"
+    );
+    let sandboxes = cluster.dir.join("agent/sandboxes");
+    let leftover = Command::new("pgrep")
+        .args(["-f", "sleep 600"])
+        .output()
+        .unwrap();
+    let pids: Vec<i32> = String::from_utf8_lossy(&leftover.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    for pid in pids {
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        assert!(
+            !cwd.starts_with(&sandboxes),
+            "process {pid} still runs in a sandbox"
+        );
+    }
+    cluster.stop_agent();
+    assert!(cluster.cgroups_left().is_empty());
+}

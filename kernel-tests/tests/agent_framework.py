@@ -1,0 +1,126 @@
+"""A mesoshttp 0.4.2 framework that runs real tasks on a Butte agent, driven
+by tests/agent_e2e.rs. Prints one JSON line per finished check and exits 0
+only if every expectation held.
+
+Usage: agent_framework.py MASTER_URL MODE [TIMEOUT]
+  MODE e2e:   50 `echo hello-$i` tasks, a memory hog, `exit 3`, a killed
+              `sleep 600`, and an `inspect` task that records what it sees.
+  MODE churn: 200 `sleep 600` tasks launched and killed.
+"""
+
+import json
+import queue
+import sys
+import threading
+import time
+
+from mesoshttp.client import MesosClient
+
+URL, MODE = sys.argv[1], sys.argv[2]
+TIMEOUT = float(sys.argv[3]) if len(sys.argv) > 3 else 120.0
+DEADLINE = time.monotonic() + TIMEOUT
+events = queue.Queue()
+
+INSPECT = ("cat /proc/self/cgroup > $MESOS_SANDBOX/cgroup; ps -e -o pid=,comm= > $MESOS_SANDBOX/ps; "
+           "hostname > $MESOS_SANDBOX/hostname; env | grep ^MESOS_ | sort > $MESOS_SANDBOX/env")
+
+
+def fail(message):
+    print("FAILED: " + message, flush=True)
+    sys.exit(1)
+
+
+def next_event(kind):
+    while True:
+        left = DEADLINE - time.monotonic()
+        if left <= 0:
+            fail("timed out waiting for %s" % kind)
+        try:
+            got, payload = events.get(timeout=left)
+        except queue.Empty:
+            fail("timed out waiting for %s" % kind)
+        if got == "ERROR":
+            fail("master sent ERROR: %s" % payload)
+        if got == kind:
+            return payload
+
+
+def task(task_id, agent_id, command, cpus=0.05, mem=32):
+    return {
+        "name": task_id,
+        "task_id": {"value": task_id},
+        "agent_id": agent_id,
+        "resources": [
+            {"name": "cpus", "type": "SCALAR", "scalar": {"value": cpus}},
+            {"name": "mem", "type": "SCALAR", "scalar": {"value": mem}},
+        ],
+        "command": {"value": command},
+    }
+
+
+def main():
+    client = MesosClient(mesos_urls=[URL], frameworkName="agent-" + MODE, max_reconnect=1)
+    client.on(MesosClient.SUBSCRIBED, lambda driver: events.put(("SUBSCRIBED", driver)))
+    client.on(MesosClient.OFFERS, lambda offers: events.put(("OFFERS", offers)))
+    client.on(MesosClient.UPDATE, lambda update: events.put(("UPDATE", update)))
+    client.on(MesosClient.ERROR, lambda message: events.put(("ERROR", message)))
+    threading.Thread(target=client.register, daemon=True).start()
+    try:
+        driver = next_event("SUBSCRIBED")
+        offers = next_event("OFFERS")
+        offer = offers[0]
+        agent_id = offer.get_offer()["agent_id"]
+        if MODE == "e2e":
+            tasks = [task("echo-%d" % i, agent_id, "echo hello-%d" % i) for i in range(50)]
+            tasks.append(task("memhog", agent_id, "exec dd if=/dev/zero of=/dev/null bs=256M count=1", mem=32))
+            tasks.append(task("exit3", agent_id, "exit 3"))
+            tasks.append(task("sleeper", agent_id, "sleep 600"))
+            tasks.append(task("inspect", agent_id, INSPECT))
+        else:
+            tasks = [task("churn-%d" % i, agent_id, "sleep 600", cpus=0.01, mem=4) for i in range(200)]
+        offer.accept(tasks)
+        print(json.dumps({"launched": len(tasks)}), flush=True)
+
+        final = {}
+        kill_sent = {}
+        while len(final) < len(tasks):
+            status = next_event("UPDATE")["status"]
+            task_id, state = status["task_id"]["value"], status["state"]
+            if state == "TASK_RUNNING" and (task_id == "sleeper" or MODE == "churn") and task_id not in kill_sent:
+                kill_sent[task_id] = time.monotonic()
+                driver.kill(agent_id["value"], task_id)
+            if state in ("TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_ERROR", "TASK_LOST", "TASK_DROPPED"):
+                final[task_id] = {"state": state, "message": status.get("message", ""), "reason": status.get("reason", "")}
+                if task_id in kill_sent:
+                    final[task_id]["kill_seconds"] = round(time.monotonic() - kill_sent[task_id], 3)
+        print(json.dumps({"final": final}), flush=True)
+
+        problems = []
+        if MODE == "e2e":
+            for i in range(50):
+                if final["echo-%d" % i]["state"] != "TASK_FINISHED":
+                    problems.append("echo-%d: %s" % (i, final["echo-%d" % i]))
+            if final["memhog"]["state"] != "TASK_FAILED" or final["memhog"]["reason"] != "REASON_CONTAINER_LIMITATION_MEMORY":
+                problems.append("memhog: %s" % final["memhog"])
+            if final["exit3"]["state"] != "TASK_FAILED" or "3" not in final["exit3"]["message"]:
+                problems.append("exit3: %s" % final["exit3"])
+            if final["sleeper"]["state"] != "TASK_KILLED" or final["sleeper"]["kill_seconds"] > 3 + 2:
+                problems.append("sleeper: %s" % final["sleeper"])
+            if final["inspect"]["state"] != "TASK_FINISHED":
+                problems.append("inspect: %s" % final["inspect"])
+        else:
+            for task_id, result in final.items():
+                if result["state"] != "TASK_KILLED":
+                    problems.append("%s: %s" % (task_id, result))
+        if problems:
+            fail("; ".join(problems[:10]))
+        driver.tearDown()
+        print(json.dumps({"ok": True}), flush=True)
+    finally:
+        client.stop = True
+        client.disconnect_framework()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
