@@ -1419,6 +1419,20 @@ impl Master {
                 ?state,
                 "ignoring a status update that does not follow the task's state"
             );
+            // Acknowledge it anyway, or the agent would resend it forever.
+            if from_agent {
+                let agent_id = entry.task.agent_id.value.clone();
+                self.send_to_agent(
+                    &agent_id,
+                    link::master_message::Kind::StatusAck(link::StatusAck {
+                        framework_id: FrameworkId {
+                            value: framework_id.to_owned(),
+                        },
+                        task_id: status.task_id.clone(),
+                        uuid,
+                    }),
+                );
+            }
             return;
         }
         status.agent_id = Some(entry.task.agent_id.clone());
