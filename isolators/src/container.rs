@@ -3,7 +3,11 @@
 //! the v1 cgroups, make the host's rootfs read-only except the sandbox, give
 //! it a private /tmp and its own /proc, set the hostname, and exec.
 //!
-//! Call `spawn` only from a single-threaded process (the agent's launcher):
+//! A task group shares one container: `spawn` with an empty argv starts the
+//! group's init (pid 1 of its namespaces, reaping orphans), and `join` runs
+//! each of its tasks inside that container's namespaces and cgroup.
+//!
+//! Call `spawn` and `join` only from a single-threaded process (the agent's launcher):
 //! the child runs between clone and exec without taking any lock, using
 //! only what was prepared before the clone.
 #![allow(unsafe_code)]
@@ -62,7 +66,7 @@ pub struct Spawned {
 }
 
 // Steps the child reports on failure (index into STEPS).
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 12] = [
     "joining a v1 cgroup",
     "making / private",
     "making the rootfs read-only",
@@ -73,6 +77,8 @@ const STEPS: [&str; 10] = [
     "setting the hostname",
     "entering the sandbox and its stdio",
     "exec",
+    "joining the group's namespaces",
+    "forking into the group's pid namespace",
 ];
 
 #[repr(C)]
@@ -126,8 +132,27 @@ fn open_fd(path: &Path, flags: libc::c_int, step: &'static str) -> Result<OwnedF
 }
 
 /// Spawns the container. Returns once the child has exec'd (or failed, with
-/// the step and errno it failed at).
+/// the step and errno it failed at). An empty argv starts a task group's
+/// init instead of a command.
 pub fn spawn(spec: &ContainerSpec) -> Result<Spawned, SpawnError> {
+    launch(spec, None)
+}
+
+/// Runs a task inside the container whose init is `group_init` (its pid,
+/// mount, uts and ipc namespaces); `spec.cgroup` should be that container's.
+/// The process behind the returned pidfd stands in for the task outside the
+/// namespace: it exits as the task does, and killing it kills the task.
+pub fn join(group_init: &OwnedFd, spec: &ContainerSpec) -> Result<Spawned, SpawnError> {
+    if spec.argv.is_empty() {
+        return Err(SpawnError::Prepare {
+            step: "read the command",
+            source: io::Error::other("a task joining a group needs a command"),
+        });
+    }
+    launch(spec, Some(group_init.as_raw_fd()))
+}
+
+fn launch(spec: &ContainerSpec, join: Option<RawFd>) -> Result<Spawned, SpawnError> {
     if spec.sandbox.starts_with("/tmp") || spec.sandbox.is_relative() {
         return Err(SpawnError::Prepare {
             step: "place the sandbox",
@@ -143,12 +168,6 @@ pub fn spawn(spec: &ContainerSpec) -> Result<Spawned, SpawnError> {
         .iter()
         .map(|a| cstring("an argument", a.as_str()))
         .collect::<Result<_, _>>()?;
-    if argv.is_empty() {
-        return Err(SpawnError::Prepare {
-            step: "read the command",
-            source: io::Error::other("empty argv"),
-        });
-    }
     let env: Vec<CString> = spec
         .env
         .iter()
@@ -163,7 +182,7 @@ pub fn spawn(spec: &ContainerSpec) -> Result<Spawned, SpawnError> {
         |(_, v)| v.as_str(),
     );
     // execvpe uses the caller's PATH; resolve the program here, where allocating is safe.
-    let program = resolve(&spec.argv[0], path_var);
+    let program = resolve(spec.argv.first().map_or("/", String::as_str), path_var);
     let program = path_cstring("the program", &program)?;
     let v1_procs: Vec<CString> = spec
         .v1_procs
@@ -208,12 +227,16 @@ pub fn spawn(spec: &ContainerSpec) -> Result<Spawned, SpawnError> {
 
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
-        flags: (libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_PIDFD) as u64
-            | CLONE_INTO_CGROUP,
+        flags: if join.is_some() {
+            libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP
+        } else {
+            (libc::CLONE_NEWPID
+                | libc::CLONE_NEWNS
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_PIDFD) as u64
+                | CLONE_INTO_CGROUP
+        },
         pidfd: &mut pidfd as *mut RawFd as u64,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup.as_raw_fd() as u64,
@@ -250,6 +273,8 @@ pub fn spawn(spec: &ContainerSpec) -> Result<Spawned, SpawnError> {
             program: &program,
             argv: &argv_ptrs,
             env: &env_ptrs,
+            join: join.unwrap_or(-1),
+            init: argv.is_empty(),
         };
         // SAFETY: we are the freshly cloned child; child_main ends in exec or _exit.
         unsafe { child_main(&child) }
@@ -318,6 +343,10 @@ struct Child<'a> {
     program: &'a CString,
     argv: &'a [*const libc::c_char],
     env: &'a [*const libc::c_char],
+    /// A group init's pidfd to join, or -1 for a new container.
+    join: RawFd,
+    /// Run as a group's init instead of exec'ing a command.
+    init: bool,
 }
 
 /// Reports the failed step and errno to the parent and exits.
@@ -344,6 +373,9 @@ unsafe fn child_main(child: &Child<'_>) -> ! {
                 fail(child, 0);
             }
             libc::close(fd);
+        }
+        if child.join >= 0 {
+            join_and_run(child);
         }
         if libc::mount(
             std::ptr::null(),
@@ -423,6 +455,17 @@ unsafe fn child_main(child: &Child<'_>) -> ! {
         if libc::sethostname(child.hostname.as_ptr().cast(), child.hostname.len()) != 0 {
             fail(child, 7);
         }
+        if child.init {
+            init_loop(child);
+        }
+        enter_and_exec(child)
+    }
+}
+
+/// Sandbox as working directory, stdio to the sandbox files, then exec.
+unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
+    // SAFETY: as in child_main.
+    unsafe {
         if libc::chdir(child.sandbox.as_ptr()) != 0
             || libc::dup2(child.devnull, 0) < 0
             || libc::dup2(child.stdout, 1) < 0
@@ -437,6 +480,65 @@ unsafe fn child_main(child: &Child<'_>) -> ! {
             child.env.as_ptr(),
         );
         fail(child, 9)
+    }
+}
+
+/// A task group's pid 1: tells the parent it is up, then reaps whatever is
+/// orphaned in the namespace until it is killed (which ends the namespace).
+unsafe fn init_loop(child: &Child<'_>) -> ! {
+    // SAFETY: plain syscalls on fds and memory we own.
+    unsafe {
+        if libc::chdir(child.sandbox.as_ptr()) != 0
+            || libc::dup2(child.devnull, 0) < 0
+            || libc::dup2(child.stdout, 1) < 0
+            || libc::dup2(child.stderr, 2) < 0
+        {
+            fail(child, 8);
+        }
+        libc::setsid();
+        libc::close(child.error_pipe);
+        loop {
+            if libc::waitpid(-1, std::ptr::null_mut(), 0) < 0 {
+                libc::sleep(1);
+            }
+        }
+    }
+}
+
+/// Enters the group's namespaces, forks the task into its pid namespace, and
+/// mirrors the task's end: exit code for exit code, signal for signal.
+unsafe fn join_and_run(child: &Child<'_>) -> ! {
+    // SAFETY: setns/fork/waitpid/kill on our own process; the grandchild only
+    // runs enter_and_exec.
+    unsafe {
+        let namespaces =
+            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if libc::setns(child.join, namespaces) != 0 {
+            fail(child, 10);
+        }
+        let pid = libc::fork();
+        if pid < 0 {
+            fail(child, 11);
+        }
+        if pid == 0 {
+            // If the stand-in dies (killed by the agent), the task goes with it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            enter_and_exec(child);
+        }
+        libc::close(child.error_pipe);
+        let mut status = 0;
+        while libc::waitpid(pid, &mut status, 0) < 0 {
+            if *libc::__errno_location() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+        if libc::WIFEXITED(status) {
+            libc::_exit(libc::WEXITSTATUS(status));
+        }
+        let signal = libc::WTERMSIG(status);
+        libc::signal(signal, libc::SIG_DFL);
+        libc::kill(libc::getpid(), signal);
+        libc::_exit(128 + signal)
     }
 }
 

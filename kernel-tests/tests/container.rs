@@ -265,3 +265,73 @@ fn destroy_kills_what_is_left_and_removes_every_cgroup() {
     }
     std::fs::remove_dir_all(sandbox).unwrap();
 }
+
+#[test]
+fn task_group_tasks_share_the_init_s_pid_namespace_and_cgroup() {
+    use butte_isolators::container::{join, signal};
+    let isolator = isolator();
+    let id = unique("group");
+    let placement = isolator
+        .create(
+            &id,
+            &Limits {
+                cpus: 1.0,
+                mem_mb: 128.0,
+                pids_max: 64,
+            },
+        )
+        .unwrap();
+    let group_sandbox = sandbox(&id);
+    let base = ContainerSpec {
+        argv: vec![],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        sandbox: group_sandbox.clone(),
+        hostname: id.clone(),
+        cgroup: placement.unified.clone(),
+        v1_procs: placement.v1_procs.clone(),
+        tmp_mb: 8,
+    };
+    let init = spawn(&base).unwrap();
+    let mut tasks = Vec::new();
+    for name in ["a", "b", "c"] {
+        let task_sandbox = group_sandbox.join("tasks").join(name);
+        std::fs::create_dir_all(&task_sandbox).unwrap();
+        let spec = ContainerSpec {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "readlink /proc/self/ns/pid > ns; hostname > host; echo $$ > pid".into(),
+            ],
+            sandbox: task_sandbox.clone(),
+            ..base.clone()
+        };
+        tasks.push((task_sandbox, join(&init.pidfd, &spec).unwrap()));
+    }
+    for (_, task) in &tasks {
+        assert_eq!(wait(&task.pidfd).unwrap(), Exit::Code(0));
+    }
+    let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).unwrap();
+    let namespaces: Vec<String> = tasks.iter().map(|(dir, _)| read(dir, "ns")).collect();
+    let host_ns = std::fs::read_link("/proc/self/ns/pid")
+        .unwrap()
+        .display()
+        .to_string()
+        + "\n";
+    assert!(
+        namespaces.iter().all(|ns| *ns == namespaces[0]),
+        "one pid namespace for the group: {namespaces:?}"
+    );
+    assert_ne!(namespaces[0], host_ns, "and not the host's");
+    for (dir, _) in &tasks {
+        assert_eq!(read(dir, "host"), format!("{id}\n"), "the group's hostname");
+        let pid: i32 = read(dir, "pid").trim().parse().unwrap();
+        assert!(
+            pid > 1,
+            "tasks are below the group's init (pid 1), got {pid}"
+        );
+    }
+    signal(&init.pidfd, libc::SIGKILL).unwrap();
+    assert_eq!(wait(&init.pidfd).unwrap(), Exit::Signal(libc::SIGKILL));
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(group_sandbox).unwrap();
+}
