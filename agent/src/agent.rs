@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use butte_api::agent_link::v1::{self as link, agent_message};
 use butte_api::mesos::v1::{
-    AgentId, FrameworkId, FrameworkInfo, Task, TaskId, TaskInfo, TaskState, TaskStatus, task_status,
+    AgentId, ExecutorInfo, FrameworkId, FrameworkInfo, Task, TaskId, TaskInfo, TaskState,
+    TaskStatus, task_status,
 };
 use butte_api::resources::Resources;
 use butte_isolators::cgroups::{Isolator, Limits};
@@ -30,7 +31,12 @@ pub struct TaskRecord {
     pub info: TaskInfo,
     pub framework_id: String,
     pub state: TaskState,
+    /// The task's own container (for a group task: its stand-in process).
     pub container_id: String,
+    /// The container whose cgroup holds the task (the group's, for a group task).
+    pub cgroup_id: String,
+    /// The task group's container, when the task is part of one.
+    pub group: Option<String>,
     pub resources: Resources,
     pub sandbox: PathBuf,
     pub killing: bool,
@@ -49,6 +55,8 @@ pub struct AgentState {
     pub total: Resources,
     pub tasks: HashMap<TaskKey, TaskRecord>,
     containers: HashMap<String, TaskKey>,
+    /// Running task groups: the group container and its tasks still alive.
+    groups: HashMap<String, Vec<TaskKey>>,
     updates: BTreeMap<TaskKey, UpdateStream>,
     frameworks: HashMap<String, FrameworkInfo>,
     outbound: Option<mpsc::UnboundedSender<link::AgentMessage>>,
@@ -82,6 +90,7 @@ impl Agent {
             total,
             tasks: HashMap::new(),
             containers: HashMap::new(),
+            groups: HashMap::new(),
             updates: BTreeMap::new(),
             frameworks: HashMap::new(),
             outbound: None,
@@ -171,10 +180,17 @@ impl Agent {
         use link::master_message::Kind;
         match message {
             Kind::LaunchTasks(launch) => {
-                let mut tasks = launch.tasks;
-                // Task groups run each task in its own container for now (no shared pid namespace yet).
-                tasks.extend(launch.task_group.map(|g| g.tasks).unwrap_or_default());
-                for task in tasks {
+                if let Some(group) = launch.task_group {
+                    let agent = self.clone();
+                    let executor = launch.executor.unwrap_or_default();
+                    tokio::spawn(async move {
+                        agent
+                            .launch_group(launch.framework_info, executor, group.tasks)
+                            .await
+                    });
+                    return;
+                }
+                for task in launch.tasks {
                     let agent = self.clone();
                     let framework = launch.framework_info.clone();
                     tokio::spawn(async move { agent.launch(framework, task).await });
@@ -363,6 +379,8 @@ impl Agent {
                     framework_id: framework_id.clone(),
                     state: TaskState::TaskStaging,
                     container_id: container_id.clone(),
+                    cgroup_id: container_id.clone(),
+                    group: None,
                     resources: resources.clone(),
                     sandbox: sandbox.clone(),
                     killing: false,
@@ -411,26 +429,148 @@ impl Agent {
         }
     }
 
-    async fn start_container(
+    /// Launches a task group: one container (cgroup sized for all its tasks
+    /// and its executor, pid/mount/uts/ipc namespaces held by an init), each
+    /// task joining it with its own sandbox under the group's.
+    async fn launch_group(
+        &self,
+        framework: FrameworkInfo,
+        executor: ExecutorInfo,
+        tasks: Vec<TaskInfo>,
+    ) {
+        let framework_id = framework
+            .id
+            .as_ref()
+            .map_or(String::new(), |f| f.value.clone());
+        let prefix = self.config.container_prefix();
+        let group_id = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+        let executor_id = if executor.executor_id.value.is_empty() {
+            group_id.clone()
+        } else {
+            executor.executor_id.value.clone()
+        };
+        let group_sandbox = self
+            .config
+            .work_dir
+            .join("sandboxes")
+            .join(&framework_id)
+            .join(&executor_id)
+            .join(&group_id);
+        let mut total = Resources::from_proto(&executor.resources).unwrap_or_default();
+        let mut members = Vec::new();
+        {
+            let mut state = self.lock();
+            state
+                .frameworks
+                .insert(framework_id.clone(), framework.clone());
+            for task in &tasks {
+                let key = (framework_id.clone(), task.task_id.value.clone());
+                if state.tasks.contains_key(&key) {
+                    continue;
+                }
+                let resources = Resources::from_proto(&task.resources).unwrap_or_default();
+                total.add(&resources);
+                let container_id = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+                state.tasks.insert(
+                    key.clone(),
+                    TaskRecord {
+                        info: task.clone(),
+                        framework_id: framework_id.clone(),
+                        state: TaskState::TaskStaging,
+                        container_id: container_id.clone(),
+                        cgroup_id: group_id.clone(),
+                        group: Some(group_id.clone()),
+                        resources,
+                        sandbox: group_sandbox.join("tasks").join(&task.task_id.value),
+                        killing: false,
+                        launched_at: Instant::now(),
+                    },
+                );
+                state.containers.insert(container_id, key.clone());
+                members.push(key);
+            }
+            state.groups.insert(group_id.clone(), members.clone());
+        }
+        if let Err(error) = self.checkpoint.framework(&framework) {
+            tracing::error!(%error, "cannot checkpoint the framework");
+        }
+        for (_, task_id) in &members {
+            self.update(&framework_id, task_id, TaskState::TaskStarting, None, None);
+        }
+        let placement = match self
+            .start_group_init(&group_id, &executor_id, &group_sandbox, &total)
+            .await
+        {
+            Ok(placement) => placement,
+            Err(message) => {
+                self.lock().groups.remove(&group_id);
+                let _ = self.isolator.destroy(&group_id);
+                for key in &members {
+                    self.finish(
+                        key,
+                        TaskState::TaskFailed,
+                        message.clone(),
+                        Some(task_status::Reason::ContainerLaunchFailed),
+                    );
+                }
+                return;
+            }
+        };
+        for key in &members {
+            let Some((task, container_id, sandbox)) = self
+                .lock()
+                .tasks
+                .get(key)
+                .map(|r| (r.info.clone(), r.container_id.clone(), r.sandbox.clone()))
+            else {
+                continue;
+            };
+            let launched = async {
+                std::fs::create_dir_all(&sandbox)
+                    .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
+                let request = LaunchRequest {
+                    container_id: container_id.clone(),
+                    argv: command_argv(&task)?,
+                    env: self.task_env(&framework, &task, &container_id, &sandbox, &executor_id),
+                    sandbox: sandbox.clone(),
+                    hostname: executor_id.clone(),
+                    cgroup: placement.unified.clone(),
+                    v1_procs: placement.v1_procs.clone(),
+                    tmp_mb: 1,
+                    join: Some(group_id.clone()),
+                };
+                self.launcher
+                    .launch(request)
+                    .await
+                    .map_err(|e| format!("joining the task group failed: {e}"))
+            };
+            match launched.await {
+                Ok((_, micros)) => {
+                    push_bounded(&mut self.lock().launch_micros, micros);
+                    self.update(&key.0, &key.1, TaskState::TaskRunning, None, None);
+                }
+                Err(message) => {
+                    self.finish(
+                        key,
+                        TaskState::TaskFailed,
+                        message,
+                        Some(task_status::Reason::ContainerLaunchFailed),
+                    );
+                    self.group_task_ended(&group_id, key, true);
+                }
+            }
+        }
+    }
+
+    /// The task's environment: the Mesos variables, then the command's own.
+    fn task_env(
         &self,
         framework: &FrameworkInfo,
         task: &TaskInfo,
         container_id: &str,
         sandbox: &std::path::Path,
-        resources: &Resources,
-    ) -> Result<u64, String> {
-        std::fs::create_dir_all(sandbox)
-            .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
-        let limits = Limits {
-            cpus: resources.scalar("cpus"),
-            mem_mb: resources.scalar("mem"),
-            pids_max: self.config.task_pids_max,
-        };
-        let placement = self
-            .isolator
-            .create(container_id, &limits)
-            .map_err(|e| e.to_string())?;
-        let argv = command_argv(task)?;
+        executor_id: &str,
+    ) -> Vec<(String, String)> {
         let agent_id = self.lock().agent_id.clone().unwrap_or_default();
         let mut env = vec![
             (
@@ -441,7 +581,7 @@ impl Agent {
             ("MESOS_SANDBOX".to_owned(), sandbox.display().to_string()),
             ("MESOS_DIRECTORY".to_owned(), sandbox.display().to_string()),
             ("MESOS_TASK_ID".to_owned(), task.task_id.value.clone()),
-            ("MESOS_EXECUTOR_ID".to_owned(), task.task_id.value.clone()),
+            ("MESOS_EXECUTOR_ID".to_owned(), executor_id.to_owned()),
             (
                 "MESOS_FRAMEWORK_ID".to_owned(),
                 framework
@@ -466,6 +606,66 @@ impl Agent {
                 ));
             }
         }
+        env
+    }
+
+    async fn start_group_init(
+        &self,
+        group_id: &str,
+        executor_id: &str,
+        sandbox: &std::path::Path,
+        total: &Resources,
+    ) -> Result<butte_isolators::cgroups::Placement, String> {
+        std::fs::create_dir_all(sandbox)
+            .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
+        let limits = Limits {
+            cpus: total.scalar("cpus"),
+            mem_mb: total.scalar("mem"),
+            pids_max: self.config.task_pids_max,
+        };
+        let placement = self
+            .isolator
+            .create(group_id, &limits)
+            .map_err(|e| e.to_string())?;
+        let request = LaunchRequest {
+            container_id: group_id.to_owned(),
+            argv: Vec::new(),
+            env: Vec::new(),
+            sandbox: sandbox.to_owned(),
+            hostname: executor_id.to_owned(),
+            cgroup: placement.unified.clone(),
+            v1_procs: placement.v1_procs.clone(),
+            tmp_mb: total.scalar("mem").clamp(1.0, 1024.0) as u64,
+            join: None,
+        };
+        self.launcher
+            .launch(request)
+            .await
+            .map_err(|e| format!("task group container launch failed: {e}"))?;
+        Ok(placement)
+    }
+
+    async fn start_container(
+        &self,
+        framework: &FrameworkInfo,
+        task: &TaskInfo,
+        container_id: &str,
+        sandbox: &std::path::Path,
+        resources: &Resources,
+    ) -> Result<u64, String> {
+        std::fs::create_dir_all(sandbox)
+            .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
+        let limits = Limits {
+            cpus: resources.scalar("cpus"),
+            mem_mb: resources.scalar("mem"),
+            pids_max: self.config.task_pids_max,
+        };
+        let placement = self
+            .isolator
+            .create(container_id, &limits)
+            .map_err(|e| e.to_string())?;
+        let argv = command_argv(task)?;
+        let env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
         let request = LaunchRequest {
             container_id: container_id.to_owned(),
             argv,
@@ -475,6 +675,7 @@ impl Agent {
             cgroup: placement.unified,
             v1_procs: placement.v1_procs,
             tmp_mb: resources.scalar("mem").clamp(1.0, 1024.0) as u64,
+            join: None,
         };
         match self.launcher.launch(request).await {
             Ok((_, micros)) => Ok(micros),
@@ -487,12 +688,22 @@ impl Agent {
 
     /// A container's first process ended: the task's last state, then cleanup.
     pub fn container_exited(&self, container_id: &str, exit: ContainerExit) {
+        // A group's init ended (killed once its last task ended): remove the group's cgroups.
+        if self.lock().groups.remove(container_id).is_some() {
+            if let Err(error) = self.isolator.destroy(container_id) {
+                tracing::error!(container_id, %error, "cannot remove the task group's cgroups");
+            }
+            return;
+        }
         let Some(key) = self.lock().containers.get(container_id).cloned() else {
             return;
         };
-        let killing = self.lock().tasks.get(&key).is_some_and(|r| r.killing);
+        let (killing, cgroup_id, group) = match self.lock().tasks.get(&key) {
+            Some(r) => (r.killing, r.cgroup_id.clone(), r.group.clone()),
+            None => return,
+        };
         let oom = exit.signal == Some(libc::SIGKILL)
-            && self.isolator.oom_killed(container_id).unwrap_or(false);
+            && self.isolator.oom_killed(&cgroup_id).unwrap_or(false);
         let (state, message, reason) = if oom {
             (
                 TaskState::TaskFailed,
@@ -525,7 +736,34 @@ impl Agent {
                 ),
             }
         };
+        let failed = state != TaskState::TaskFinished;
         self.finish(&key, state, message, reason);
+        if let Some(group) = group {
+            self.group_task_ended(&group, &key, failed);
+        }
+    }
+
+    /// One task of a group ended. Like Mesos's default executor, a task that
+    /// fails or is killed takes the rest of its group down; when none is
+    /// left, the group's init goes, and with it the group's namespaces.
+    fn group_task_ended(&self, group: &str, key: &TaskKey, failed: bool) {
+        let left = {
+            let mut state = self.lock();
+            let Some(members) = state.groups.get_mut(group) else {
+                return;
+            };
+            members.retain(|k| k != key);
+            members.len()
+        };
+        if failed && left > 0 {
+            self.kill_group(group, Duration::ZERO);
+        } else if left == 0 {
+            let launcher = self.launcher.clone();
+            let group = group.to_owned();
+            tokio::runtime::Handle::current().spawn(async move {
+                let _ = launcher.signal(&group, libc::SIGKILL).await;
+            });
+        }
     }
 
     /// Ends a task: removes its container and reports its terminal state.
@@ -536,8 +774,12 @@ impl Agent {
         message: String,
         reason: Option<task_status::Reason>,
     ) {
-        let container_id = self.lock().tasks.get(key).map(|r| r.container_id.clone());
-        if let Some(container_id) = &container_id
+        let (container_id, own_cgroup) = match self.lock().tasks.get(key) {
+            Some(r) => (Some(r.container_id.clone()), r.group.is_none()),
+            None => (None, false),
+        };
+        // A group task's cgroup is the group's: it goes with the group's init.
+        if let Some(container_id) = container_id.as_ref().filter(|_| own_cgroup)
             && let Err(error) = self.isolator.destroy(container_id)
         {
             tracing::error!(container_id, %error, "cannot remove the task's cgroups");
@@ -560,6 +802,11 @@ impl Agent {
                 tracing::info!(task_id, "kill for a task not running here");
                 return;
             };
+            if let Some(group) = record.group.clone() {
+                drop(state);
+                self.kill_group(&group, grace);
+                return;
+            }
             record.killing = true;
             record.container_id.clone()
         };
@@ -577,6 +824,41 @@ impl Agent {
             tokio::time::sleep(grace).await;
             // Killing the pid namespace's init takes down every process in it.
             let _ = launcher.signal(&container_id, libc::SIGKILL).await;
+        });
+    }
+
+    /// Kills every task of a group: SIGTERM to all its processes, then
+    /// SIGKILL to each task and to the group's init when `grace` runs out.
+    fn kill_group(&self, group: &str, grace: Duration) {
+        let containers: Vec<String> = {
+            let mut state = self.lock();
+            let members = state.groups.get(group).cloned().unwrap_or_default();
+            members
+                .iter()
+                .filter_map(|key| {
+                    let record = state.tasks.get_mut(key)?;
+                    record.killing = true;
+                    Some(record.container_id.clone())
+                })
+                .collect()
+        };
+        if !grace.is_zero() {
+            for pid in self.isolator.pids(group).unwrap_or_default() {
+                // SAFETY: kill(2) has no memory effects; pids come from the group's own cgroup.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+        }
+        let launcher = self.launcher.clone();
+        let group = group.to_owned();
+        tokio::runtime::Handle::current().spawn(async move {
+            tokio::time::sleep(grace).await;
+            for container_id in containers {
+                let _ = launcher.signal(&container_id, libc::SIGKILL).await;
+            }
+            let _ = launcher.signal(&group, libc::SIGKILL).await;
         });
     }
 

@@ -27,6 +27,8 @@ pub struct LaunchRequest {
     pub cgroup: std::path::PathBuf,
     pub v1_procs: Vec<std::path::PathBuf>,
     pub tmp_mb: u64,
+    /// Run inside this running container (a task group's init) instead of a new one.
+    pub join: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,7 +208,19 @@ fn launch_one(launch: LaunchRequest, running: &mut HashMap<String, Running>) -> 
         tmp_mb: launch.tmp_mb,
     };
     let started = Instant::now();
-    match container::spawn(&spec) {
+    let spawned = match &launch.join {
+        None => container::spawn(&spec),
+        Some(group) => match running.get(group) {
+            Some(init) => container::join(&init.pidfd, &spec),
+            None => {
+                return Reply::LaunchFailed {
+                    container_id: launch.container_id,
+                    error: format!("task group container {group} is not running"),
+                };
+            }
+        },
+    };
+    match spawned {
         Ok(spawned) => {
             let micros = started.elapsed().as_micros() as u64;
             let pid = spawned.pid;

@@ -248,11 +248,41 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
             "{variable} in the task's environment:\n{env}"
         );
     }
+    // The task group's three tasks shared one pid namespace, not the host's.
+    let mut namespaces = Vec::new();
+    for framework in std::fs::read_dir(cluster.dir.join("agent/sandboxes")).unwrap() {
+        for run in std::fs::read_dir(framework.unwrap().path().join("grp-exec"))
+            .into_iter()
+            .flatten()
+        {
+            for task in ["group-a", "group-b", "group-c"] {
+                let ns = run
+                    .as_ref()
+                    .unwrap()
+                    .path()
+                    .join("tasks")
+                    .join(task)
+                    .join("ns");
+                namespaces.push(std::fs::read_to_string(ns).unwrap());
+            }
+        }
+    }
+    assert_eq!(namespaces.len(), 3, "three group tasks ran: {namespaces:?}");
     assert!(
-        cluster.cgroups_left().is_empty(),
-        "finished tasks leave no cgroups: {:?}",
-        cluster.cgroups_left()
+        namespaces.iter().all(|ns| *ns == namespaces[0]),
+        "one pid namespace: {namespaces:?}"
     );
+    let host = std::fs::read_link("/proc/self/ns/pid")
+        .unwrap()
+        .display()
+        .to_string();
+    assert_ne!(
+        namespaces[0].trim(),
+        host,
+        "the group's pid namespace is not the host's"
+    );
+    // The group's init goes once its last task has ended, and its cgroups with it.
+    wait_for("every cgroup to go", || cluster.cgroups_left().is_empty());
 }
 
 #[test]

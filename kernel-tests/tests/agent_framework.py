@@ -10,6 +10,7 @@ Usage: agent_framework.py MASTER_URL MODE [TIMEOUT]
 
 import json
 import queue
+import requests
 import sys
 import threading
 import time
@@ -76,9 +77,26 @@ def main():
             tasks.append(task("exit3", agent_id, "exit 3"))
             tasks.append(task("sleeper", agent_id, "sleep 600"))
             tasks.append(task("inspect", agent_id, INSPECT))
+            group = [task("group-%s" % g, agent_id, "readlink /proc/self/ns/pid > ns; sleep 1") for g in "abc"]
         else:
             tasks = [task("churn-%d" % i, agent_id, "sleep 600", cpus=0.01, mem=4) for i in range(200)]
-        offer.accept(tasks)
+            group = []
+        operations = [{"type": "LAUNCH", "launch": {"task_infos": tasks}}]
+        if group:
+            # mesoshttp has no LAUNCH_GROUP: send the ACCEPT the way its driver sends calls.
+            operations.append({"type": "LAUNCH_GROUP", "launch_group": {
+                "executor": {"type": "DEFAULT", "executor_id": {"value": "grp-exec"},
+                             "framework_id": {"value": driver.frameworkId},
+                             "resources": [{"name": "cpus", "type": "SCALAR", "scalar": {"value": 0.1}},
+                                           {"name": "mem", "type": "SCALAR", "scalar": {"value": 32}}]},
+                "task_group": {"tasks": group}}})
+        answer = requests.post(driver.mesos_url + "/api/v1/scheduler", json={
+            "type": "ACCEPT", "framework_id": {"value": driver.frameworkId},
+            "accept": {"offer_ids": [offer.get_offer()["id"]], "operations": operations}},
+            headers={"Mesos-Stream-Id": driver.streamId})
+        if answer.status_code != 202:
+            fail("ACCEPT answered %d: %s" % (answer.status_code, answer.text))
+        tasks = tasks + group
         print(json.dumps({"launched": len(tasks)}), flush=True)
 
         final = {}
@@ -108,6 +126,9 @@ def main():
                 problems.append("sleeper: %s" % final["sleeper"])
             if final["inspect"]["state"] != "TASK_FINISHED":
                 problems.append("inspect: %s" % final["inspect"])
+            for g in "abc":
+                if final["group-" + g]["state"] != "TASK_FINISHED":
+                    problems.append("group-%s: %s" % (g, final["group-" + g]))
         else:
             for task_id, result in final.items():
                 if result["state"] != "TASK_KILLED":
