@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use butte_api::agent_link::v1::agent_link_server::AgentLinkServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -81,6 +82,13 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<RunningMaster> {
         grpc.fallback(move |request: Request<Body>| dispatch(dispatch_state.clone(), request));
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
+        // Small event records and acknowledgements must not wait for Nagle's
+        // algorithm and delayed ACKs (40 ms a round trip otherwise).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stopped.await;
