@@ -811,13 +811,7 @@ impl Agent {
             record.container_id.clone()
         };
         if !grace.is_zero() {
-            for pid in self.isolator.pids(&container_id).unwrap_or_default() {
-                // SAFETY: kill(2) has no memory effects; pids come from the task's own cgroup.
-                #[allow(unsafe_code)]
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-            }
+            self.terminate_all(&container_id);
         }
         let launcher = self.launcher.clone();
         tokio::spawn(async move {
@@ -843,13 +837,7 @@ impl Agent {
                 .collect()
         };
         if !grace.is_zero() {
-            for pid in self.isolator.pids(group).unwrap_or_default() {
-                // SAFETY: kill(2) has no memory effects; pids come from the group's own cgroup.
-                #[allow(unsafe_code)]
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-            }
+            self.terminate_all(group);
         }
         let launcher = self.launcher.clone();
         let group = group.to_owned();
@@ -860,6 +848,17 @@ impl Agent {
             }
             let _ = launcher.signal(&group, libc::SIGKILL).await;
         });
+    }
+
+    /// SIGTERM to every process in a cgroup, so each can end cleanly.
+    fn terminate_all(&self, cgroup_id: &str) {
+        for pid in self.isolator.pids(cgroup_id).unwrap_or_default() {
+            // SAFETY: kill(2) has no memory effects; the pids come from our own cgroup.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
     }
 
     /// Kills every task (the agent is stopping) and waits for their cleanup.

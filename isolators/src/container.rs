@@ -462,9 +462,9 @@ unsafe fn child_main(child: &Child<'_>) -> ! {
     }
 }
 
-/// Sandbox as working directory, stdio to the sandbox files, then exec.
-unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
-    // SAFETY: as in child_main.
+/// Sandbox as working directory, stdio to the sandbox files, a session of its own.
+unsafe fn enter_sandbox(child: &Child<'_>) {
+    // SAFETY: plain syscalls on fds and paths prepared by the parent.
     unsafe {
         if libc::chdir(child.sandbox.as_ptr()) != 0
             || libc::dup2(child.devnull, 0) < 0
@@ -474,6 +474,14 @@ unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
             fail(child, 8);
         }
         libc::setsid();
+    }
+}
+
+/// Enters the sandbox, then exec.
+unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
+    // SAFETY: as in child_main.
+    unsafe {
+        enter_sandbox(child);
         libc::execve(
             child.program.as_ptr(),
             child.argv.as_ptr(),
@@ -488,14 +496,7 @@ unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
 unsafe fn init_loop(child: &Child<'_>) -> ! {
     // SAFETY: plain syscalls on fds and memory we own.
     unsafe {
-        if libc::chdir(child.sandbox.as_ptr()) != 0
-            || libc::dup2(child.devnull, 0) < 0
-            || libc::dup2(child.stdout, 1) < 0
-            || libc::dup2(child.stderr, 2) < 0
-        {
-            fail(child, 8);
-        }
-        libc::setsid();
+        enter_sandbox(child);
         libc::close(child.error_pipe);
         loop {
             if libc::waitpid(-1, std::ptr::null_mut(), 0) < 0 {

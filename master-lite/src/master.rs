@@ -412,6 +412,20 @@ impl Master {
         }
     }
 
+    /// Tells the agent its update with `uuid` needs no resending.
+    fn ack_agent(&self, agent_id: &str, framework_id: &str, task_id: &TaskId, uuid: Vec<u8>) {
+        self.send_to_agent(
+            agent_id,
+            link::master_message::Kind::StatusAck(link::StatusAck {
+                framework_id: FrameworkId {
+                    value: framework_id.to_owned(),
+                },
+                task_id: task_id.clone(),
+                uuid,
+            }),
+        );
+    }
+
     fn send_to_agent(&self, agent_id: &str, message: link::master_message::Kind) -> bool {
         match self.agents.get(agent_id).and_then(|a| a.link.as_ref()) {
             Some(handle) => handle
@@ -1339,16 +1353,7 @@ impl Master {
         push_bounded_n(&mut entry.acknowledged, ack.uuid.clone(), 16);
         let agent_id = entry.task.agent_id.value.clone();
         let finished = entry.pending.is_empty() && is_terminal(entry.state());
-        self.send_to_agent(
-            &agent_id,
-            link::master_message::Kind::StatusAck(link::StatusAck {
-                framework_id: FrameworkId {
-                    value: framework_id.to_owned(),
-                },
-                task_id: ack.task_id.clone(),
-                uuid: ack.uuid.clone(),
-            }),
-        );
+        self.ack_agent(&agent_id, framework_id, &ack.task_id, ack.uuid.clone());
         if finished {
             self.complete_task(framework_id, &task_id);
         } else {
@@ -1396,16 +1401,7 @@ impl Master {
         if entry.acknowledged.contains(&uuid) {
             let agent_id = entry.task.agent_id.value.clone();
             if from_agent {
-                self.send_to_agent(
-                    &agent_id,
-                    link::master_message::Kind::StatusAck(link::StatusAck {
-                        framework_id: FrameworkId {
-                            value: framework_id.to_owned(),
-                        },
-                        task_id: status.task_id.clone(),
-                        uuid,
-                    }),
-                );
+                self.ack_agent(&agent_id, framework_id, &status.task_id, uuid);
             }
             return;
         }
@@ -1422,16 +1418,7 @@ impl Master {
             // Acknowledge it anyway, or the agent would resend it forever.
             if from_agent {
                 let agent_id = entry.task.agent_id.value.clone();
-                self.send_to_agent(
-                    &agent_id,
-                    link::master_message::Kind::StatusAck(link::StatusAck {
-                        framework_id: FrameworkId {
-                            value: framework_id.to_owned(),
-                        },
-                        task_id: status.task_id.clone(),
-                        uuid,
-                    }),
-                );
+                self.ack_agent(&agent_id, framework_id, &status.task_id, uuid);
             }
             return;
         }
@@ -1684,13 +1671,11 @@ impl Master {
         }
         if !known {
             // Nobody will acknowledge it: acknowledge it ourselves so the agent stops resending.
-            self.send_to_agent(
+            self.ack_agent(
                 agent_id,
-                link::master_message::Kind::StatusAck(link::StatusAck {
-                    framework_id: update.framework_id,
-                    task_id: status.task_id.clone(),
-                    uuid: status.uuid.clone().unwrap_or_default(),
-                }),
+                &update.framework_id.value,
+                &status.task_id,
+                status.uuid.clone().unwrap_or_default(),
             );
             return;
         }
