@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use butte_agent_ebpf::ports::{PortFence, cgroup_id};
 use butte_api::agent_link::v1::{self as link, agent_message};
 use butte_api::mesos::v1::{
     AgentId, ExecutorInfo, FrameworkId, FrameworkInfo, Task, TaskId, TaskInfo, TaskState,
     TaskStatus, task_status,
 };
 use butte_api::resources::Resources;
-use butte_isolators::cgroups::{Isolator, Limits};
+use butte_isolators::cgroups::{Isolator, Limits, Placement};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::Checkpoint;
@@ -62,6 +63,8 @@ pub struct AgentState {
     outbound: Option<mpsc::UnboundedSender<link::AgentMessage>>,
     /// Clone-to-exec times of recent launches, microseconds (for /metrics and the benchmark).
     pub launch_micros: VecDeque<u64>,
+    /// eBPF map keys (v2 cgroup ids) of fenced containers.
+    fence_keys: HashMap<String, u64>,
 }
 
 #[derive(Clone)]
@@ -71,6 +74,8 @@ pub struct Agent {
     isolator: Arc<dyn Isolator>,
     launcher: LauncherClient,
     checkpoint: Arc<Checkpoint>,
+    /// The port fence; `None` when it could not load (then no ports are offered).
+    fence: Option<Arc<Mutex<PortFence>>>,
 }
 
 fn new_uuid() -> Vec<u8> {
@@ -83,6 +88,7 @@ impl Agent {
         total: Resources,
         isolator: Arc<dyn Isolator>,
         launcher: LauncherClient,
+        fence: Option<PortFence>,
     ) -> Self {
         let checkpoint = Arc::new(Checkpoint::new(&config.work_dir));
         let state = AgentState {
@@ -95,6 +101,7 @@ impl Agent {
             frameworks: HashMap::new(),
             outbound: None,
             launch_micros: VecDeque::new(),
+            fence_keys: HashMap::new(),
         };
         Self {
             state: Arc::new(Mutex::new(state)),
@@ -102,6 +109,7 @@ impl Agent {
             isolator,
             launcher,
             checkpoint,
+            fence: fence.map(|f| Arc::new(Mutex::new(f))),
         }
     }
 
@@ -504,6 +512,7 @@ impl Agent {
             Ok(placement) => placement,
             Err(message) => {
                 self.lock().groups.remove(&group_id);
+                self.unfence(&group_id);
                 let _ = self.isolator.destroy(&group_id);
                 for key in &members {
                     self.finish(
@@ -609,6 +618,52 @@ impl Agent {
         env
     }
 
+    /// Fences the container's processes to its port ranges (none: only port 0).
+    /// On failure the container's cgroups are removed.
+    fn fence(
+        &self,
+        container_id: &str,
+        placement: &Placement,
+        resources: &Resources,
+    ) -> Result<(), String> {
+        let Some(fence) = &self.fence else {
+            return Ok(());
+        };
+        let fenced = (|| {
+            let key = cgroup_id(&placement.unified).map_err(|e| e.to_string())?;
+            let mut ranges = Vec::new();
+            for &(begin, end) in resources
+                .ranges("ports")
+                .map(|r| r.ranges())
+                .unwrap_or_default()
+            {
+                let (Ok(begin), Ok(end)) = (u16::try_from(begin), u16::try_from(end)) else {
+                    return Err(format!("port range [{begin}-{end}] is outside 0-65535"));
+                };
+                ranges.push((begin, end));
+            }
+            fence
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .allow(key, &ranges)
+                .map_err(|e| e.to_string())?;
+            self.lock().fence_keys.insert(container_id.to_owned(), key);
+            Ok(())
+        })();
+        if fenced.is_err() {
+            let _ = self.isolator.destroy(container_id);
+        }
+        fenced
+    }
+
+    /// Drops the container's fence entries (it is going away).
+    fn unfence(&self, container_id: &str) {
+        let key = self.lock().fence_keys.remove(container_id);
+        if let (Some(fence), Some(key)) = (&self.fence, key) {
+            fence.lock().unwrap_or_else(|p| p.into_inner()).forget(key);
+        }
+    }
+
     async fn start_group_init(
         &self,
         group_id: &str,
@@ -627,6 +682,7 @@ impl Agent {
             .isolator
             .create(group_id, &limits)
             .map_err(|e| e.to_string())?;
+        self.fence(group_id, &placement, total)?;
         let request = LaunchRequest {
             container_id: group_id.to_owned(),
             argv: Vec::new(),
@@ -664,6 +720,7 @@ impl Agent {
             .isolator
             .create(container_id, &limits)
             .map_err(|e| e.to_string())?;
+        self.fence(container_id, &placement, resources)?;
         let argv = command_argv(task)?;
         let env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
         let request = LaunchRequest {
@@ -680,6 +737,7 @@ impl Agent {
         match self.launcher.launch(request).await {
             Ok((_, micros)) => Ok(micros),
             Err(error) => {
+                self.unfence(container_id);
                 let _ = self.isolator.destroy(container_id);
                 Err(format!("container launch failed: {error}"))
             }
@@ -690,6 +748,7 @@ impl Agent {
     pub fn container_exited(&self, container_id: &str, exit: ContainerExit) {
         // A group's init ended (killed once its last task ended): remove the group's cgroups.
         if self.lock().groups.remove(container_id).is_some() {
+            self.unfence(container_id);
             if let Err(error) = self.isolator.destroy(container_id) {
                 tracing::error!(container_id, %error, "cannot remove the task group's cgroups");
             }
@@ -779,6 +838,9 @@ impl Agent {
             None => (None, false),
         };
         // A group task's cgroup is the group's: it goes with the group's init.
+        if let Some(container_id) = container_id.as_ref().filter(|_| own_cgroup) {
+            self.unfence(container_id);
+        }
         if let Some(container_id) = container_id.as_ref().filter(|_| own_cgroup)
             && let Err(error) = self.isolator.destroy(container_id)
         {

@@ -40,6 +40,10 @@ pub struct AgentConfig {
     /// never touch each other's containers.
     #[arg(long, env = "BUTTE_CONTAINER_PREFIX")]
     pub container_prefix: Option<String>,
+    /// This agent's cgroup subtree in every hierarchy (eBPF programs attach
+    /// at its v2 directory). Defaults to `butte/agent-<port>`.
+    #[arg(long, env = "BUTTE_CGROUP_SUBTREE")]
+    pub cgroup_subtree: Option<PathBuf>,
     /// Processes and threads a task may have at once.
     #[arg(long, env = "BUTTE_TASK_PIDS_MAX", default_value_t = 4096)]
     pub task_pids_max: u64,
@@ -56,6 +60,12 @@ impl AgentConfig {
         self.container_prefix
             .clone()
             .unwrap_or_else(|| format!("a{}-", self.port))
+    }
+
+    pub fn cgroup_subtree(&self) -> PathBuf {
+        self.cgroup_subtree
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("butte/agent-{}", self.port)))
     }
 
     pub fn hostname(&self) -> String {

@@ -33,11 +33,26 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("cannot create --work-dir {}", config.work_dir.display()))?;
-    let total = resources::discover(config.resources.as_deref(), &config.work_dir)?;
+    let mut total = resources::discover(config.resources.as_deref(), &config.work_dir)?;
     let isolator: Arc<dyn butte_isolators::cgroups::Isolator> = Arc::from(
-        butte_isolators::cgroups::detect(&config.cgroup_root)
+        butte_isolators::cgroups::detect(&config.cgroup_root, &config.cgroup_subtree())
             .context("cannot set up task cgroups (is this run as root?)")?,
     );
+    // Every resource offered is enforced: without the port fence, no ports are offered.
+    let fence = match butte_agent_ebpf::ports::PortFence::attach(&isolator.v2_subtree()) {
+        Ok(fence) => Some(fence),
+        Err(error) => {
+            tracing::error!(%error, "ports cannot be enforced on this host; they are not offered");
+            if let Some(ports) = total.ranges("ports").cloned() {
+                let mut without = butte_api::resources::Resources::new();
+                for &(begin, end) in ports.ranges() {
+                    without.add_range("ports", begin, end)?;
+                }
+                total.subtract_contained(&without);
+            }
+            None
+        }
+    };
     // The launcher forks before any thread exists: nothing forks from the runtime.
     let socket = launcher::fork_launcher().context("cannot start the launcher process")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -45,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let (launcher, mut exits) = LauncherClient::new(socket)?;
-        let agent = Agent::new(config, total.clone(), isolator, launcher);
+        let agent = Agent::new(config, total.clone(), isolator.clone(), launcher, fence);
         agent.remove_leftovers();
         tracing::info!(resources = %total, "butte agent starting");
         let exits_agent = agent.clone();
@@ -60,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         shutdown_signal().await;
         tracing::info!("stopping: killing tasks");
         agent.shutdown().await;
+        isolator.remove_subtree();
         anyhow::Ok(())
     })
 }

@@ -176,7 +176,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(500)
         .max(1);
-    let isolator = detect(Path::new("/sys/fs/cgroup"))
+    let isolator = detect(Path::new("/sys/fs/cgroup"), Path::new("butte/bench"))
         .unwrap_or_else(|e| panic!("cgroups (run as root): {e}"));
     let _ = std::fs::remove_dir_all(PathBuf::from(WORK).join("sandboxes"));
     let (to_exec, cycle) = butte_launches(&*isolator, n);

@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The subtree we own in every hierarchy.
+/// The subtree we own in every hierarchy; each agent works in its own child of it.
 pub const SUBTREE: &str = "butte";
 /// CFS period for the cpu quota, in microseconds (the kernel's default).
 const CFS_PERIOD_US: u64 = 100_000;
@@ -86,6 +86,12 @@ pub trait Isolator: Send + Sync {
     fn destroy(&self, id: &str) -> Result<(), CgroupError>;
     /// The ids that have cgroups now (to find leftovers after a crash).
     fn list(&self) -> Result<Vec<String>, CgroupError>;
+    /// The v2 directory of the whole subtree (where eBPF programs attach).
+    fn v2_subtree(&self) -> PathBuf;
+    /// The v2 directory of `id` (its inode is the id eBPF sees).
+    fn v2_dir(&self, id: &str) -> PathBuf;
+    /// Removes the (empty) subtree itself; best effort, on the way out.
+    fn remove_subtree(&self);
 }
 
 fn check_id(id: &str) -> Result<(), CgroupError> {
@@ -199,16 +205,24 @@ fn list_children(dir: &Path) -> Result<Vec<String>, CgroupError> {
 }
 
 /// Picks the layout of the host under `root` (normally `/sys/fs/cgroup`).
-pub fn detect(root: &Path) -> Result<Box<dyn Isolator>, CgroupError> {
+/// `subtree` is relative to each hierarchy's root, e.g. `butte/agent-5051`.
+pub fn detect(root: &Path, subtree: &Path) -> Result<Box<dyn Isolator>, CgroupError> {
+    if subtree.is_absolute()
+        || subtree
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(CgroupError::BadId(subtree.display().to_string()));
+    }
     if root.join("cgroup.controllers").exists() {
-        return Ok(Box::new(Unified::new(root.to_owned())?));
+        return Ok(Box::new(Unified::new(root.to_owned(), subtree.to_owned())?));
     }
     let unified = root.join("unified");
     let has_v1 = ["cpu", "memory", "pids"]
         .iter()
         .all(|c| root.join(c).join("cgroup.procs").exists());
     if has_v1 && unified.join("cgroup.procs").exists() {
-        return Ok(Box::new(Hybrid::new(root.to_owned())?));
+        return Ok(Box::new(Hybrid::new(root.to_owned(), subtree.to_owned())?));
     }
     Err(CgroupError::NoHierarchy {
         root: root.to_owned(),
@@ -218,16 +232,17 @@ pub fn detect(root: &Path) -> Result<Box<dyn Isolator>, CgroupError> {
 /// v1 controllers for limits, plus a v2 node per task.
 pub struct Hybrid {
     root: PathBuf,
+    subtree: PathBuf,
 }
 
 /// The v1 controllers a task joins, in join order.
 const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 
 impl Hybrid {
-    pub fn new(root: PathBuf) -> Result<Self, CgroupError> {
-        let hybrid = Self { root };
+    pub fn new(root: PathBuf, subtree: PathBuf) -> Result<Self, CgroupError> {
+        let hybrid = Self { root, subtree };
         for dir in hybrid.subtrees() {
-            make_dir(&dir)?;
+            fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
         }
         Ok(hybrid)
     }
@@ -241,18 +256,18 @@ impl Hybrid {
     fn subtrees(&self) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = self
             .controllers()
-            .map(|c| self.root.join(c).join(SUBTREE))
+            .map(|c| self.root.join(c).join(&self.subtree))
             .collect();
-        dirs.push(self.root.join("unified").join(SUBTREE));
+        dirs.push(self.root.join("unified").join(&self.subtree));
         dirs
     }
 
     fn dir(&self, controller: &str, id: &str) -> PathBuf {
-        self.root.join(controller).join(SUBTREE).join(id)
+        self.root.join(controller).join(&self.subtree).join(id)
     }
 
     fn unified(&self, id: &str) -> PathBuf {
-        self.root.join("unified").join(SUBTREE).join(id)
+        self.root.join("unified").join(&self.subtree).join(id)
     }
 
     fn apply(&self, id: &str, limits: &Limits) -> Result<Placement, CgroupError> {
@@ -333,38 +348,61 @@ impl Isolator for Hybrid {
         }
         Ok(ids.into_iter().collect())
     }
+
+    fn v2_subtree(&self) -> PathBuf {
+        self.root.join("unified").join(&self.subtree)
+    }
+
+    fn v2_dir(&self, id: &str) -> PathBuf {
+        self.unified(id)
+    }
+
+    fn remove_subtree(&self) {
+        for dir in self.subtrees() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
 }
 
 /// A pure cgroup v2 host.
 pub struct Unified {
     root: PathBuf,
+    subtree: PathBuf,
 }
 
 impl Unified {
-    pub fn new(root: PathBuf) -> Result<Self, CgroupError> {
-        let subtree = root.join(SUBTREE);
-        make_dir(&subtree)?;
-        // Hand cpu, memory and pids down to task cgroups.
+    pub fn new(root: PathBuf, subtree: PathBuf) -> Result<Self, CgroupError> {
+        let dir = root.join(&subtree);
+        fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        // Hand cpu, memory and pids down every level to the task cgroups.
         let wanted = ["cpu", "memory", "pids"];
         let available = read(&root.join("cgroup.controllers")).unwrap_or_default();
+        let mut levels = vec![root.clone()];
+        let mut level = root.clone();
+        for part in subtree.components() {
+            level = level.join(part);
+            levels.push(level.clone());
+        }
         for controller in wanted
             .iter()
             .filter(|c| available.split_whitespace().any(|a| a == **c))
         {
-            let _ = write(
-                &root.join("cgroup.subtree_control"),
-                &format!("+{controller}"),
-            );
-            write(
-                &subtree.join("cgroup.subtree_control"),
-                &format!("+{controller}"),
-            )?;
+            for (i, level) in levels.iter().enumerate() {
+                let written = write(
+                    &level.join("cgroup.subtree_control"),
+                    &format!("+{controller}"),
+                );
+                // The host's root may refuse (it is not ours); our own levels may not.
+                if i > 0 {
+                    written?;
+                }
+            }
         }
-        Ok(Self { root })
+        Ok(Self { root, subtree })
     }
 
     fn dir(&self, id: &str) -> PathBuf {
-        self.root.join(SUBTREE).join(id)
+        self.root.join(&self.subtree).join(id)
     }
 }
 
@@ -439,7 +477,19 @@ impl Isolator for Unified {
     }
 
     fn list(&self) -> Result<Vec<String>, CgroupError> {
-        list_children(&self.root.join(SUBTREE))
+        list_children(&self.root.join(&self.subtree))
+    }
+
+    fn v2_subtree(&self) -> PathBuf {
+        self.root.join(&self.subtree)
+    }
+
+    fn v2_dir(&self, id: &str) -> PathBuf {
+        self.dir(id)
+    }
+
+    fn remove_subtree(&self) {
+        let _ = fs::remove_dir(self.root.join(&self.subtree));
     }
 }
 
@@ -495,7 +545,7 @@ mod tests {
         fs::write(root.join("cgroup.subtree_control"), "").unwrap();
         fs::create_dir_all(root.join(SUBTREE)).unwrap();
         fs::write(root.join(SUBTREE).join("cgroup.subtree_control"), "").unwrap();
-        let isolator = detect(&root).unwrap();
+        let isolator = detect(&root, Path::new(SUBTREE)).unwrap();
         let placement = isolator
             .create(
                 "task-1",

@@ -63,6 +63,8 @@ struct Cluster {
     master_port: u16,
     dir: PathBuf,
     prefix: String,
+    /// The agent's cgroup subtree, e.g. `butte/kt15151`.
+    subtree: String,
 }
 
 impl Cluster {
@@ -91,6 +93,7 @@ impl Cluster {
             .unwrap();
         wait_for("the master", || http_get(master_port, "/health").is_some());
         let prefix = format!("kt{agent_port}-");
+        let subtree = format!("butte/kt{agent_port}");
         let agent = Command::new(binary("butte-agent"))
             .args([
                 "--master",
@@ -105,6 +108,8 @@ impl Cluster {
                 &prefix,
                 "--status-update-retry",
                 "1",
+                "--cgroup-subtree",
+                &subtree,
             ])
             .arg("--work-dir")
             .arg(dir.join("agent"))
@@ -122,6 +127,7 @@ impl Cluster {
             master_port,
             dir,
             prefix,
+            subtree,
         }
     }
 
@@ -161,20 +167,24 @@ impl Cluster {
     fn cgroups_left(&self) -> Vec<PathBuf> {
         let mut left = Vec::new();
         for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
-            let subtree = hierarchy.unwrap().path().join("butte");
+            let subtree = hierarchy.unwrap().path().join(&self.subtree);
             for entry in std::fs::read_dir(&subtree).into_iter().flatten() {
                 let path = entry.unwrap().path();
-                if path
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with(&self.prefix)
-                {
+                if path.is_dir() {
                     left.push(path);
                 }
             }
         }
         left
+    }
+
+    /// The agent's subtree directories still present (after it stopped).
+    fn subtree_left(&self) -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .map(|h| h.unwrap().path().join(&self.subtree))
+            .filter(|p| p.exists())
+            .collect()
     }
 
     fn stop_agent(&mut self) {
@@ -215,11 +225,11 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
     let inspect = cluster.sandbox("inspect");
     let cgroup = std::fs::read_to_string(inspect.join("cgroup")).unwrap();
     assert!(
-        cgroup.contains(&format!("memory:/butte/{}", cluster.prefix)),
+        cgroup.contains(&format!("memory:/{}/{}", cluster.subtree, cluster.prefix)),
         "/proc/self/cgroup names our cgroup:\n{cgroup}"
     );
     assert!(
-        cgroup.contains(&format!("0::/butte/{}", cluster.prefix)),
+        cgroup.contains(&format!("0::/{}/{}", cluster.subtree, cluster.prefix)),
         "and the v2 node:\n{cgroup}"
     );
     let ps = std::fs::read_to_string(inspect.join("ps")).unwrap();
@@ -248,6 +258,24 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
             "{variable} in the task's environment:\n{env}"
         );
     }
+    // Ports: only the given range (and port 0) binds, IPv4 and IPv6, EPERM at bind time.
+    let binds = std::fs::read_to_string(cluster.sandbox("ports").join("stdout")).unwrap();
+    for family in ["AF_INET", "AF_INET6"] {
+        for (port, expected) in [(31000, "ok"), (31001, "EPERM"), (8080, "EPERM"), (0, "ok")] {
+            let line = format!("{family} {port} {expected}");
+            assert!(
+                binds.lines().any(|l| l == line),
+                "expected `{line}` in:\n{binds}"
+            );
+        }
+    }
+    // A process outside the agent's subtree is not fenced.
+    let outside = std::net::TcpListener::bind(("127.0.0.1", 31001));
+    assert!(
+        outside.is_ok(),
+        "binding 31001 outside our subtree: {outside:?}"
+    );
+
     // The task group's three tasks shared one pid namespace, not the host's.
     let mut namespaces = Vec::new();
     for framework in std::fs::read_dir(cluster.dir.join("agent/sandboxes")).unwrap() {
@@ -319,4 +347,9 @@ fn two_hundred_launches_and_kills_leave_no_cgroup_mount_or_process() {
     }
     cluster.stop_agent();
     assert!(cluster.cgroups_left().is_empty());
+    assert!(
+        cluster.subtree_left().is_empty(),
+        "the agent removes its subtree on the way out: {:?}",
+        cluster.subtree_left()
+    );
 }

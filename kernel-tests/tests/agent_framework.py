@@ -46,6 +46,29 @@ def next_event(kind):
             return payload
 
 
+BIND_CHECK = """
+import errno, socket
+for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    for port in (31000, 31001, 8080, 0):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            result = "ok"
+        except OSError as e:
+            result = errno.errorcode.get(e.errno, str(e.errno))
+        print(family.name, port, result)
+        s.close()
+"""
+
+
+def ports_task(task_id, agent_id):
+    t = task(task_id, agent_id, 'exec python3 -c "$BIND_CHECK"')
+    t["resources"].append({"name": "ports", "type": "RANGES", "ranges": {"range": [{"begin": 31000, "end": 31000}]}})
+    t["command"]["environment"] = {"variables": [{"name": "BIND_CHECK", "value": BIND_CHECK}]}
+    return t
+
+
 def task(task_id, agent_id, command, cpus=0.05, mem=32):
     return {
         "name": task_id,
@@ -77,6 +100,7 @@ def main():
             tasks.append(task("exit3", agent_id, "exit 3"))
             tasks.append(task("sleeper", agent_id, "sleep 600"))
             tasks.append(task("inspect", agent_id, INSPECT))
+            tasks.append(ports_task("ports", agent_id))
             group = [task("group-%s" % g, agent_id, "readlink /proc/self/ns/pid > ns; sleep 1") for g in "abc"]
         else:
             tasks = [task("churn-%d" % i, agent_id, "sleep 600", cpus=0.01, mem=4) for i in range(200)]
@@ -124,6 +148,8 @@ def main():
                 problems.append("exit3: %s" % final["exit3"])
             if final["sleeper"]["state"] != "TASK_KILLED" or final["sleeper"]["kill_seconds"] > 3 + 2:
                 problems.append("sleeper: %s" % final["sleeper"])
+            if final["ports"]["state"] != "TASK_FINISHED":
+                problems.append("ports: %s" % final["ports"])
             if final["inspect"]["state"] != "TASK_FINISHED":
                 problems.append("inspect: %s" % final["inspect"])
             for g in "abc":

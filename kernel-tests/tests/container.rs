@@ -12,7 +12,8 @@ use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
 
 fn isolator() -> Box<dyn Isolator> {
     assert_eq!(unsafe_geteuid(), 0, "kernel tests need root");
-    detect(Path::new("/sys/fs/cgroup")).expect("a cgroup hierarchy on this host")
+    detect(Path::new("/sys/fs/cgroup"), Path::new("butte"))
+        .expect("a cgroup hierarchy on this host")
 }
 
 #[allow(unsafe_code)]

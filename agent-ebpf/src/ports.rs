@@ -1,0 +1,161 @@
+//! Port fences: cgroup/bind4 and cgroup/bind6 let a task bind only inside
+//! the port ranges it was given (and port 0); anything else is EPERM at bind
+//! time. Mesos's network/ports isolator finds such a bind afterwards by
+//! polling and kills the task; this prevents it.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use aya::maps::{HashMap, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, Pod};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ports.bpf.o"));
+
+/// Ranges one task may have (the C side's MAX_RANGES).
+pub const MAX_RANGES: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortsError {
+    /// the program could not be loaded or attached
+    #[error("eBPF program {program} failed to {step}: {detail}")]
+    Program {
+        program: &'static str,
+        step: &'static str,
+        detail: String,
+    },
+    /// a map operation failed
+    #[error("eBPF map {map} failed to {step}: {detail}")]
+    Map {
+        map: &'static str,
+        step: &'static str,
+        detail: String,
+    },
+    /// more ranges than the program checks
+    #[error("{count} port ranges given; a task may have at most {MAX_RANGES}")]
+    TooManyRanges { count: usize },
+    /// the cgroup directory is unusable
+    #[error("cannot open cgroup {path}: {detail}")]
+    Cgroup { path: String, detail: String },
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct PortRanges {
+    count: u32,
+    ranges: [[u16; 2]; MAX_RANGES],
+}
+
+// SAFETY: plain old data with the C layout of `struct port_ranges` (u32 then
+// u16 pairs: no padding, every bit pattern valid).
+#[allow(unsafe_code)]
+unsafe impl Pod for PortRanges {}
+
+/// The v2 cgroup id of a cgroup directory: its inode number.
+pub fn cgroup_id(dir: &Path) -> Result<u64, PortsError> {
+    std::fs::metadata(dir)
+        .map(|m| m.ino())
+        .map_err(|e| PortsError::Cgroup {
+            path: dir.display().to_string(),
+            detail: e.to_string(),
+        })
+}
+
+/// The loaded and attached port programs, with their maps.
+pub struct PortFence {
+    _bpf: Ebpf,
+    ports: HashMap<MapData, u64, PortRanges>,
+    denied: HashMap<MapData, u64, u64>,
+}
+
+impl PortFence {
+    /// Loads the programs and attaches them to `subtree` (a v2 cgroup directory).
+    pub fn attach(subtree: &Path) -> Result<Self, PortsError> {
+        let program_error = |program: &'static str, step: &'static str| {
+            move |e: &dyn std::fmt::Display| PortsError::Program {
+                program,
+                step,
+                detail: e.to_string(),
+            }
+        };
+        let mut bpf = Ebpf::load(OBJECT).map_err(|e| program_error("ports", "load")(&e))?;
+        let cgroup = File::open(subtree).map_err(|e| PortsError::Cgroup {
+            path: subtree.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        for name in ["bind4", "bind6"] {
+            let program: &mut CgroupSockAddr = bpf
+                .program_mut(name)
+                .ok_or_else(|| PortsError::Program {
+                    program: "bind",
+                    step: "find",
+                    detail: format!("{name} is not in the object"),
+                })?
+                .try_into()
+                .map_err(|e| program_error("bind", "type-check")(&e))?;
+            program
+                .load()
+                .map_err(|e| program_error("bind", "load into the kernel")(&e))?;
+            program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| program_error("bind", "attach")(&e))?;
+        }
+        let map_error = |map: &'static str| {
+            move |e: &dyn std::fmt::Display| PortsError::Map {
+                map,
+                step: "open",
+                detail: e.to_string(),
+            }
+        };
+        let ports = HashMap::try_from(
+            bpf.take_map("task_ports")
+                .ok_or_else(|| map_error("task_ports")(&"missing"))?,
+        )
+        .map_err(|e| map_error("task_ports")(&e))?;
+        let denied = HashMap::try_from(
+            bpf.take_map("denied_binds")
+                .ok_or_else(|| map_error("denied_binds")(&"missing"))?,
+        )
+        .map_err(|e| map_error("denied_binds")(&e))?;
+        Ok(Self {
+            _bpf: bpf,
+            ports,
+            denied,
+        })
+    }
+
+    /// Fences the task in `cgroup_id` to `ranges` (inclusive; none = only port 0).
+    pub fn allow(&mut self, cgroup_id: u64, ranges: &[(u16, u16)]) -> Result<(), PortsError> {
+        if ranges.len() > MAX_RANGES {
+            return Err(PortsError::TooManyRanges {
+                count: ranges.len(),
+            });
+        }
+        let mut value = PortRanges {
+            count: ranges.len() as u32,
+            ..Default::default()
+        };
+        for (slot, &(begin, end)) in value.ranges.iter_mut().zip(ranges) {
+            *slot = [begin, end];
+        }
+        self.ports
+            .insert(cgroup_id, value, 0)
+            .map_err(|e| PortsError::Map {
+                map: "task_ports",
+                step: "insert",
+                detail: e.to_string(),
+            })
+    }
+
+    /// Binds the task was refused.
+    pub fn denied(&self, cgroup_id: u64) -> u64 {
+        self.denied.get(&cgroup_id, 0).unwrap_or(0)
+    }
+
+    /// Removes the task's entries (it ended).
+    pub fn forget(&mut self, cgroup_id: u64) {
+        let _ = self.ports.remove(&cgroup_id);
+        let _ = self.denied.remove(&cgroup_id);
+    }
+}
