@@ -3,4 +3,33 @@
 //! launch only writes the task's map entries, keyed by its v2 cgroup id (the
 //! inode number of its v2 directory).
 
+pub mod devices;
 pub mod ports;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// a program could not be loaded or attached
+    #[error("eBPF program {program} failed to {step}: {detail}")]
+    Program {
+        program: &'static str,
+        step: &'static str,
+        detail: String,
+    },
+    /// a map operation failed
+    #[error("eBPF map {map} failed to {step}: {detail}")]
+    Map {
+        map: &'static str,
+        step: &'static str,
+        detail: String,
+    },
+    /// more entries than the program checks
+    #[error("{count} {what} given; a task may have at most {limit}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        limit: usize,
+    },
+    /// the cgroup directory is unusable
+    #[error("cannot open cgroup {path}: {detail}")]
+    Cgroup { path: String, detail: String },
+}

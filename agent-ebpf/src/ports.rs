@@ -11,34 +11,12 @@ use aya::maps::{HashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, Pod};
 
+use crate::FenceError;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ports.bpf.o"));
 
 /// Ranges one task may have (the C side's MAX_RANGES).
 pub const MAX_RANGES: usize = 16;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PortsError {
-    /// the program could not be loaded or attached
-    #[error("eBPF program {program} failed to {step}: {detail}")]
-    Program {
-        program: &'static str,
-        step: &'static str,
-        detail: String,
-    },
-    /// a map operation failed
-    #[error("eBPF map {map} failed to {step}: {detail}")]
-    Map {
-        map: &'static str,
-        step: &'static str,
-        detail: String,
-    },
-    /// more ranges than the program checks
-    #[error("{count} port ranges given; a task may have at most {MAX_RANGES}")]
-    TooManyRanges { count: usize },
-    /// the cgroup directory is unusable
-    #[error("cannot open cgroup {path}: {detail}")]
-    Cgroup { path: String, detail: String },
-}
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,10 +31,10 @@ struct PortRanges {
 unsafe impl Pod for PortRanges {}
 
 /// The v2 cgroup id of a cgroup directory: its inode number.
-pub fn cgroup_id(dir: &Path) -> Result<u64, PortsError> {
+pub fn cgroup_id(dir: &Path) -> Result<u64, FenceError> {
     std::fs::metadata(dir)
         .map(|m| m.ino())
-        .map_err(|e| PortsError::Cgroup {
+        .map_err(|e| FenceError::Cgroup {
             path: dir.display().to_string(),
             detail: e.to_string(),
         })
@@ -71,23 +49,23 @@ pub struct PortFence {
 
 impl PortFence {
     /// Loads the programs and attaches them to `subtree` (a v2 cgroup directory).
-    pub fn attach(subtree: &Path) -> Result<Self, PortsError> {
+    pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
         let program_error = |program: &'static str, step: &'static str| {
-            move |e: &dyn std::fmt::Display| PortsError::Program {
+            move |e: &dyn std::fmt::Display| FenceError::Program {
                 program,
                 step,
                 detail: e.to_string(),
             }
         };
         let mut bpf = Ebpf::load(OBJECT).map_err(|e| program_error("ports", "load")(&e))?;
-        let cgroup = File::open(subtree).map_err(|e| PortsError::Cgroup {
+        let cgroup = File::open(subtree).map_err(|e| FenceError::Cgroup {
             path: subtree.display().to_string(),
             detail: e.to_string(),
         })?;
         for name in ["bind4", "bind6"] {
             let program: &mut CgroupSockAddr = bpf
                 .program_mut(name)
-                .ok_or_else(|| PortsError::Program {
+                .ok_or_else(|| FenceError::Program {
                     program: "bind",
                     step: "find",
                     detail: format!("{name} is not in the object"),
@@ -102,7 +80,7 @@ impl PortFence {
                 .map_err(|e| program_error("bind", "attach")(&e))?;
         }
         let map_error = |map: &'static str| {
-            move |e: &dyn std::fmt::Display| PortsError::Map {
+            move |e: &dyn std::fmt::Display| FenceError::Map {
                 map,
                 step: "open",
                 detail: e.to_string(),
@@ -126,10 +104,12 @@ impl PortFence {
     }
 
     /// Fences the task in `cgroup_id` to `ranges` (inclusive; none = only port 0).
-    pub fn allow(&mut self, cgroup_id: u64, ranges: &[(u16, u16)]) -> Result<(), PortsError> {
+    pub fn allow(&mut self, cgroup_id: u64, ranges: &[(u16, u16)]) -> Result<(), FenceError> {
         if ranges.len() > MAX_RANGES {
-            return Err(PortsError::TooManyRanges {
+            return Err(FenceError::TooMany {
+                what: "port ranges",
                 count: ranges.len(),
+                limit: MAX_RANGES,
             });
         }
         let mut value = PortRanges {
@@ -141,7 +121,7 @@ impl PortFence {
         }
         self.ports
             .insert(cgroup_id, value, 0)
-            .map_err(|e| PortsError::Map {
+            .map_err(|e| FenceError::Map {
                 map: "task_ports",
                 step: "insert",
                 detail: e.to_string(),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use butte_agent_ebpf::devices::{DeviceFence, default_rules};
 use butte_agent_ebpf::ports::{PortFence, cgroup_id};
 use butte_api::agent_link::v1::{self as link, agent_message};
 use butte_api::mesos::v1::{
@@ -74,8 +75,14 @@ pub struct Agent {
     isolator: Arc<dyn Isolator>,
     launcher: LauncherClient,
     checkpoint: Arc<Checkpoint>,
-    /// The port fence; `None` when it could not load (then no ports are offered).
-    fence: Option<Arc<Mutex<PortFence>>>,
+    /// The eBPF fences that loaded (none offers what it cannot enforce).
+    fences: Arc<Mutex<Fences>>,
+}
+
+/// The eBPF fences this agent runs; each is `None` when it could not load.
+pub struct Fences {
+    pub ports: Option<PortFence>,
+    pub devices: Option<DeviceFence>,
 }
 
 fn new_uuid() -> Vec<u8> {
@@ -88,7 +95,7 @@ impl Agent {
         total: Resources,
         isolator: Arc<dyn Isolator>,
         launcher: LauncherClient,
-        fence: Option<PortFence>,
+        fences: Fences,
     ) -> Self {
         let checkpoint = Arc::new(Checkpoint::new(&config.work_dir));
         let state = AgentState {
@@ -109,7 +116,7 @@ impl Agent {
             isolator,
             launcher,
             checkpoint,
-            fence: fence.map(|f| Arc::new(Mutex::new(f))),
+            fences: Arc::new(Mutex::new(fences)),
         }
     }
 
@@ -618,17 +625,14 @@ impl Agent {
         env
     }
 
-    /// Fences the container's processes to its port ranges (none: only port 0).
-    /// On failure the container's cgroups are removed.
+    /// Fences the container's processes to its port ranges (none: only port
+    /// 0) and to the default devices. On failure its cgroups are removed.
     fn fence(
         &self,
         container_id: &str,
         placement: &Placement,
         resources: &Resources,
     ) -> Result<(), String> {
-        let Some(fence) = &self.fence else {
-            return Ok(());
-        };
         let fenced = (|| {
             let key = cgroup_id(&placement.unified).map_err(|e| e.to_string())?;
             let mut ranges = Vec::new();
@@ -642,11 +646,16 @@ impl Agent {
                 };
                 ranges.push((begin, end));
             }
-            fence
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .allow(key, &ranges)
-                .map_err(|e| e.to_string())?;
+            let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(ports) = fences.ports.as_mut() {
+                ports.allow(key, &ranges).map_err(|e| e.to_string())?;
+            }
+            if let Some(devices) = fences.devices.as_mut() {
+                devices
+                    .allow(key, &default_rules())
+                    .map_err(|e| e.to_string())?;
+            }
+            drop(fences);
             self.lock().fence_keys.insert(container_id.to_owned(), key);
             Ok(())
         })();
@@ -658,9 +667,15 @@ impl Agent {
 
     /// Drops the container's fence entries (it is going away).
     fn unfence(&self, container_id: &str) {
-        let key = self.lock().fence_keys.remove(container_id);
-        if let (Some(fence), Some(key)) = (&self.fence, key) {
-            fence.lock().unwrap_or_else(|p| p.into_inner()).forget(key);
+        let Some(key) = self.lock().fence_keys.remove(container_id) else {
+            return;
+        };
+        let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ports) = fences.ports.as_mut() {
+            ports.forget(key);
+        }
+        if let Some(devices) = fences.devices.as_mut() {
+            devices.forget(key);
         }
     }
 

@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
             .context("cannot set up task cgroups (is this run as root?)")?,
     );
     // Every resource offered is enforced: without the port fence, no ports are offered.
-    let fence = match butte_agent_ebpf::ports::PortFence::attach(&isolator.v2_subtree()) {
+    let ports = match butte_agent_ebpf::ports::PortFence::attach(&isolator.v2_subtree()) {
         Ok(fence) => Some(fence),
         Err(error) => {
             tracing::error!(%error, "ports cannot be enforced on this host; they are not offered");
@@ -53,6 +53,10 @@ fn main() -> anyhow::Result<()> {
             None
         }
     };
+    let devices = butte_agent_ebpf::devices::DeviceFence::attach(&isolator.v2_subtree())
+        .inspect_err(|error| tracing::error!(%error, "device access cannot be fenced on this host; tasks see the host's devices"))
+        .ok();
+    let fences = butte_agent::agent::Fences { ports, devices };
     // The launcher forks before any thread exists: nothing forks from the runtime.
     let socket = launcher::fork_launcher().context("cannot start the launcher process")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -60,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let (launcher, mut exits) = LauncherClient::new(socket)?;
-        let agent = Agent::new(config, total.clone(), isolator.clone(), launcher, fence);
+        let agent = Agent::new(config, total.clone(), isolator.clone(), launcher, fences);
         agent.remove_leftovers();
         tracing::info!(resources = %total, "butte agent starting");
         let exits_agent = agent.clone();

@@ -213,6 +213,17 @@ impl Drop for Cluster {
 
 #[test]
 fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
+    // A fake GPU node (NVIDIA's major, no driver): ENXIO on the host, EPERM in a task.
+    let fake = Path::new("/dev/butte-kt-fake");
+    let _ = std::fs::remove_file(fake);
+    let made = Command::new("mknod")
+        .arg(fake)
+        .args(["c", "195", "77"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "mknod {}", fake.display());
+    let on_host = std::fs::File::open(fake).unwrap_err();
+    assert_eq!(on_host.raw_os_error(), Some(libc::ENXIO), "{on_host}");
     let cluster = Cluster::start("e2e", 15150, 15151, "cpus:8;mem:4096;ports:[31000-32000]");
     let stdout = cluster.run_framework("e2e");
     println!("{stdout}");
@@ -269,6 +280,15 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
             );
         }
     }
+    // Devices: the defaults open, anything not granted is EPERM.
+    let devices = std::fs::read_to_string(cluster.sandbox("devices").join("stdout")).unwrap();
+    std::fs::remove_file(fake).unwrap();
+    assert!(devices.contains("null=ok"), "{devices}");
+    assert!(
+        devices.contains("/dev/butte-kt-fake: Operation not permitted"),
+        "{devices}"
+    );
+
     // A process outside the agent's subtree is not fenced.
     let outside = std::net::TcpListener::bind(("127.0.0.1", 31001));
     assert!(

@@ -101,6 +101,8 @@ def main():
             tasks.append(task("sleeper", agent_id, "sleep 600"))
             tasks.append(task("inspect", agent_id, INSPECT))
             tasks.append(ports_task("ports", agent_id))
+            tasks.append(task("devices", agent_id,
+                              "cat /dev/null && echo null=ok; cat /dev/butte-kt-fake 2>&1 | head -1; true"))
             group = [task("group-%s" % g, agent_id, "readlink /proc/self/ns/pid > ns; sleep 1") for g in "abc"]
         else:
             tasks = [task("churn-%d" % i, agent_id, "sleep 600", cpus=0.01, mem=4) for i in range(200)]
@@ -148,6 +150,8 @@ def main():
                 problems.append("exit3: %s" % final["exit3"])
             if final["sleeper"]["state"] != "TASK_KILLED" or final["sleeper"]["kill_seconds"] > 3 + 2:
                 problems.append("sleeper: %s" % final["sleeper"])
+            if final["devices"]["state"] != "TASK_FINISHED":
+                problems.append("devices: %s" % final["devices"])
             if final["ports"]["state"] != "TASK_FINISHED":
                 problems.append("ports: %s" % final["ports"])
             if final["inspect"]["state"] != "TASK_FINISHED":

@@ -1,0 +1,215 @@
+//! Device fences: a cgroup/dev program lets a task open or mknod only the
+//! devices on its allow list (the defaults every container needs, plus what
+//! its resources grant, e.g. GPUs); anything else is EPERM.
+
+use std::fs::File;
+use std::path::Path;
+
+use aya::maps::{HashMap, MapData};
+use aya::programs::{CgroupAttachMode, CgroupDevice};
+use aya::{Ebpf, Pod};
+
+use crate::FenceError;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/devices.bpf.o"));
+
+/// Rules one task may have (the C side's MAX_RULES).
+pub const MAX_RULES: usize = 64;
+/// Matches any major or minor number.
+pub const ANY: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Char,
+    Block,
+    Both,
+}
+
+/// What a rule allows: read, write, mknod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    pub read: bool,
+    pub write: bool,
+    pub mknod: bool,
+}
+
+pub const RWM: Access = Access {
+    read: true,
+    write: true,
+    mknod: true,
+};
+pub const MKNOD_ONLY: Access = Access {
+    read: false,
+    write: false,
+    mknod: true,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRule {
+    pub kind: Kind,
+    pub major: u32,
+    pub minor: u32,
+    pub access: Access,
+}
+
+/// What every container may use: mknod of anything (opening is what is
+/// fenced), null, zero, full, random, urandom, tty, ptmx and the pty slaves.
+pub fn default_rules() -> Vec<DeviceRule> {
+    let char_rule = |major, minor| DeviceRule {
+        kind: Kind::Char,
+        major,
+        minor,
+        access: RWM,
+    };
+    vec![
+        DeviceRule {
+            kind: Kind::Both,
+            major: ANY,
+            minor: ANY,
+            access: MKNOD_ONLY,
+        },
+        char_rule(1, 3),
+        char_rule(1, 5),
+        char_rule(1, 7),
+        char_rule(1, 8),
+        char_rule(1, 9),
+        char_rule(5, 0),
+        char_rule(5, 2),
+        char_rule(136, ANY),
+    ]
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RawRule {
+    kind: u32,
+    major: u32,
+    minor: u32,
+    access: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RawRules {
+    count: u32,
+    rules: [RawRule; MAX_RULES],
+}
+
+// SAFETY: plain old data with the C layout of `struct device_rules` (all
+// u32: no padding, every bit pattern valid).
+#[allow(unsafe_code)]
+unsafe impl Pod for RawRules {}
+
+// The kernel's BPF_DEVCG_* values (linux/bpf.h).
+const DEV_BLOCK: u32 = 1;
+const DEV_CHAR: u32 = 2;
+const ACC_MKNOD: u32 = 1;
+const ACC_READ: u32 = 2;
+const ACC_WRITE: u32 = 4;
+
+fn raw(rule: &DeviceRule) -> RawRule {
+    RawRule {
+        kind: match rule.kind {
+            Kind::Char => DEV_CHAR,
+            Kind::Block => DEV_BLOCK,
+            Kind::Both => 0,
+        },
+        major: rule.major,
+        minor: rule.minor,
+        access: (u32::from(rule.access.read) * ACC_READ)
+            | (u32::from(rule.access.write) * ACC_WRITE)
+            | (u32::from(rule.access.mknod) * ACC_MKNOD),
+    }
+}
+
+pub struct DeviceFence {
+    _bpf: Ebpf,
+    rules: HashMap<MapData, u64, RawRules>,
+    denied: HashMap<MapData, u64, u64>,
+}
+
+impl DeviceFence {
+    /// Loads the program and attaches it to `subtree` (a v2 cgroup directory).
+    pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
+        let fail = |step: &'static str| {
+            move |e: &dyn std::fmt::Display| FenceError::Program {
+                program: "devices",
+                step,
+                detail: e.to_string(),
+            }
+        };
+        let mut bpf = Ebpf::load(OBJECT).map_err(|e| fail("load")(&e))?;
+        let cgroup = File::open(subtree).map_err(|e| FenceError::Cgroup {
+            path: subtree.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let program: &mut CgroupDevice = bpf
+            .program_mut("devices")
+            .ok_or_else(|| fail("find")(&"not in the object"))?
+            .try_into()
+            .map_err(|e| fail("type-check")(&e))?;
+        program
+            .load()
+            .map_err(|e| fail("load into the kernel")(&e))?;
+        program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| fail("attach")(&e))?;
+        let map = |name: &'static str| {
+            move |e: &dyn std::fmt::Display| FenceError::Map {
+                map: name,
+                step: "open",
+                detail: e.to_string(),
+            }
+        };
+        let rules = HashMap::try_from(
+            bpf.take_map("task_devices")
+                .ok_or_else(|| map("task_devices")(&"missing"))?,
+        )
+        .map_err(|e| map("task_devices")(&e))?;
+        let denied = HashMap::try_from(
+            bpf.take_map("denied_opens")
+                .ok_or_else(|| map("denied_opens")(&"missing"))?,
+        )
+        .map_err(|e| map("denied_opens")(&e))?;
+        Ok(Self {
+            _bpf: bpf,
+            rules,
+            denied,
+        })
+    }
+
+    /// Lets the task in `cgroup_id` use only `rules`.
+    pub fn allow(&mut self, cgroup_id: u64, rules: &[DeviceRule]) -> Result<(), FenceError> {
+        if rules.len() > MAX_RULES {
+            return Err(FenceError::TooMany {
+                what: "device rules",
+                count: rules.len(),
+                limit: MAX_RULES,
+            });
+        }
+        let mut value = RawRules {
+            count: rules.len() as u32,
+            rules: [RawRule::default(); MAX_RULES],
+        };
+        for (slot, rule) in value.rules.iter_mut().zip(rules) {
+            *slot = raw(rule);
+        }
+        self.rules
+            .insert(cgroup_id, value, 0)
+            .map_err(|e| FenceError::Map {
+                map: "task_devices",
+                step: "insert",
+                detail: e.to_string(),
+            })
+    }
+
+    /// Device opens the task was refused.
+    pub fn denied(&self, cgroup_id: u64) -> u64 {
+        self.denied.get(&cgroup_id, 0).unwrap_or(0)
+    }
+
+    pub fn forget(&mut self, cgroup_id: u64) {
+        let _ = self.rules.remove(&cgroup_id);
+        let _ = self.denied.remove(&cgroup_id);
+    }
+}
