@@ -138,7 +138,7 @@ impl DeviceFence {
                 detail: e.to_string(),
             }
         };
-        let mut bpf = Ebpf::load(OBJECT).map_err(|e| fail("load")(&e))?;
+        let mut bpf = Ebpf::load(OBJECT).map_err(|e| fail("load")(&crate::Chain(&e)))?;
         let cgroup = File::open(subtree).map_err(|e| FenceError::Cgroup {
             path: subtree.display().to_string(),
             detail: e.to_string(),
@@ -147,13 +147,13 @@ impl DeviceFence {
             .program_mut("devices")
             .ok_or_else(|| fail("find")(&"not in the object"))?
             .try_into()
-            .map_err(|e| fail("type-check")(&e))?;
+            .map_err(|e| fail("type-check")(&crate::Chain(&e)))?;
         program
             .load()
-            .map_err(|e| fail("load into the kernel")(&e))?;
+            .map_err(|e| fail("load into the kernel")(&crate::Chain(&e)))?;
         program
             .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| fail("attach")(&e))?;
+            .map_err(|e| fail("attach")(&crate::Chain(&e)))?;
         let map = |name: &'static str| {
             move |e: &dyn std::fmt::Display| FenceError::Map {
                 map: name,
@@ -165,12 +165,12 @@ impl DeviceFence {
             bpf.take_map("task_devices")
                 .ok_or_else(|| map("task_devices")(&"missing"))?,
         )
-        .map_err(|e| map("task_devices")(&e))?;
+        .map_err(|e| map("task_devices")(&crate::Chain(&e)))?;
         let denied = HashMap::try_from(
             bpf.take_map("denied_opens")
                 .ok_or_else(|| map("denied_opens")(&"missing"))?,
         )
-        .map_err(|e| map("denied_opens")(&e))?;
+        .map_err(|e| map("denied_opens")(&crate::Chain(&e)))?;
         Ok(Self {
             _bpf: bpf,
             rules,

@@ -33,3 +33,19 @@ pub enum FenceError {
     #[error("cannot open cgroup {path}: {detail}")]
     Cgroup { path: String, detail: String },
 }
+
+/// An error with its causes, `outer: inner: os error`, so a failed load or
+/// attach says why (aya's own message stops at the call that failed).
+pub(crate) struct Chain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

@@ -57,7 +57,8 @@ impl PortFence {
                 detail: e.to_string(),
             }
         };
-        let mut bpf = Ebpf::load(OBJECT).map_err(|e| program_error("ports", "load")(&e))?;
+        let mut bpf =
+            Ebpf::load(OBJECT).map_err(|e| program_error("ports", "load")(&crate::Chain(&e)))?;
         let cgroup = File::open(subtree).map_err(|e| FenceError::Cgroup {
             path: subtree.display().to_string(),
             detail: e.to_string(),
@@ -71,13 +72,13 @@ impl PortFence {
                     detail: format!("{name} is not in the object"),
                 })?
                 .try_into()
-                .map_err(|e| program_error("bind", "type-check")(&e))?;
+                .map_err(|e| program_error("bind", "type-check")(&crate::Chain(&e)))?;
             program
                 .load()
-                .map_err(|e| program_error("bind", "load into the kernel")(&e))?;
+                .map_err(|e| program_error("bind", "load into the kernel")(&crate::Chain(&e)))?;
             program
                 .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| program_error("bind", "attach")(&e))?;
+                .map_err(|e| program_error("bind", "attach")(&crate::Chain(&e)))?;
         }
         let map_error = |map: &'static str| {
             move |e: &dyn std::fmt::Display| FenceError::Map {
@@ -90,12 +91,12 @@ impl PortFence {
             bpf.take_map("task_ports")
                 .ok_or_else(|| map_error("task_ports")(&"missing"))?,
         )
-        .map_err(|e| map_error("task_ports")(&e))?;
+        .map_err(|e| map_error("task_ports")(&crate::Chain(&e)))?;
         let denied = HashMap::try_from(
             bpf.take_map("denied_binds")
                 .ok_or_else(|| map_error("denied_binds")(&"missing"))?,
         )
-        .map_err(|e| map_error("denied_binds")(&e))?;
+        .map_err(|e| map_error("denied_binds")(&crate::Chain(&e)))?;
         Ok(Self {
             _bpf: bpf,
             ports,

@@ -69,6 +69,16 @@ struct Cluster {
 
 impl Cluster {
     fn start(name: &str, master_port: u16, agent_port: u16, resources: &str) -> Cluster {
+        Self::start_with(name, master_port, agent_port, resources, &[])
+    }
+
+    fn start_with(
+        name: &str,
+        master_port: u16,
+        agent_port: u16,
+        resources: &str,
+        agent_args: &[&str],
+    ) -> Cluster {
         let dir = PathBuf::from(format!(
             "/var/lib/butte-kernel-tests/{name}-{}",
             std::process::id()
@@ -111,6 +121,7 @@ impl Cluster {
                 "--cgroup-subtree",
                 &subtree,
             ])
+            .args(agent_args)
             .arg("--work-dir")
             .arg(dir.join("agent"))
             .stdout(log("agent.log"))
@@ -142,7 +153,7 @@ impl Cluster {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let logs = std::fs::read_to_string(self.dir.join("agent.err")).unwrap_or_default();
+        let logs = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
         let tail: String = logs.lines().rev().take(30).collect::<Vec<_>>().join("\n");
         assert!(
             output.status.success(),
@@ -372,4 +383,40 @@ fn two_hundred_launches_and_kills_leave_no_cgroup_mount_or_process() {
         "the agent removes its subtree on the way out: {:?}",
         cluster.subtree_left()
     );
+}
+
+#[test]
+fn an_agent_that_cannot_load_its_port_fence_says_why_and_offers_no_ports() {
+    // A cgroup root that is a plain directory: the eBPF attach fails for real
+    // (the kernel refuses a non-cgroup fd), everything else still starts.
+    let fake_root = PathBuf::from(format!(
+        "/var/lib/butte-kernel-tests/fake-cgroup-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&fake_root);
+    std::fs::create_dir_all(&fake_root).unwrap();
+    std::fs::write(fake_root.join("cgroup.controllers"), "cpu memory pids").unwrap();
+    std::fs::write(fake_root.join("cgroup.subtree_control"), "").unwrap();
+    let cluster = Cluster::start_with(
+        "nofence",
+        15170,
+        15171,
+        "cpus:2;mem:1024;ports:[31000-32000]",
+        &["--cgroup-root", &fake_root.display().to_string()],
+    );
+    let slaves = http_get(cluster.master_port, "/slaves").unwrap();
+    assert!(slaves.contains("\"cpus\":2.0"), "{slaves}");
+    assert!(
+        !slaves.contains("ports"),
+        "ports are not offered unenforced: {slaves}"
+    );
+    let log = std::fs::read_to_string(cluster.dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("eBPF program bind failed to attach")
+            && log.contains("Bad file descriptor (os error 9)")
+            && log.contains("ports cannot be enforced"),
+        "one clear error naming the program and the reason:\n{log}"
+    );
+    drop(cluster);
+    std::fs::remove_dir_all(fake_root).unwrap();
 }
