@@ -122,6 +122,37 @@ fn raw(rule: &DeviceRule) -> RawRule {
     }
 }
 
+/// The rule as a v1 `devices.allow` line, e.g. `c 1:3 rwm` or `a *:* m`.
+pub fn v1_rule(rule: &DeviceRule) -> String {
+    let kind = match rule.kind {
+        Kind::Char => "c",
+        Kind::Block => "b",
+        Kind::Both => "a",
+    };
+    let number = |n: u32| {
+        if n == ANY {
+            "*".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let mut access = String::new();
+    for (allowed, letter) in [
+        (rule.access.read, 'r'),
+        (rule.access.write, 'w'),
+        (rule.access.mknod, 'm'),
+    ] {
+        if allowed {
+            access.push(letter);
+        }
+    }
+    format!(
+        "{kind} {}:{} {access}",
+        number(rule.major),
+        number(rule.minor)
+    )
+}
+
 pub struct DeviceFence {
     _bpf: Ebpf,
     rules: HashMap<MapData, u64, RawRules>,
@@ -211,5 +242,18 @@ impl DeviceFence {
     pub fn forget(&mut self, cgroup_id: u64) {
         let _ = self.rules.remove(&cgroup_id);
         let _ = self.denied.remove(&cgroup_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_read_as_v1_devices_lines() {
+        let lines: Vec<String> = default_rules().iter().map(v1_rule).collect();
+        assert_eq!(lines[0], "a *:* m");
+        assert!(lines.contains(&"c 1:3 rwm".to_owned()));
+        assert!(lines.contains(&"c 136:* rwm".to_owned()));
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use butte_agent_ebpf::devices::{DeviceFence, default_rules};
+use butte_agent_ebpf::devices::{DeviceFence, default_rules, v1_rule};
 use butte_agent_ebpf::ports::{PortFence, cgroup_id};
 use butte_api::agent_link::v1::{self as link, agent_message};
 use butte_api::mesos::v1::{
@@ -646,6 +646,11 @@ impl Agent {
                 };
                 ranges.push((begin, end));
             }
+            // The v1 devices controller enforces on its own; eBPF on v2 too.
+            let v1_rules: Vec<String> = default_rules().iter().map(v1_rule).collect();
+            self.isolator
+                .restrict_devices(container_id, &v1_rules)
+                .map_err(|e| e.to_string())?;
             let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(ports) = fences.ports.as_mut() {
                 ports.allow(key, &ranges).map_err(|e| e.to_string())?;

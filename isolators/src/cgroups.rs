@@ -92,6 +92,11 @@ pub trait Isolator: Send + Sync {
     fn v2_dir(&self, id: &str) -> PathBuf;
     /// Removes the (empty) subtree itself; best effort, on the way out.
     fn remove_subtree(&self);
+    /// Lets `id` use only the devices in `rules` (v1 `devices.allow` lines such
+    /// as `c 1:3 rwm`) through the v1 devices controller, so that it enforces
+    /// even without the eBPF device filter. A no-op on pure v2, where only
+    /// eBPF can. Call before the task starts.
+    fn restrict_devices(&self, id: &str, rules: &[String]) -> Result<(), CgroupError>;
 }
 
 fn check_id(id: &str) -> Result<(), CgroupError> {
@@ -236,7 +241,7 @@ pub struct Hybrid {
 }
 
 /// The v1 controllers a task joins, in join order.
-const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+const V1_CONTROLLERS: [&str; 6] = ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"];
 
 impl Hybrid {
     pub fn new(root: PathBuf, subtree: PathBuf) -> Result<Self, CgroupError> {
@@ -355,6 +360,19 @@ impl Isolator for Hybrid {
 
     fn v2_dir(&self, id: &str) -> PathBuf {
         self.unified(id)
+    }
+
+    fn restrict_devices(&self, id: &str, rules: &[String]) -> Result<(), CgroupError> {
+        check_id(id)?;
+        let dir = self.dir("devices", id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        write(&dir.join("devices.deny"), "a")?;
+        for rule in rules {
+            write(&dir.join("devices.allow"), rule)?;
+        }
+        Ok(())
     }
 
     fn remove_subtree(&self) {
@@ -486,6 +504,10 @@ impl Isolator for Unified {
 
     fn v2_dir(&self, id: &str) -> PathBuf {
         self.dir(id)
+    }
+
+    fn restrict_devices(&self, _id: &str, _rules: &[String]) -> Result<(), CgroupError> {
+        Ok(())
     }
 
     fn remove_subtree(&self) {

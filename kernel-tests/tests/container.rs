@@ -336,3 +336,65 @@ fn task_group_tasks_share_the_init_s_pid_namespace_and_cgroup() {
     isolator.destroy(&id).unwrap();
     std::fs::remove_dir_all(group_sandbox).unwrap();
 }
+
+#[test]
+fn v1_devices_controller_alone_denies_devices_not_allowed() {
+    assert!(
+        Path::new("/sys/fs/cgroup/devices/cgroup.procs").exists(),
+        "this host has the v1 devices controller"
+    );
+    let isolator = isolator();
+    let id = unique("v1dev");
+    let fake = PathBuf::from(format!("/dev/butte-kt-v1-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fake);
+    let made = std::process::Command::new("mknod")
+        .arg(&fake)
+        .args(["c", "195", "78"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let placement = isolator
+        .create(
+            &id,
+            &Limits {
+                cpus: 1.0,
+                mem_mb: 64.0,
+                pids_max: 16,
+            },
+        )
+        .unwrap();
+    // No eBPF here: only the v1 controller decides.
+    isolator
+        .restrict_devices(&id, &["c 1:3 rwm".to_owned()])
+        .unwrap();
+    let sandbox = sandbox(&id);
+    let script = format!(
+        "cat /dev/null && echo null=ok; cat {} 2>&1; head -c 1 /dev/zero 2>&1 >/dev/null; true",
+        fake.display()
+    );
+    let spec = ContainerSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        sandbox: sandbox.clone(),
+        hostname: id.clone(),
+        cgroup: placement.unified.clone(),
+        v1_procs: placement.v1_procs.clone(),
+        tmp_mb: 1,
+    };
+    let child = spawn(&spec).unwrap();
+    assert_eq!(wait(&child.pidfd).unwrap(), Exit::Code(0));
+    let out = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
+    std::fs::remove_file(&fake).unwrap();
+    assert!(out.contains("null=ok"), "{out}");
+    assert!(
+        out.contains(&format!("{}: Operation not permitted", fake.display())),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("/dev/zero") && l.contains("Operation not permitted")),
+        "only /dev/null was allowed:\n{out}"
+    );
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+}
