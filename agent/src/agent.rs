@@ -684,6 +684,29 @@ impl Agent {
         }
     }
 
+    /// The sandbox, the cgroups sized from `resources`, and the fences: all a
+    /// container needs before the launcher starts it.
+    fn prepare(
+        &self,
+        container_id: &str,
+        sandbox: &std::path::Path,
+        resources: &Resources,
+    ) -> Result<Placement, String> {
+        std::fs::create_dir_all(sandbox)
+            .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
+        let limits = Limits {
+            cpus: resources.scalar("cpus"),
+            mem_mb: resources.scalar("mem"),
+            pids_max: self.config.task_pids_max,
+        };
+        let placement = self
+            .isolator
+            .create(container_id, &limits)
+            .map_err(|e| e.to_string())?;
+        self.fence(container_id, &placement, resources)?;
+        Ok(placement)
+    }
+
     async fn start_group_init(
         &self,
         group_id: &str,
@@ -691,18 +714,7 @@ impl Agent {
         sandbox: &std::path::Path,
         total: &Resources,
     ) -> Result<butte_isolators::cgroups::Placement, String> {
-        std::fs::create_dir_all(sandbox)
-            .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
-        let limits = Limits {
-            cpus: total.scalar("cpus"),
-            mem_mb: total.scalar("mem"),
-            pids_max: self.config.task_pids_max,
-        };
-        let placement = self
-            .isolator
-            .create(group_id, &limits)
-            .map_err(|e| e.to_string())?;
-        self.fence(group_id, &placement, total)?;
+        let placement = self.prepare(group_id, sandbox, total)?;
         let request = LaunchRequest {
             container_id: group_id.to_owned(),
             argv: Vec::new(),
@@ -729,18 +741,7 @@ impl Agent {
         sandbox: &std::path::Path,
         resources: &Resources,
     ) -> Result<u64, String> {
-        std::fs::create_dir_all(sandbox)
-            .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
-        let limits = Limits {
-            cpus: resources.scalar("cpus"),
-            mem_mb: resources.scalar("mem"),
-            pids_max: self.config.task_pids_max,
-        };
-        let placement = self
-            .isolator
-            .create(container_id, &limits)
-            .map_err(|e| e.to_string())?;
-        self.fence(container_id, &placement, resources)?;
+        let placement = self.prepare(container_id, sandbox, resources)?;
         let argv = command_argv(task)?;
         let env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
         let request = LaunchRequest {

@@ -134,6 +134,14 @@ fn make_dir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
+fn read_u64(path: &Path) -> Result<u64, CgroupError> {
+    read(path)?.trim().parse().map_err(|_| CgroupError::Io {
+        action: "parse",
+        path: path.to_owned(),
+        source: io::Error::from(io::ErrorKind::InvalidData),
+    })
+}
+
 fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
     match fs::read_to_string(procs) {
         Ok(text) => Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect()),
@@ -325,12 +333,7 @@ impl Isolator for Hybrid {
     }
 
     fn memory_usage(&self, id: &str) -> Result<u64, CgroupError> {
-        let path = self.dir("memory", id).join("memory.usage_in_bytes");
-        read(&path)?.trim().parse().map_err(|_| CgroupError::Io {
-            action: "parse",
-            path,
-            source: io::Error::from(io::ErrorKind::InvalidData),
-        })
+        read_u64(&self.dir("memory", id).join("memory.usage_in_bytes"))
     }
 
     fn destroy(&self, id: &str) -> Result<(), CgroupError> {
@@ -481,12 +484,7 @@ impl Isolator for Unified {
     }
 
     fn memory_usage(&self, id: &str) -> Result<u64, CgroupError> {
-        let path = self.dir(id).join("memory.current");
-        read(&path)?.trim().parse().map_err(|_| CgroupError::Io {
-            action: "parse",
-            path,
-            source: io::Error::from(io::ErrorKind::InvalidData),
-        })
+        read_u64(&self.dir(id).join("memory.current"))
     }
 
     fn destroy(&self, id: &str) -> Result<(), CgroupError> {
