@@ -1357,7 +1357,7 @@ impl Master {
         if finished {
             self.complete_task(framework_id, &task_id);
         } else {
-            self.resend_pending_updates(Instant::now());
+            self.send_due_update(framework_id, &task_id, Instant::now());
         }
         Ok(())
     }
@@ -1456,10 +1456,11 @@ impl Master {
                 .recover(framework_id, &agent_id, &role, &resources, None, now);
             self.want_allocation();
         }
-        self.resend_pending_updates(now);
+        self.send_due_update(framework_id, &task_id, now);
     }
 
-    /// Sends each task's oldest unacknowledged update when it is due.
+    /// Sends each task's oldest unacknowledged update when it is due (timer
+    /// and re-subscription: every task may be due).
     fn resend_pending_updates(&mut self, now: Instant) {
         let mut due = Vec::new();
         for (framework_id, framework) in &mut self.frameworks {
@@ -1467,25 +1468,33 @@ impl Master {
                 continue;
             }
             for entry in framework.tasks.values_mut() {
-                let Some(head) = entry.pending.front_mut() else {
-                    continue;
-                };
-                let ready = match head.sent_at {
-                    None => true,
-                    Some(at) => now.duration_since(at) >= head.backoff,
-                };
-                if ready {
-                    if head.sent_at.is_some() {
-                        head.backoff = (head.backoff * 2).min(MAX_UPDATE_BACKOFF);
-                    }
-                    head.sent_at = Some(now);
-                    due.push((framework_id.clone(), head.status.clone()));
+                if let Some(status) = take_due(entry, now) {
+                    due.push((framework_id.clone(), status));
                 }
             }
         }
         for (framework_id, status) in due {
             self.send_event(&framework_id, update_event(status));
         }
+    }
+
+    /// The same for one task, after its own update or acknowledgement: no
+    /// other task can have become due, so none is scanned.
+    fn send_due_update(&mut self, framework_id: &str, task_id: &str, now: Instant) {
+        let Some(framework) = self.frameworks.get_mut(framework_id) else {
+            return;
+        };
+        if framework.connection.is_none() {
+            return;
+        }
+        let Some(status) = framework
+            .tasks
+            .get_mut(task_id)
+            .and_then(|entry| take_due(entry, now))
+        else {
+            return;
+        };
+        self.send_event(framework_id, update_event(status));
     }
 
     // ---- agents ------------------------------------------------------------------------
@@ -1844,6 +1853,23 @@ impl Master {
         let result = self.registry.remove_agent(agent_id);
         self.persist(result);
     }
+}
+
+/// The task's oldest pending update if it is due now, marked as sent (each
+/// resend doubles the wait, up to MAX_UPDATE_BACKOFF).
+fn take_due(entry: &mut TaskEntry, now: Instant) -> Option<TaskStatus> {
+    let head = entry.pending.front_mut()?;
+    let ready = head
+        .sent_at
+        .is_none_or(|at| now.duration_since(at) >= head.backoff);
+    if !ready {
+        return None;
+    }
+    if head.sent_at.is_some() {
+        head.backoff = (head.backoff * 2).min(MAX_UPDATE_BACKOFF);
+    }
+    head.sent_at = Some(now);
+    Some(head.status.clone())
 }
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, item: T) {
