@@ -2,7 +2,6 @@
 //! devices on its allow list (the defaults every container needs, plus what
 //! its resources grant, e.g. GPUs); anything else is EPERM.
 
-use std::fs::File;
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData};
@@ -170,10 +169,7 @@ impl DeviceFence {
             }
         };
         let mut bpf = Ebpf::load(OBJECT).map_err(|e| fail("load")(&crate::Chain(&e)))?;
-        let cgroup = File::open(subtree).map_err(|e| FenceError::Cgroup {
-            path: subtree.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        let cgroup = crate::open_cgroup(subtree)?;
         let program: &mut CgroupDevice = bpf
             .program_mut("devices")
             .ok_or_else(|| fail("find")(&"not in the object"))?
@@ -185,23 +181,8 @@ impl DeviceFence {
         program
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| fail("attach")(&crate::Chain(&e)))?;
-        let map = |name: &'static str| {
-            move |e: &dyn std::fmt::Display| FenceError::Map {
-                map: name,
-                step: "open",
-                detail: e.to_string(),
-            }
-        };
-        let rules = HashMap::try_from(
-            bpf.take_map("task_devices")
-                .ok_or_else(|| map("task_devices")(&"missing"))?,
-        )
-        .map_err(|e| map("task_devices")(&crate::Chain(&e)))?;
-        let denied = HashMap::try_from(
-            bpf.take_map("denied_opens")
-                .ok_or_else(|| map("denied_opens")(&"missing"))?,
-        )
-        .map_err(|e| map("denied_opens")(&crate::Chain(&e)))?;
+        let rules = crate::take_cgroup_map(&mut bpf, "task_devices")?;
+        let denied = crate::take_cgroup_map(&mut bpf, "denied_opens")?;
         Ok(Self {
             _bpf: bpf,
             rules,

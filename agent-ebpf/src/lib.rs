@@ -49,3 +49,27 @@ impl std::fmt::Display for Chain<'_> {
         Ok(())
     }
 }
+
+/// Takes a `u64`-keyed hash map (keyed by cgroup id) out of a loaded object.
+pub(crate) fn take_cgroup_map<V: aya::Pod>(
+    bpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<aya::maps::HashMap<aya::maps::MapData, u64, V>, FenceError> {
+    let open = |detail: String| FenceError::Map {
+        map: name,
+        step: "open",
+        detail,
+    };
+    let map = bpf
+        .take_map(name)
+        .ok_or_else(|| open("missing from the object".into()))?;
+    aya::maps::HashMap::try_from(map).map_err(|e| open(Chain(&e).to_string()))
+}
+
+/// Opens the cgroup directory programs attach to.
+pub(crate) fn open_cgroup(path: &std::path::Path) -> Result<std::fs::File, FenceError> {
+    std::fs::File::open(path).map_err(|e| FenceError::Cgroup {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}

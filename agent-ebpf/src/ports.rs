@@ -3,7 +3,6 @@
 //! time. Mesos's network/ports isolator finds such a bind afterwards by
 //! polling and kills the task; this prevents it.
 
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -59,10 +58,7 @@ impl PortFence {
         };
         let mut bpf =
             Ebpf::load(OBJECT).map_err(|e| program_error("ports", "load")(&crate::Chain(&e)))?;
-        let cgroup = File::open(subtree).map_err(|e| FenceError::Cgroup {
-            path: subtree.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        let cgroup = crate::open_cgroup(subtree)?;
         for name in ["bind4", "bind6"] {
             let program: &mut CgroupSockAddr = bpf
                 .program_mut(name)
@@ -80,23 +76,8 @@ impl PortFence {
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| program_error("bind", "attach")(&crate::Chain(&e)))?;
         }
-        let map_error = |map: &'static str| {
-            move |e: &dyn std::fmt::Display| FenceError::Map {
-                map,
-                step: "open",
-                detail: e.to_string(),
-            }
-        };
-        let ports = HashMap::try_from(
-            bpf.take_map("task_ports")
-                .ok_or_else(|| map_error("task_ports")(&"missing"))?,
-        )
-        .map_err(|e| map_error("task_ports")(&crate::Chain(&e)))?;
-        let denied = HashMap::try_from(
-            bpf.take_map("denied_binds")
-                .ok_or_else(|| map_error("denied_binds")(&"missing"))?,
-        )
-        .map_err(|e| map_error("denied_binds")(&crate::Chain(&e)))?;
+        let ports = crate::take_cgroup_map(&mut bpf, "task_ports")?;
+        let denied = crate::take_cgroup_map(&mut bpf, "denied_binds")?;
         Ok(Self {
             _bpf: bpf,
             ports,

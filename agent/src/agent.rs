@@ -42,7 +42,42 @@ pub struct TaskRecord {
     pub resources: Resources,
     pub sandbox: PathBuf,
     pub killing: bool,
-    pub launched_at: Instant,
+}
+
+/// Where a task staged for launch lives: its own container, or a group's.
+struct Placing<'a> {
+    container_id: &'a str,
+    cgroup_id: &'a str,
+    group: Option<&'a str>,
+    sandbox: PathBuf,
+}
+
+impl AgentState {
+    /// Records a task as TASK_STAGING in its container (and indexes the container).
+    fn stage(
+        &mut self,
+        key: &TaskKey,
+        task: &TaskInfo,
+        resources: Resources,
+        placing: Placing<'_>,
+    ) {
+        self.tasks.insert(
+            key.clone(),
+            TaskRecord {
+                info: task.clone(),
+                framework_id: key.0.clone(),
+                state: TaskState::TaskStaging,
+                container_id: placing.container_id.to_owned(),
+                cgroup_id: placing.cgroup_id.to_owned(),
+                group: placing.group.map(str::to_owned),
+                resources,
+                sandbox: placing.sandbox,
+                killing: false,
+            },
+        );
+        self.containers
+            .insert(placing.container_id.to_owned(), key.clone());
+    }
 }
 
 /// Status updates waiting for the master's acknowledgement, per task, in order.
@@ -387,22 +422,13 @@ impl Agent {
             state
                 .frameworks
                 .insert(framework_id.clone(), framework.clone());
-            state.tasks.insert(
-                key.clone(),
-                TaskRecord {
-                    info: task.clone(),
-                    framework_id: framework_id.clone(),
-                    state: TaskState::TaskStaging,
-                    container_id: container_id.clone(),
-                    cgroup_id: container_id.clone(),
-                    group: None,
-                    resources: resources.clone(),
-                    sandbox: sandbox.clone(),
-                    killing: false,
-                    launched_at: Instant::now(),
-                },
-            );
-            state.containers.insert(container_id.clone(), key.clone());
+            let placing = Placing {
+                container_id: &container_id,
+                cgroup_id: &container_id,
+                group: None,
+                sandbox: sandbox.clone(),
+            };
+            state.stage(&key, &task, resources.clone(), placing);
             if !fits {
                 drop(state);
                 self.finish(
@@ -486,22 +512,13 @@ impl Agent {
                 let resources = Resources::from_proto(&task.resources).unwrap_or_default();
                 total.add(&resources);
                 let container_id = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
-                state.tasks.insert(
-                    key.clone(),
-                    TaskRecord {
-                        info: task.clone(),
-                        framework_id: framework_id.clone(),
-                        state: TaskState::TaskStaging,
-                        container_id: container_id.clone(),
-                        cgroup_id: group_id.clone(),
-                        group: Some(group_id.clone()),
-                        resources,
-                        sandbox: group_sandbox.join("tasks").join(&task.task_id.value),
-                        killing: false,
-                        launched_at: Instant::now(),
-                    },
-                );
-                state.containers.insert(container_id, key.clone());
+                let placing = Placing {
+                    container_id: &container_id,
+                    cgroup_id: &group_id,
+                    group: Some(&group_id),
+                    sandbox: group_sandbox.join("tasks").join(&task.task_id.value),
+                };
+                state.stage(&key, task, resources, placing);
                 members.push(key);
             }
             state.groups.insert(group_id.clone(), members.clone());

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::mesos::v1::{Resource, Value, resource::AllocationInfo, value};
+use crate::mesos::v1::{Resource, resource::AllocationInfo, value};
 
 /// Thousandths of a scalar unit.
 type Milli = i64;
@@ -538,17 +538,6 @@ pub fn scalar(name: &str, value: f64) -> Resource {
         r#type: value::Type::Scalar as i32,
         scalar: Some(value::Scalar { value }),
         ..Default::default()
-    }
-}
-
-impl Value {
-    /// A scalar `Value` message.
-    pub fn scalar(value: f64) -> Self {
-        Value {
-            r#type: value::Type::Scalar as i32,
-            scalar: Some(value::Scalar { value }),
-            ..Default::default()
-        }
     }
 }
 

@@ -349,6 +349,28 @@ struct Child<'a> {
     init: bool,
 }
 
+/// mount_setattr(2) on `path`: sets and clears mount attributes, recursively
+/// with AT_RECURSIVE. Allocation-free, for the child.
+unsafe fn set_mount_attr(path: &std::ffi::CStr, flags: libc::c_uint, set: u64, clear: u64) -> bool {
+    let mut attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` lives across the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &mut attr as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) == 0
+    }
+}
+
 /// Reports the failed step and errno to the parent and exits.
 unsafe fn fail(child: &Child<'_>, step: usize) -> ! {
     // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
@@ -398,38 +420,10 @@ unsafe fn child_main(child: &Child<'_>) -> ! {
         {
             fail(child, 3);
         }
-        let mut read_only = MountAttr {
-            attr_set: MOUNT_ATTR_RDONLY,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        if libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            child.root.as_ptr(),
-            AT_RECURSIVE,
-            &mut read_only as *mut MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        ) != 0
-        {
+        if !set_mount_attr(child.root, AT_RECURSIVE, MOUNT_ATTR_RDONLY, 0) {
             fail(child, 2);
         }
-        let mut writable = MountAttr {
-            attr_set: 0,
-            attr_clr: MOUNT_ATTR_RDONLY,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        if libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            child.sandbox.as_ptr(),
-            0 as libc::c_uint,
-            &mut writable as *mut MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        ) != 0
-        {
+        if !set_mount_attr(child.sandbox, 0, 0, MOUNT_ATTR_RDONLY) {
             fail(child, 4);
         }
         if libc::mount(

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use butte_isolators::cgroups::{Isolator, Limits, detect};
+use butte_isolators::cgroups::{Isolator, Limits, Placement, detect};
 use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
 
 fn isolator() -> Box<dyn Isolator> {
@@ -32,22 +32,26 @@ fn sandbox(id: &str) -> PathBuf {
 fn run(isolator: &dyn Isolator, id: &str, limits: Limits, script: &str) -> (Exit, String, PathBuf) {
     let placement = isolator.create(id, &limits).unwrap();
     let sandbox = sandbox(id);
-    let spec = ContainerSpec {
+    let child = spawn(&shell_spec(id, &placement, &sandbox, script)).unwrap();
+    let exit = wait(&child.pidfd).unwrap();
+    let stdout = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
+    (exit, stdout, sandbox)
+}
+
+/// A container running `script` under `sh -c`, with PATH and MESOS_SANDBOX set.
+fn shell_spec(id: &str, placement: &Placement, sandbox: &Path, script: &str) -> ContainerSpec {
+    ContainerSpec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: vec![
             ("PATH".into(), "/usr/bin:/bin".into()),
             ("MESOS_SANDBOX".into(), sandbox.display().to_string()),
         ],
-        sandbox: sandbox.clone(),
+        sandbox: sandbox.to_owned(),
         hostname: id.into(),
         cgroup: placement.unified.clone(),
         v1_procs: placement.v1_procs.clone(),
         tmp_mb: 16,
-    };
-    let child = spawn(&spec).unwrap();
-    let exit = wait(&child.pidfd).unwrap();
-    let stdout = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
-    (exit, stdout, sandbox)
+    }
 }
 
 fn unique(name: &str) -> String {
@@ -140,15 +144,7 @@ fn cpu_quota_of_half_a_core_holds_a_busy_loop_to_half_a_core() {
         )
         .unwrap();
     let sandbox = sandbox(&id);
-    let spec = ContainerSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), "while :; do :; done".into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        sandbox: sandbox.clone(),
-        hostname: id.clone(),
-        cgroup: placement.unified.clone(),
-        v1_procs: placement.v1_procs.clone(),
-        tmp_mb: 1,
-    };
+    let spec = shell_spec(&id, &placement, &sandbox, "while :; do :; done");
     let child = spawn(&spec).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (start_cpu, start) = (cpu_seconds(&id), Instant::now());
@@ -205,12 +201,7 @@ fn failed_setup_names_the_step_and_leaves_no_process() {
     let sandbox = sandbox(&id);
     let spec = ContainerSpec {
         argv: vec!["/no/such/program".into()],
-        env: vec![],
-        sandbox: sandbox.clone(),
-        hostname: id.clone(),
-        cgroup: placement.unified.clone(),
-        v1_procs: placement.v1_procs.clone(),
-        tmp_mb: 1,
+        ..shell_spec(&id, &placement, &sandbox, "")
     };
     let error = spawn(&spec).unwrap_err().to_string();
     assert!(
@@ -237,19 +228,7 @@ fn destroy_kills_what_is_left_and_removes_every_cgroup() {
         )
         .unwrap();
     let sandbox = sandbox(&id);
-    let spec = ContainerSpec {
-        argv: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "sleep 600 & sleep 600".into(),
-        ],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        sandbox: sandbox.clone(),
-        hostname: id.clone(),
-        cgroup: placement.unified.clone(),
-        v1_procs: placement.v1_procs.clone(),
-        tmp_mb: 1,
-    };
+    let spec = shell_spec(&id, &placement, &sandbox, "sleep 600 & sleep 600");
     let child = spawn(&spec).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert!(isolator.pids(&id).unwrap().len() >= 2);
@@ -285,27 +264,19 @@ fn task_group_tasks_share_the_init_s_pid_namespace_and_cgroup() {
     let group_sandbox = sandbox(&id);
     let base = ContainerSpec {
         argv: vec![],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        sandbox: group_sandbox.clone(),
-        hostname: id.clone(),
-        cgroup: placement.unified.clone(),
-        v1_procs: placement.v1_procs.clone(),
-        tmp_mb: 8,
+        ..shell_spec(&id, &placement, &group_sandbox, "")
     };
     let init = spawn(&base).unwrap();
     let mut tasks = Vec::new();
     for name in ["a", "b", "c"] {
         let task_sandbox = group_sandbox.join("tasks").join(name);
         std::fs::create_dir_all(&task_sandbox).unwrap();
-        let spec = ContainerSpec {
-            argv: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "readlink /proc/self/ns/pid > ns; hostname > host; echo $$ > pid".into(),
-            ],
-            sandbox: task_sandbox.clone(),
-            ..base.clone()
-        };
+        let spec = shell_spec(
+            &id,
+            &placement,
+            &task_sandbox,
+            "readlink /proc/self/ns/pid > ns; hostname > host; echo $$ > pid",
+        );
         tasks.push((task_sandbox, join(&init.pidfd, &spec).unwrap()));
     }
     for (_, task) in &tasks {
@@ -372,15 +343,7 @@ fn v1_devices_controller_alone_denies_devices_not_allowed() {
         "cat /dev/null && echo null=ok; cat {} 2>&1; head -c 1 /dev/zero 2>&1 >/dev/null; true",
         fake.display()
     );
-    let spec = ContainerSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), script],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        sandbox: sandbox.clone(),
-        hostname: id.clone(),
-        cgroup: placement.unified.clone(),
-        v1_procs: placement.v1_procs.clone(),
-        tmp_mb: 1,
-    };
+    let spec = shell_spec(&id, &placement, &sandbox, &script);
     let child = spawn(&spec).unwrap();
     assert_eq!(wait(&child.pidfd).unwrap(), Exit::Code(0));
     let out = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
