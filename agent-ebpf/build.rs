@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The programs under src/bpf, by file stem.
-const PROGRAMS: &[&str] = &["ports", "devices"];
+const PROGRAMS: &[&str] = &["ports", "devices", "accounting", "network"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

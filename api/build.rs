@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/mesos/v1/mesos.proto",
         "proto/mesos/v1/scheduler.proto",
         "proto/mesos/v1/master.proto",
+        "proto/mesos/v1/agent.proto",
+        "proto/butte/telemetry/v1/telemetry.proto",
         "proto/butte/agent/v1/agent.proto",
     ];
     for proto in &protos {

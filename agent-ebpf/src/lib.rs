@@ -3,7 +3,9 @@
 //! launch only writes the task's map entries, keyed by its v2 cgroup id (the
 //! inode number of its v2 directory).
 
+pub mod accounting;
 pub mod devices;
+pub mod network;
 pub mod ports;
 
 #[derive(Debug, thiserror::Error)]
@@ -72,4 +74,50 @@ pub(crate) fn open_cgroup(path: &std::path::Path) -> Result<std::fs::File, Fence
         path: path.display().to_string(),
         detail: e.to_string(),
     })
+}
+
+/// A program's failed step, with the causes.
+pub(crate) fn failed(
+    program: &'static str,
+    step: &'static str,
+    error: &dyn std::error::Error,
+) -> FenceError {
+    FenceError::Program {
+        program,
+        step,
+        detail: Chain(error).to_string(),
+    }
+}
+
+/// A program of the object, as its type.
+pub(crate) fn program_mut<'a, P>(
+    bpf: &'a mut aya::Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, FenceError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = bpf.program_mut(name).ok_or_else(|| FenceError::Program {
+        program: name,
+        step: "find",
+        detail: "it is not in the object".into(),
+    })?;
+    program
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| failed(name, "type-check", &e))
+}
+
+/// Kernel time the object's programs ran (`kernel.bpf_stats_enabled` on).
+pub(crate) fn run_time(bpf: &aya::Ebpf) -> std::time::Duration {
+    bpf.programs()
+        .filter_map(|(_, program)| program.info().ok())
+        .map(|info| info.run_time())
+        .sum()
+}
+
+/// Turns on the kernel's per-program run-time counters while the returned
+/// fd is open (what `kernel.bpf_stats_enabled=1` does, scoped to us).
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, FenceError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| failed("stats", "enable run-time counters", &e))
 }

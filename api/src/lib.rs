@@ -6,7 +6,7 @@ pub mod json;
 pub mod recordio;
 pub mod resources;
 
-/// Mesos v1 messages, as `mesos::v1::*`, `mesos::v1::scheduler::*`, `mesos::v1::master::*`.
+/// Mesos v1 messages, as `mesos::v1::*`, `mesos::v1::{scheduler,master,agent}::*`.
 pub mod mesos {
     #[allow(clippy::all, missing_docs)]
     pub mod v1 {
@@ -17,6 +17,9 @@ pub mod mesos {
         pub mod master {
             include!(concat!(env!("OUT_DIR"), "/mesos.v1.master.rs"));
         }
+        pub mod agent {
+            include!(concat!(env!("OUT_DIR"), "/mesos.v1.agent.rs"));
+        }
     }
 }
 
@@ -26,6 +29,12 @@ pub mod butte {
         #[allow(clippy::all, missing_docs)]
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/butte.agent.v1.rs"));
+        }
+    }
+    pub mod telemetry {
+        #[allow(clippy::all, missing_docs)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/butte.telemetry.v1.rs"));
         }
     }
 }

@@ -7,56 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use butte_isolators::cgroups::{Isolator, Limits, Placement, detect};
+use butte_isolators::cgroups::Limits;
 use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
 
-fn isolator() -> Box<dyn Isolator> {
-    assert_eq!(unsafe_geteuid(), 0, "kernel tests need root");
-    detect(Path::new("/sys/fs/cgroup"), Path::new("butte"))
-        .expect("a cgroup hierarchy on this host")
-}
-
-#[allow(unsafe_code)]
-fn unsafe_geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
-}
-
-fn sandbox(id: &str) -> PathBuf {
-    // Not under /tmp: the task's private /tmp would hide it.
-    let dir = PathBuf::from(format!("/var/lib/butte-kernel-tests/{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(isolator: &dyn Isolator, id: &str, limits: Limits, script: &str) -> (Exit, String, PathBuf) {
-    let placement = isolator.create(id, &limits).unwrap();
-    let sandbox = sandbox(id);
-    let child = spawn(&shell_spec(id, &placement, &sandbox, script)).unwrap();
-    let exit = wait(&child.pidfd).unwrap();
-    let stdout = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
-    (exit, stdout, sandbox)
-}
-
-/// A container running `script` under `sh -c`, with PATH and MESOS_SANDBOX set.
-fn shell_spec(id: &str, placement: &Placement, sandbox: &Path, script: &str) -> ContainerSpec {
-    ContainerSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: vec![
-            ("PATH".into(), "/usr/bin:/bin".into()),
-            ("MESOS_SANDBOX".into(), sandbox.display().to_string()),
-        ],
-        sandbox: sandbox.to_owned(),
-        hostname: id.into(),
-        cgroup: placement.unified.clone(),
-        v1_procs: placement.v1_procs.clone(),
-        tmp_mb: 16,
-    }
-}
-
-fn unique(name: &str) -> String {
-    format!("kt-{name}-{}", std::process::id())
-}
+mod common;
+use common::{cpu_seconds, isolator, run, sandbox, shell_spec, unique};
 
 #[test]
 fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
@@ -112,23 +67,6 @@ fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
     std::fs::remove_dir_all(sandbox).unwrap();
 }
 
-fn cpu_seconds(id: &str) -> f64 {
-    let usage = std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/butte/{id}/cpuacct.usage"))
-        .or_else(|_| {
-            std::fs::read_to_string(format!("/sys/fs/cgroup/butte/{id}/cpu.stat")).map(|s| {
-                // usage_usec N on v2
-                let usec: u64 = s
-                    .lines()
-                    .find_map(|l| l.strip_prefix("usage_usec "))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                (usec * 1000).to_string()
-            })
-        })
-        .unwrap();
-    usage.trim().parse::<f64>().unwrap() / 1e9
-}
-
 #[test]
 fn cpu_quota_of_half_a_core_holds_a_busy_loop_to_half_a_core() {
     let isolator = isolator();
@@ -147,9 +85,9 @@ fn cpu_quota_of_half_a_core_holds_a_busy_loop_to_half_a_core() {
     let spec = shell_spec(&id, &placement, &sandbox, "while :; do :; done");
     let child = spawn(&spec).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let (start_cpu, start) = (cpu_seconds(&id), Instant::now());
+    let (start_cpu, start) = (cpu_seconds("butte", &id), Instant::now());
     std::thread::sleep(Duration::from_secs(3));
-    let used = (cpu_seconds(&id) - start_cpu) / start.elapsed().as_secs_f64();
+    let used = (cpu_seconds("butte", &id) - start_cpu) / start.elapsed().as_secs_f64();
     butte_isolators::container::signal(&child.pidfd, libc::SIGKILL).unwrap();
     assert_eq!(wait(&child.pidfd).unwrap(), Exit::Signal(libc::SIGKILL));
     isolator.destroy(&id).unwrap();

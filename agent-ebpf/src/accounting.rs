@@ -1,0 +1,346 @@
+//! Per-task accounting from the scheduler's own books (CPU time, run-queue
+//! latency) and process events (exec, exit, OOM kill) through a ring
+//! buffer. The tracing programs see the whole machine; a task is accounted
+//! once `track` put its cgroup id in the map.
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use aya::maps::{HashMap, MapData, RingBuf};
+use aya::programs::{BtfTracePoint, Iter};
+use aya::{Btf, Ebpf, Pod};
+
+use crate::{Chain, FenceError, failed};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/accounting.bpf.o"));
+
+/// Histogram slots (the C side's RUNQ_SLOTS): slot i counts waits of
+/// [2^i, 2^(i+1)) microseconds (slot 0 also those under 1 µs).
+pub const RUNQ_SLOTS: usize = 32;
+
+/// What the kernel counted for one task.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskStats {
+    /// CPU time, nanoseconds (sum of the scheduler's runtime deltas).
+    pub cpu_ns: u64,
+    /// The tick-sampled user/system split (task utime/stime), nanoseconds.
+    pub user_ns: u64,
+    pub system_ns: u64,
+    /// Waits in the run queue (wakeup or preemption to switch-in).
+    pub runq_count: u64,
+    pub runq_total_ns: u64,
+    pub runq_slots: [u64; RUNQ_SLOTS],
+}
+
+impl Default for TaskStats {
+    fn default() -> Self {
+        Self {
+            cpu_ns: 0,
+            user_ns: 0,
+            system_ns: 0,
+            runq_count: 0,
+            runq_total_ns: 0,
+            runq_slots: [0; RUNQ_SLOTS],
+        }
+    }
+}
+
+// SAFETY: plain old data with the C layout of `struct task_stats` (all u64:
+// no padding, every bit pattern valid).
+#[allow(unsafe_code)]
+unsafe impl Pod for TaskStats {}
+
+impl TaskStats {
+    /// CPU time split into user and system like the kernel's cputime_adjust:
+    /// the precise total, divided in the ratio of the sampled user/system ticks.
+    pub fn user_system_ns(&self) -> (u64, u64) {
+        let sampled = self.user_ns + self.system_ns;
+        if sampled == 0 {
+            return (self.cpu_ns, 0);
+        }
+        let user =
+            (u128::from(self.cpu_ns) * u128::from(self.user_ns) / u128::from(sampled)) as u64;
+        (user, self.cpu_ns - user)
+    }
+
+    /// The run-queue wait under which a `quantile` (0..=1) of waits fell, in
+    /// microseconds: the upper bound of the histogram slot it lands in.
+    pub fn runq_quantile_micros(&self, quantile: f64) -> Option<u64> {
+        let total: u64 = self.runq_slots.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * quantile.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (slot, count) in self.runq_slots.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(1u64 << (slot + 1));
+            }
+        }
+        Some(1u64 << RUNQ_SLOTS)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Exec,
+    Exit,
+    OomKill,
+}
+
+/// A process event in one of our tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub cgroup: u64,
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns), nanoseconds.
+    pub time_ns: u64,
+    /// The process (thread group) id, in the host's pid namespace.
+    pub pid: u32,
+    /// The wait status the process exits with (exit events).
+    pub exit_code: i32,
+    pub comm: String,
+}
+
+/// `struct event` of the C side.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawEvent {
+    cgroup: u64,
+    time_ns: u64,
+    kind: u32,
+    pid: u32,
+    exit_code: i32,
+    comm: [u8; 16],
+}
+
+fn parse_event(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<RawEvent>() {
+        return None;
+    }
+    // SAFETY: the buffer holds at least one RawEvent (checked above); it is
+    // plain old data, read unaligned because ring-buffer records are 8-byte
+    // aligned only.
+    #[allow(unsafe_code)]
+    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let kind = match raw.kind {
+        1 => EventKind::Exec,
+        2 => EventKind::Exit,
+        3 => EventKind::OomKill,
+        _ => return None,
+    };
+    let end = raw
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(raw.comm.len());
+    Some(Event {
+        kind,
+        cgroup: raw.cgroup,
+        time_ns: raw.time_ns,
+        pid: raw.pid,
+        exit_code: raw.exit_code,
+        comm: String::from_utf8_lossy(&raw.comm[..end]).into_owned(),
+    })
+}
+
+/// The event ring buffer; poll its fd for readability, then `drain`.
+pub struct Events {
+    ring: RingBuf<MapData>,
+}
+
+impl Events {
+    /// Every event waiting in the buffer.
+    pub fn drain(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if let Some(event) = parse_event(&item) {
+                events.push(event);
+            }
+        }
+        events
+    }
+}
+
+impl AsRawFd for Events {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+impl AsFd for Events {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
+    }
+}
+
+/// The loaded and attached accounting programs, with their maps.
+pub struct Accounting {
+    bpf: Ebpf,
+    stats: HashMap<MapData, u64, TaskStats>,
+    events: Option<Events>,
+}
+
+/// The tracepoints (program name, tracepoint) the object attaches to.
+const TRACEPOINTS: &[(&str, &str)] = &[
+    ("wakeup", "sched_wakeup"),
+    ("wakeup_new", "sched_wakeup_new"),
+    ("switch_task", "sched_switch"),
+    ("exec", "sched_process_exec"),
+    ("exit_process", "sched_process_exit"),
+    ("oom_victim", "mark_victim"),
+];
+
+impl Accounting {
+    /// Loads the programs and attaches them to the scheduler's tracepoints.
+    pub fn attach() -> Result<Self, FenceError> {
+        // Task storage is a map type aya 0.14 does not know; the kernel does.
+        let mut bpf = aya::EbpfLoader::new()
+            .allow_unsupported_maps()
+            .load(OBJECT)
+            .map_err(|e| failed("accounting", "load", &e))?;
+        let btf = Btf::from_sys_fs().map_err(|e| failed("accounting", "read kernel BTF", &e))?;
+        for &(name, tracepoint) in TRACEPOINTS {
+            let program: &mut BtfTracePoint = crate::program_mut(&mut bpf, name)?;
+            program
+                .load(tracepoint, &btf)
+                .map_err(|e| failed(name, "load into the kernel", &e))?;
+            program.attach().map_err(|e| failed(name, "attach", &e))?;
+        }
+        let flush: &mut Iter = crate::program_mut(&mut bpf, "flush")?;
+        flush
+            .load("task", &btf)
+            .map_err(|e| failed("flush", "load into the kernel", &e))?;
+        let stats = crate::take_cgroup_map(&mut bpf, "task_stats")?;
+        let ring = bpf.take_map("events").ok_or_else(|| FenceError::Map {
+            map: "events",
+            step: "open",
+            detail: "missing from the object".into(),
+        })?;
+        let ring = RingBuf::try_from(ring).map_err(|e| FenceError::Map {
+            map: "events",
+            step: "open",
+            detail: Chain(&e).to_string(),
+        })?;
+        Ok(Self {
+            bpf,
+            stats,
+            events: Some(Events { ring }),
+        })
+    }
+
+    /// The event buffer (once: whoever takes it reads it).
+    pub fn take_events(&mut self) -> Option<Events> {
+        self.events.take()
+    }
+
+    /// Starts accounting the task in `cgroup_id` (from zero).
+    pub fn track(&mut self, cgroup_id: u64) -> Result<(), FenceError> {
+        self.stats
+            .insert(cgroup_id, TaskStats::default(), 0)
+            .map_err(|e| FenceError::Map {
+                map: "task_stats",
+                step: "insert",
+                detail: Chain(&e).to_string(),
+            })
+    }
+
+    /// Counts the CPU time of threads still on a CPU since they switched in,
+    /// so the next reads are current (runs the `flush` iterator once).
+    pub fn flush(&mut self) -> Result<(), FenceError> {
+        let flush: &mut Iter = crate::program_mut(&mut self.bpf, "flush")?;
+        let link = flush.attach().map_err(|e| failed("flush", "attach", &e))?;
+        let link = flush
+            .take_link(link)
+            .map_err(|e| failed("flush", "take its link", &e))?;
+        let mut file = link
+            .into_file()
+            .map_err(|e| failed("flush", "create an iterator", &e))?;
+        // The program prints nothing; reading runs it over every task.
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink)
+            .map_err(|e| failed("flush", "run", &e))?;
+        Ok(())
+    }
+
+    /// What was counted for the task, if it is tracked.
+    pub fn stats(&self, cgroup_id: u64) -> Option<TaskStats> {
+        self.stats.get(&cgroup_id, 0).ok()
+    }
+
+    /// Stops accounting the task (it ended).
+    pub fn forget(&mut self, cgroup_id: u64) {
+        let _ = self.stats.remove(&cgroup_id);
+    }
+
+    /// Kernel time spent in these programs so far (needs
+    /// `kernel.bpf_stats_enabled`; zero otherwise).
+    pub fn run_time(&self) -> std::time::Duration {
+        crate::run_time(&self.bpf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_slot_upper_bounds() {
+        let mut stats = TaskStats::default();
+        assert_eq!(stats.runq_quantile_micros(0.5), None);
+        stats.runq_slots[0] = 90; // < 2 µs
+        stats.runq_slots[4] = 9; // 16..32 µs
+        stats.runq_slots[10] = 1; // 1024..2048 µs
+        assert_eq!(stats.runq_quantile_micros(0.5), Some(2));
+        assert_eq!(stats.runq_quantile_micros(0.9), Some(2));
+        assert_eq!(stats.runq_quantile_micros(0.95), Some(32));
+        assert_eq!(stats.runq_quantile_micros(0.99), Some(32));
+        assert_eq!(stats.runq_quantile_micros(1.0), Some(2048));
+    }
+
+    #[test]
+    fn user_system_split_follows_the_sampled_ratio() {
+        let stats = TaskStats {
+            cpu_ns: 1_000,
+            user_ns: 300,
+            system_ns: 100,
+            ..TaskStats::default()
+        };
+        assert_eq!(stats.user_system_ns(), (750, 250));
+        let unsampled = TaskStats {
+            cpu_ns: 500,
+            ..TaskStats::default()
+        };
+        assert_eq!(unsampled.user_system_ns(), (500, 0));
+    }
+
+    #[test]
+    fn events_parse_and_unknown_kinds_are_skipped() {
+        let raw = RawEvent {
+            cgroup: 42,
+            time_ns: 7,
+            kind: 3,
+            pid: 1234,
+            exit_code: 9,
+            comm: *b"memhog\0\0\0\0\0\0\0\0\0\0",
+        };
+        let size = std::mem::size_of::<RawEvent>();
+        // SAFETY: RawEvent is plain old data; viewing it as bytes is sound.
+        #[allow(unsafe_code)]
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw as *const RawEvent).cast::<u8>(), size) };
+        let event = parse_event(bytes).expect("an OOM event");
+        assert_eq!(event.kind, EventKind::OomKill);
+        assert_eq!((event.cgroup, event.pid, event.exit_code), (42, 1234, 9));
+        assert_eq!(event.comm, "memhog");
+        assert_eq!(parse_event(&bytes[..size - 1]), None);
+        let unknown = RawEvent { kind: 99, ..raw };
+        #[allow(unsafe_code)]
+        // SAFETY: as above.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&unknown as *const RawEvent).cast::<u8>(), size) };
+        assert_eq!(parse_event(bytes), None);
+    }
+}

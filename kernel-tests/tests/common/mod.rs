@@ -1,0 +1,88 @@
+//! Helpers shared by the kernel test files: task cgroups, sandboxes and
+//! shell containers on this machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use butte_isolators::cgroups::{Isolator, Limits, Placement, detect};
+use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
+
+pub fn isolator() -> Box<dyn Isolator> {
+    isolator_at("butte")
+}
+
+/// Task cgroups under `subtree` (its own subtree lets a test attach eBPF
+/// programs there without meeting another test's).
+pub fn isolator_at(subtree: &str) -> Box<dyn Isolator> {
+    assert_eq!(unsafe_geteuid(), 0, "kernel tests need root");
+    detect(Path::new("/sys/fs/cgroup"), Path::new(subtree))
+        .expect("a cgroup hierarchy on this host")
+}
+
+#[allow(unsafe_code)]
+pub fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+pub fn sandbox(id: &str) -> PathBuf {
+    // Not under /tmp: the task's private /tmp would hide it.
+    let dir = PathBuf::from(format!("/var/lib/butte-kernel-tests/{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn run(
+    isolator: &dyn Isolator,
+    id: &str,
+    limits: Limits,
+    script: &str,
+) -> (Exit, String, PathBuf) {
+    let placement = isolator.create(id, &limits).unwrap();
+    let sandbox = sandbox(id);
+    let child = spawn(&shell_spec(id, &placement, &sandbox, script)).unwrap();
+    let exit = wait(&child.pidfd).unwrap();
+    let stdout = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
+    (exit, stdout, sandbox)
+}
+
+/// A container running `script` under `sh -c`, with PATH and MESOS_SANDBOX set.
+pub fn shell_spec(id: &str, placement: &Placement, sandbox: &Path, script: &str) -> ContainerSpec {
+    ContainerSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec![
+            ("PATH".into(), "/usr/bin:/bin".into()),
+            ("MESOS_SANDBOX".into(), sandbox.display().to_string()),
+        ],
+        sandbox: sandbox.to_owned(),
+        hostname: id.into(),
+        cgroup: placement.unified.clone(),
+        v1_procs: placement.v1_procs.clone(),
+        tmp_mb: 16,
+    }
+}
+
+pub fn unique(name: &str) -> String {
+    format!("kt-{name}-{}", std::process::id())
+}
+
+/// CPU time of a task cgroup as cgroupfs reports it (v1 cpuacct, else v2 cpu.stat).
+pub fn cpu_seconds(subtree: &str, id: &str) -> f64 {
+    let usage = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/cpuacct/{subtree}/{id}/cpuacct.usage"
+    ))
+    .or_else(|_| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{subtree}/{id}/cpu.stat")).map(|s| {
+            // usage_usec N on v2
+            let usec: u64 = s
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            (usec * 1000).to_string()
+        })
+    })
+    .unwrap();
+    usage.trim().parse::<f64>().unwrap() / 1e9
+}

@@ -1,0 +1,286 @@
+//! The eBPF accounting and network programs on this kernel, without the
+//! agent: what they count must agree with the kernel's other books
+//! (cpuacct, what iperf3 sent), events must arrive, limits must hold.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use butte_agent_ebpf::accounting::{Accounting, Event, EventKind, Events};
+use butte_agent_ebpf::network::{self, Network};
+use butte_agent_ebpf::ports::cgroup_id;
+use butte_isolators::cgroups::Limits;
+use butte_isolators::container::{Exit, spawn, wait};
+
+mod common;
+use common::{cpu_seconds, isolator_at, sandbox, shell_spec, unique};
+
+fn limits(cpus: f64, mem_mb: f64) -> Limits {
+    Limits {
+        cpus,
+        mem_mb,
+        pids_max: 64,
+    }
+}
+
+/// Events for `cgroup` that arrive within `wait`, until `enough` says stop.
+fn collect(
+    events: &mut Events,
+    cgroup: u64,
+    wait: Duration,
+    enough: impl Fn(&[Event]) -> bool,
+) -> Vec<Event> {
+    let deadline = Instant::now() + wait;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline && !enough(&seen) {
+        seen.extend(events.drain().into_iter().filter(|e| e.cgroup == cgroup));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    seen
+}
+
+fn within(measured: f64, reference: f64, fraction: f64) -> bool {
+    (measured - reference).abs() <= reference * fraction
+}
+
+#[test]
+fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
+    let subtree = format!("butte/kt-acct-{}", std::process::id());
+    let isolator = isolator_at(&subtree);
+    let mut accounting = Accounting::attach().unwrap();
+    let mut events = accounting.take_events().unwrap();
+    let id = unique("acct");
+    let placement = isolator.create(&id, &limits(2.0, 64.0)).unwrap();
+    let key = cgroup_id(&placement.unified).unwrap();
+    accounting.track(key).unwrap();
+    let sandbox = sandbox(&id);
+    // A busy loop (runs without switching out) beside a loop of short sleeps
+    // (wakeups: run-queue waits, and an exec each).
+    let script = "sh -c 'while :; do :; done' & busy=$!; i=0; \
+                  while [ $i -lt 60 ]; do sleep 0.02; i=$((i+1)); done; kill $busy";
+    let child = spawn(&shell_spec(&id, &placement, &sandbox, script)).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    // Mid-run: the busy thread has not switched out; flush counts it.
+    accounting.flush().unwrap();
+    let running = accounting.stats(key).unwrap();
+    let running_cpuacct = cpu_seconds(&subtree, &id);
+    assert_eq!(wait(&child.pidfd).unwrap(), Exit::Code(0));
+    accounting.flush().unwrap();
+    let ended = accounting.stats(key).unwrap();
+    let ended_cpuacct = cpu_seconds(&subtree, &id);
+    let seen = collect(&mut events, key, Duration::from_secs(2), |seen| {
+        seen.iter().filter(|e| e.kind == EventKind::Exit).count() >= 62
+    });
+    accounting.forget(key);
+    isolator.destroy(&id).unwrap();
+    isolator.remove_subtree();
+    std::fs::remove_dir_all(sandbox).unwrap();
+
+    let running_secs = running.cpu_ns as f64 / 1e9;
+    assert!(
+        running_secs > 0.5 && within(running_secs, running_cpuacct, 0.02),
+        "mid-run: eBPF {running_secs:.4} s vs cpuacct {running_cpuacct:.4} s"
+    );
+    let ended_secs = ended.cpu_ns as f64 / 1e9;
+    assert!(
+        within(ended_secs, ended_cpuacct, 0.02),
+        "at the end: eBPF {ended_secs:.4} s vs cpuacct {ended_cpuacct:.4} s"
+    );
+    assert!(
+        ended.runq_count >= 60,
+        "60 sleeps give 60 wakeups: {ended:?}"
+    );
+    assert_eq!(ended.runq_slots.iter().sum::<u64>(), ended.runq_count);
+    let (user, system) = ended.user_system_ns();
+    assert_eq!(user + system, ended.cpu_ns);
+    assert!(
+        user > system,
+        "a shell busy loop runs in user space: {user} vs {system}"
+    );
+    let execs = seen
+        .iter()
+        .filter(|e| e.kind == EventKind::Exec && e.comm == "sleep")
+        .count();
+    assert_eq!(execs, 60, "one exec event per sleep: {seen:?}");
+    let exits = seen.iter().filter(|e| e.kind == EventKind::Exit).count();
+    assert!(
+        exits >= 62,
+        "60 sleeps, the busy shell and the script exit: {exits}"
+    );
+}
+
+#[test]
+fn an_oom_kill_arrives_as_an_event_for_the_task() {
+    let subtree = format!("butte/kt-oom-{}", std::process::id());
+    let isolator = isolator_at(&subtree);
+    let mut accounting = Accounting::attach().unwrap();
+    let mut events = accounting.take_events().unwrap();
+    let id = unique("oomevent");
+    let placement = isolator.create(&id, &limits(1.0, 32.0)).unwrap();
+    let key = cgroup_id(&placement.unified).unwrap();
+    accounting.track(key).unwrap();
+    let sandbox = sandbox(&id);
+    let script = "exec dd if=/dev/zero of=/dev/null bs=256M count=1";
+    let child = spawn(&shell_spec(&id, &placement, &sandbox, script)).unwrap();
+    assert_eq!(wait(&child.pidfd).unwrap(), Exit::Signal(libc::SIGKILL));
+    let seen = collect(&mut events, key, Duration::from_secs(2), |seen| {
+        seen.iter().any(|e| e.kind == EventKind::Exit)
+    });
+    accounting.forget(key);
+    isolator.destroy(&id).unwrap();
+    isolator.remove_subtree();
+    std::fs::remove_dir_all(sandbox).unwrap();
+    let oom = seen
+        .iter()
+        .find(|e| e.kind == EventKind::OomKill)
+        .unwrap_or_else(|| panic!("no OOM event among {seen:?}"));
+    assert_eq!(oom.comm, "dd");
+    let exit = seen.iter().find(|e| e.kind == EventKind::Exit).unwrap();
+    assert_eq!((exit.pid, exit.exit_code & 0x7f), (oom.pid, libc::SIGKILL));
+}
+
+/// An iperf3 server on the host (outside our subtree); the caller kills it.
+fn iperf3_server(port: u16) -> Child {
+    let server = Command::new("iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 (scripts/install-deps installs it)");
+    // Wait until it listens; a probe connection would count as its client.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !listening(port) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// Whether a TCP socket listens on `port` (a LISTEN row, state 0A, in /proc/net/tcp).
+fn listening(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!(":{port:04X}");
+    table.lines().skip(1).any(|row| {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "0A"
+    })
+}
+
+/// Runs an iperf3 client with `args` in a fresh container under `network`;
+/// returns iperf3's JSON and what the programs counted.
+fn iperf3_client(
+    subtree: &str,
+    network: &mut Network,
+    net_limits: network::Limits,
+    port: u16,
+    args: &str,
+) -> (serde_json::Value, network::NetStats) {
+    let isolator = isolator_at(subtree);
+    let id = unique(&format!("iperf-{port}"));
+    let placement = isolator.create(&id, &limits(1.0, 256.0)).unwrap();
+    let key = cgroup_id(&placement.unified).unwrap();
+    network.track(key, net_limits).unwrap();
+    let sandbox = sandbox(&id);
+    // The server's own ACKs must not be counted: it runs outside the subtree.
+    let mut server = iperf3_server(port);
+    let script = format!("exec iperf3 -c 127.0.0.1 -p {port} -J {args} > $MESOS_SANDBOX/out.json");
+    let child = spawn(&shell_spec(&id, &placement, &sandbox, &script)).unwrap();
+    let exit = wait(&child.pidfd).unwrap();
+    // What the client wrote last may still be queued after it exits: wait
+    // until the count stops moving.
+    let mut stats = network.stats(key).unwrap();
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = network.stats(key).unwrap();
+        if now == stats {
+            break;
+        }
+        stats = now;
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    network.forget(key);
+    let out = std::fs::read_to_string(sandbox.join("out.json")).unwrap();
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+    assert_eq!(exit, Exit::Code(0), "iperf3 failed: {out}");
+    (serde_json::from_str(&out).unwrap(), stats)
+}
+
+/// A container writes `bytes` zeros over TCP to a sink in this process;
+/// returns what the sink read and what the programs counted.
+fn send_to_sink(
+    subtree: &str,
+    network: &mut Network,
+    port: u16,
+    bytes: usize,
+) -> (usize, network::NetStats) {
+    let isolator = isolator_at(subtree);
+    let id = unique(&format!("send-{port}"));
+    let placement = isolator.create(&id, &limits(1.0, 256.0)).unwrap();
+    let key = cgroup_id(&placement.unified).unwrap();
+    network.track(key, network::Limits::default()).unwrap();
+    let sandbox = sandbox(&id);
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        std::io::copy(&mut stream, &mut std::io::sink()).unwrap() as usize
+    });
+    let script = format!(
+        "exec python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', {port})); \
+         s.sendall(bytes({bytes})); s.close()\""
+    );
+    let child = spawn(&shell_spec(&id, &placement, &sandbox, &script)).unwrap();
+    let exit = wait(&child.pidfd).unwrap();
+    let received = sink.join().unwrap();
+    let stats = network.stats(key).unwrap();
+    network.forget(key);
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+    assert_eq!(exit, Exit::Code(0));
+    (received, stats)
+}
+
+fn mbit_per_s(report: &serde_json::Value) -> f64 {
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e6
+}
+
+#[test]
+fn network_bytes_are_counted_and_egress_is_held_to_its_limit() {
+    let subtree = format!("butte/kt-net-{}", std::process::id());
+    let isolator = isolator_at(&subtree);
+    let mut network = Network::attach(&isolator.v2_subtree()).unwrap();
+
+    // Unlimited: 20 MB sent to a sink on the host, counted to within 1 %
+    // (IP and TCP headers).
+    let (received, stats) = send_to_sink(&subtree, &mut network, 15180, 20_000_000);
+    assert_eq!(received, 20_000_000);
+    let counted = stats.tx_bytes as f64;
+    assert!(
+        (20e6..=20e6 * 1.01).contains(&counted),
+        "sent 20,000,000 B, tx counted {counted} B"
+    );
+    assert!(
+        stats.tx_packets > 0 && stats.rx_packets > 0 && stats.tx_dropped == 0,
+        "{stats:?}"
+    );
+
+    // 100 Mbit/s for 3 s.
+    let limited = network::Limits {
+        egress_mbit_per_s: Some(100.0),
+        police_ingress: false,
+    };
+    let (report, stats) = iperf3_client(&subtree, &mut network, limited, 15181, "-t 3");
+    let rate = mbit_per_s(&report);
+    drop(network);
+    isolator.remove_subtree();
+    assert!(
+        (92.0..=105.0).contains(&rate),
+        "100 Mbit/s limit gave {rate:.1} Mbit/s ({stats:?}): {}",
+        report["end"]
+    );
+    assert!(stats.tx_dropped > 0, "the limit dropped packets: {stats:?}");
+}
