@@ -2,12 +2,14 @@
 //! supervise, kill, report, clean up. State sits behind one lock that is
 //! never held across an await; slow work (cgroups, the launcher) runs outside.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use butte_agent_ebpf::accounting::{Accounting, Event, EventKind};
 use butte_agent_ebpf::devices::{DeviceFence, default_rules, v1_rule};
+use butte_agent_ebpf::network::{self, Network};
 use butte_agent_ebpf::ports::{PortFence, cgroup_id};
 use butte_api::agent_link::v1::{self as link, agent_message};
 use butte_api::mesos::v1::{
@@ -15,6 +17,7 @@ use butte_api::mesos::v1::{
     TaskStatus, task_status,
 };
 use butte_api::resources::Resources;
+use butte_api::telemetry::v1::TaskSample;
 use butte_isolators::cgroups::{Isolator, Limits, Placement};
 use tokio::sync::mpsc;
 
@@ -27,7 +30,7 @@ use crate::launcher_client::{ContainerExit, LauncherClient};
 /// (Mesos's command executor default).
 const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 
-type TaskKey = (String, String);
+pub type TaskKey = (String, String);
 
 pub struct TaskRecord {
     pub info: TaskInfo,
@@ -39,6 +42,8 @@ pub struct TaskRecord {
     pub cgroup_id: String,
     /// The task group's container, when the task is part of one.
     pub group: Option<String>,
+    /// The executor it runs under (a command task is its own executor, as in Mesos).
+    pub executor_id: String,
     pub resources: Resources,
     pub sandbox: PathBuf,
     pub killing: bool,
@@ -49,6 +54,7 @@ struct Placing<'a> {
     container_id: &'a str,
     cgroup_id: &'a str,
     group: Option<&'a str>,
+    executor_id: &'a str,
     sandbox: PathBuf,
 }
 
@@ -70,6 +76,7 @@ impl AgentState {
                 container_id: placing.container_id.to_owned(),
                 cgroup_id: placing.cgroup_id.to_owned(),
                 group: placing.group.map(str::to_owned),
+                executor_id: placing.executor_id.to_owned(),
                 resources,
                 sandbox: placing.sandbox,
                 killing: false,
@@ -100,7 +107,32 @@ pub struct AgentState {
     /// Clone-to-exec times of recent launches, microseconds (for /metrics and the benchmark).
     pub launch_micros: VecDeque<u64>,
     /// eBPF map keys (v2 cgroup ids) of fenced containers.
-    fence_keys: HashMap<String, u64>,
+    pub(crate) fence_keys: HashMap<String, u64>,
+    /// Process events counted per container (by eBPF key).
+    pub(crate) event_counts: HashMap<u64, EventCounts>,
+    /// Containers the OOM killer struck (from the event; their tasks fail with the memory reason).
+    oom_struck: HashSet<String>,
+    /// The last telemetry sample of each running task.
+    pub latest: HashMap<TaskKey, TaskSample>,
+}
+
+/// A running task as the telemetry sampler sees it.
+pub struct TaskView {
+    pub key: TaskKey,
+    pub executor_id: String,
+    /// The container whose cgroup holds it (a group's, for a group task).
+    pub container_id: String,
+    /// Its cgroup's eBPF key.
+    pub cgroup_key: u64,
+    pub resources: Resources,
+}
+
+/// Process events seen in one container.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventCounts {
+    pub execs: u64,
+    pub exits: u64,
+    pub oom_kills: u64,
 }
 
 #[derive(Clone)]
@@ -114,11 +146,16 @@ pub struct Agent {
     fences: Arc<Mutex<Fences>>,
 }
 
-/// The eBPF fences this agent runs; each is `None` when it could not load.
+/// The eBPF programs this agent runs; each is `None` when it could not load.
 pub struct Fences {
     pub ports: Option<PortFence>,
     pub devices: Option<DeviceFence>,
+    pub network: Option<Network>,
+    pub accounting: Option<Accounting>,
 }
+
+/// Task label asking for ingress to be policed to the task's `network_bandwidth` too.
+pub const POLICE_INGRESS_LABEL: &str = "butte.network_bandwidth.police_ingress";
 
 fn new_uuid() -> Vec<u8> {
     uuid::Uuid::new_v4().as_bytes().to_vec()
@@ -144,6 +181,9 @@ impl Agent {
             outbound: None,
             launch_micros: VecDeque::new(),
             fence_keys: HashMap::new(),
+            event_counts: HashMap::new(),
+            oom_struck: HashSet::new(),
+            latest: HashMap::new(),
         };
         Self {
             state: Arc::new(Mutex::new(state)),
@@ -426,6 +466,7 @@ impl Agent {
                 container_id: &container_id,
                 cgroup_id: &container_id,
                 group: None,
+                executor_id: &task.task_id.value,
                 sandbox: sandbox.clone(),
             };
             state.stage(&key, &task, resources.clone(), placing);
@@ -516,6 +557,7 @@ impl Agent {
                     container_id: &container_id,
                     cgroup_id: &group_id,
                     group: Some(&group_id),
+                    executor_id: &executor_id,
                     sandbox: group_sandbox.join("tasks").join(&task.task_id.value),
                 };
                 state.stage(&key, task, resources, placing);
@@ -529,8 +571,15 @@ impl Agent {
         for (_, task_id) in &members {
             self.update(&framework_id, task_id, TaskState::TaskStarting, None, None);
         }
+        let police_ingress = tasks.iter().any(polices_ingress);
         let placement = match self
-            .start_group_init(&group_id, &executor_id, &group_sandbox, &total)
+            .start_group_init(
+                &group_id,
+                &executor_id,
+                &group_sandbox,
+                &total,
+                police_ingress,
+            )
             .await
         {
             Ok(placement) => placement,
@@ -649,6 +698,7 @@ impl Agent {
         container_id: &str,
         placement: &Placement,
         resources: &Resources,
+        police_ingress: bool,
     ) -> Result<(), String> {
         let fenced = (|| {
             let key = cgroup_id(&placement.unified).map_err(|e| e.to_string())?;
@@ -677,11 +727,23 @@ impl Agent {
                     .allow(key, &default_rules())
                     .map_err(|e| e.to_string())?;
             }
+            let bandwidth = resources.scalar("network_bandwidth");
+            if let Some(network) = fences.network.as_mut() {
+                let limits = network::Limits {
+                    egress_mbit_per_s: (bandwidth > 0.0).then_some(bandwidth),
+                    police_ingress,
+                };
+                network.track(key, limits).map_err(|e| e.to_string())?;
+            }
+            if let Some(accounting) = fences.accounting.as_mut() {
+                accounting.track(key).map_err(|e| e.to_string())?;
+            }
             drop(fences);
             self.lock().fence_keys.insert(container_id.to_owned(), key);
             Ok(())
         })();
         if fenced.is_err() {
+            self.unfence(container_id);
             let _ = self.isolator.destroy(container_id);
         }
         fenced
@@ -692,12 +754,113 @@ impl Agent {
         let Some(key) = self.lock().fence_keys.remove(container_id) else {
             return;
         };
+        self.lock().event_counts.remove(&key);
         let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ports) = fences.ports.as_mut() {
             ports.forget(key);
         }
         if let Some(devices) = fences.devices.as_mut() {
             devices.forget(key);
+        }
+        if let Some(network) = fences.network.as_mut() {
+            network.forget(key);
+        }
+        if let Some(accounting) = fences.accounting.as_mut() {
+            accounting.forget(key);
+        }
+    }
+
+    /// What the telemetry sampler needs of each running task.
+    pub fn task_views(&self) -> Vec<TaskView> {
+        let state = self.lock();
+        state
+            .tasks
+            .iter()
+            .filter_map(|(key, record)| {
+                Some(TaskView {
+                    key: key.clone(),
+                    executor_id: record.executor_id.clone(),
+                    container_id: record.cgroup_id.clone(),
+                    cgroup_key: *state.fence_keys.get(&record.cgroup_id)?,
+                    resources: record.resources.clone(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn isolator(&self) -> &dyn Isolator {
+        &*self.isolator
+    }
+
+    /// Keeps each task's newest sample and streams the batch to the master.
+    pub fn publish(&self, batch: butte_api::telemetry::v1::TelemetryBatch) {
+        let mut state = self.lock();
+        for sample in &batch.samples {
+            let key = (
+                sample.framework_id.value.clone(),
+                sample.task_id.value.clone(),
+            );
+            if state.tasks.contains_key(&key) {
+                state.latest.insert(key, sample.clone());
+            }
+        }
+        if let Some(outbound) = state.outbound.as_ref() {
+            let _ = outbound.send(link::AgentMessage {
+                kind: Some(agent_message::Kind::Telemetry(batch)),
+            });
+        }
+    }
+
+    /// The eBPF programs (the telemetry sampler reads their maps).
+    pub fn fences(&self) -> MutexGuard<'_, Fences> {
+        self.fences.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Process events from the ring buffer: counted per container; an OOM
+    /// kill fails the task with the memory reason at once (Mesos's memory
+    /// limitation: the container is destroyed).
+    pub fn handle_events(&self, events: Vec<Event>) {
+        let mut struck = Vec::new();
+        {
+            let mut state = self.lock();
+            for event in events {
+                let Some(container_id) = state
+                    .fence_keys
+                    .iter()
+                    .find_map(|(id, &key)| (key == event.cgroup).then(|| id.clone()))
+                else {
+                    continue;
+                };
+                let counts = state.event_counts.entry(event.cgroup).or_default();
+                match event.kind {
+                    EventKind::Exec => counts.execs += 1,
+                    EventKind::Exit => counts.exits += 1,
+                    EventKind::OomKill => {
+                        counts.oom_kills += 1;
+                        tracing::warn!(
+                            container_id,
+                            pid = event.pid,
+                            comm = event.comm,
+                            "the OOM killer ended a process of the task"
+                        );
+                        if state.oom_struck.insert(container_id.clone()) {
+                            struck.push(container_id);
+                        }
+                    }
+                }
+            }
+        }
+        for container_id in struck {
+            let tasks: Vec<TaskKey> = self
+                .lock()
+                .tasks
+                .iter()
+                .filter(|(_, r)| r.cgroup_id == container_id && !r.killing)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for (framework_id, task_id) in tasks {
+                self.kill(&framework_id, &task_id, Duration::ZERO);
+            }
         }
     }
 
@@ -708,6 +871,7 @@ impl Agent {
         container_id: &str,
         sandbox: &std::path::Path,
         resources: &Resources,
+        police_ingress: bool,
     ) -> Result<Placement, String> {
         std::fs::create_dir_all(sandbox)
             .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
@@ -720,7 +884,7 @@ impl Agent {
             .isolator
             .create(container_id, &limits)
             .map_err(|e| e.to_string())?;
-        self.fence(container_id, &placement, resources)?;
+        self.fence(container_id, &placement, resources, police_ingress)?;
         Ok(placement)
     }
 
@@ -730,8 +894,9 @@ impl Agent {
         executor_id: &str,
         sandbox: &std::path::Path,
         total: &Resources,
+        police_ingress: bool,
     ) -> Result<butte_isolators::cgroups::Placement, String> {
-        let placement = self.prepare(group_id, sandbox, total)?;
+        let placement = self.prepare(group_id, sandbox, total, police_ingress)?;
         let request = LaunchRequest {
             container_id: group_id.to_owned(),
             argv: Vec::new(),
@@ -758,7 +923,7 @@ impl Agent {
         sandbox: &std::path::Path,
         resources: &Resources,
     ) -> Result<u64, String> {
-        let placement = self.prepare(container_id, sandbox, resources)?;
+        let placement = self.prepare(container_id, sandbox, resources, polices_ingress(task))?;
         let argv = command_argv(task)?;
         let env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
         let request = LaunchRequest {
@@ -799,8 +964,9 @@ impl Agent {
             Some(r) => (r.killing, r.cgroup_id.clone(), r.group.clone()),
             None => return,
         };
-        let oom = exit.signal == Some(libc::SIGKILL)
-            && self.isolator.oom_killed(&cgroup_id).unwrap_or(false);
+        let oom = self.lock().oom_struck.remove(&cgroup_id)
+            || (exit.signal == Some(libc::SIGKILL)
+                && self.isolator.oom_killed(&cgroup_id).unwrap_or(false));
         let (state, message, reason) = if oom {
             (
                 TaskState::TaskFailed,
@@ -887,6 +1053,7 @@ impl Agent {
         self.update(&key.0, &key.1, state, Some(message), reason);
         let mut guard = self.lock();
         guard.tasks.remove(key);
+        guard.latest.remove(key);
         if let Some(container_id) = container_id {
             guard.containers.remove(&container_id);
         }
@@ -999,6 +1166,16 @@ fn command_argv(task: &TaskInfo) -> Result<Vec<String>, String> {
     // `value` is the program; arguments[0] is what it sees as argv[0].
     argv[0] = value;
     Ok(argv)
+}
+
+/// Whether the task asks for its ingress to be policed (label `POLICE_INGRESS_LABEL` = `true`).
+fn polices_ingress(task: &TaskInfo) -> bool {
+    task.labels.as_ref().is_some_and(|labels| {
+        labels
+            .labels
+            .iter()
+            .any(|l| l.key == POLICE_INGRESS_LABEL && l.value.as_deref() == Some("true"))
+    })
 }
 
 fn task_proto(record: &TaskRecord, agent_id: Option<&str>) -> Task {

@@ -50,6 +50,9 @@ pub struct AgentConfig {
     /// Seconds between resends of an unacknowledged status update.
     #[arg(long, env = "BUTTE_STATUS_UPDATE_RETRY", default_value_t = 10.0)]
     pub status_update_retry: f64,
+    /// Seconds between telemetry samples (0.1 to 60).
+    #[arg(long, env = "BUTTE_TELEMETRY_INTERVAL", default_value_t = 1.0)]
+    pub telemetry_interval: f64,
     /// Log format: text or json.
     #[arg(long, env = "BUTTE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

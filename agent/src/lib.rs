@@ -3,12 +3,15 @@
 //! single-threaded launcher process.
 
 pub mod agent;
+pub mod cgroup_reader;
 pub mod checkpoint;
 pub mod config;
+pub mod http;
 pub mod launcher;
 pub mod launcher_client;
 pub mod link;
 pub mod resources;
+pub mod telemetry;
 
 pub use config::AgentConfig;
 

@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -6,7 +7,8 @@ use tracing_subscriber::EnvFilter;
 
 use butte_agent::agent::Agent;
 use butte_agent::launcher_client::LauncherClient;
-use butte_agent::{AgentConfig, launcher, link, resources};
+use butte_agent::{AgentConfig, http, launcher, link, resources, telemetry};
+use butte_agent_ebpf::accounting::Events;
 
 fn main() -> anyhow::Result<()> {
     let config = AgentConfig::parse();
@@ -56,7 +58,32 @@ fn main() -> anyhow::Result<()> {
     let devices = butte_agent_ebpf::devices::DeviceFence::attach(&isolator.v2_subtree())
         .inspect_err(|error| tracing::error!(%error, "device access cannot be fenced on this host; tasks see the host's devices"))
         .ok();
-    let fences = butte_agent::agent::Fences { ports, devices };
+    let network = match butte_agent_ebpf::network::Network::attach(&isolator.v2_subtree()) {
+        Ok(network) => Some(network),
+        Err(error) => {
+            tracing::error!(%error, "network bandwidth cannot be enforced on this host; it is not offered");
+            remove_scalar(&mut total, "network_bandwidth");
+            None
+        }
+    };
+    let mut accounting = butte_agent_ebpf::accounting::Accounting::attach()
+        .inspect_err(
+            |error| tracing::error!(%error, "per-task CPU, run-queue and event accounting is off"),
+        )
+        .ok();
+    let events = accounting.as_mut().and_then(|a| a.take_events());
+    let fences = butte_agent::agent::Fences {
+        ports,
+        devices,
+        network,
+        accounting,
+    };
+    if !(0.1..=60.0).contains(&config.telemetry_interval) {
+        anyhow::bail!(
+            "--telemetry-interval {} is out of range; give 0.1 to 60 seconds",
+            config.telemetry_interval
+        );
+    }
     // The launcher forks before any thread exists: nothing forks from the runtime.
     let socket = launcher::fork_launcher().context("cannot start the launcher process")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -76,12 +103,68 @@ fn main() -> anyhow::Result<()> {
             }
         });
         tokio::spawn(link::run(agent.clone()));
+        if let Some(events) = events {
+            tokio::spawn(read_events(agent.clone(), events));
+        }
+        telemetry::spawn(
+            agent.clone(),
+            Duration::from_secs_f64(agent.config.telemetry_interval),
+        )
+        .context("cannot start the telemetry thread")?;
+        let address = std::net::SocketAddr::new(agent.config.ip, agent.config.port);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} (--ip, --port)"))?;
+        let router = http::router(agent.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                tracing::error!(%error, "the agent's HTTP server stopped");
+            }
+        });
         shutdown_signal().await;
         tracing::info!("stopping: killing tasks");
         agent.shutdown().await;
         isolator.remove_subtree();
         anyhow::Ok(())
     })
+}
+
+/// Hands ring-buffer events to the agent as they arrive.
+async fn read_events(agent: Agent, events: Events) {
+    use tokio::io::Interest;
+    use tokio::io::unix::AsyncFd;
+    // SAFETY: `Events` owns the ring buffer's map fd; it stays open, and
+    // as_raw_fd returns that same fd, for as long as the AsyncFd owns it.
+    #[allow(unsafe_code)]
+    let registered = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) };
+    let mut events = match registered {
+        Ok(fd) => fd,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch the event ring buffer; OOM kills are found at exit");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = events.readable_mut().await else {
+            return;
+        };
+        let drained = ready.get_inner_mut().drain();
+        ready.clear_ready();
+        if !drained.is_empty() {
+            agent.handle_events(drained);
+        }
+    }
+}
+
+/// Takes a scalar resource out of what is offered (it cannot be enforced).
+fn remove_scalar(total: &mut butte_api::resources::Resources, name: &str) {
+    let amount = total.scalar(name);
+    if amount > 0.0 {
+        let mut without = butte_api::resources::Resources::new();
+        if without.add_scalar(name, amount).is_ok() {
+            total.subtract_contained(&without);
+        }
+    }
 }
 
 async fn shutdown_signal() {

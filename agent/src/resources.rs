@@ -1,6 +1,7 @@
 //! What the agent offers: `--resources` where given, otherwise discovered
 //! from the host (the CPUs it may use, memory less a host reserve, the work
-//! dir's disk less a reserve, ports 31000-32000).
+//! dir's disk less a reserve, ports 31000-32000, egress bandwidth from the
+//! fastest link that is up).
 
 use std::path::Path;
 
@@ -38,7 +39,32 @@ pub fn discover(flag: Option<&str>, work_dir: &Path) -> Result<Resources, Resour
     if resources.ranges("ports").is_none() {
         resources.add_range("ports", 31000, 32000)?;
     }
+    if resources.scalar("network_bandwidth") == 0.0 {
+        resources.add_scalar(
+            "network_bandwidth",
+            link_speed_mbit().unwrap_or(DEFAULT_BANDWIDTH_MBIT),
+        )?;
+    }
     Ok(resources)
+}
+
+/// Egress offered when no interface reports its speed (virtual NICs often do not).
+const DEFAULT_BANDWIDTH_MBIT: f64 = 1000.0;
+
+/// The fastest link of the host's interfaces that are up (not loopback),
+/// Mbit/s, as the kernel reports it in /sys/class/net/*/speed.
+fn link_speed_mbit() -> Option<f64> {
+    std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name() != "lo")
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("operstate")).is_ok_and(|s| s.trim() == "up")
+        })
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("speed")).ok())
+        .filter_map(|speed| speed.trim().parse::<f64>().ok())
+        .filter(|&speed| speed > 0.0)
+        .reduce(f64::max)
 }
 
 fn meminfo_total_kb() -> Option<u64> {
@@ -70,6 +96,9 @@ mod tests {
         assert_eq!(r.scalar("mem"), 1000.0);
         assert!(r.scalar("disk") > 0.0);
         assert_eq!(r.ranges("ports").unwrap().to_string(), "[31000-32000]");
+        assert!(r.scalar("network_bandwidth") > 0.0);
+        let given = discover(Some("network_bandwidth:250"), Path::new("/")).unwrap();
+        assert_eq!(given.scalar("network_bandwidth"), 250.0);
         let discovered = discover(None, Path::new("/")).unwrap();
         assert!(discovered.scalar("cpus") >= 1.0 && discovered.scalar("mem") > 0.0);
     }

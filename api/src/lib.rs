@@ -39,6 +39,11 @@ pub mod butte {
     }
 }
 
+/// Per-task telemetry (`butte.telemetry.v1`): samples and batches.
+pub mod telemetry {
+    pub use crate::butte::telemetry::v1;
+}
+
 /// The agent<->master link (`butte.agent.v1.AgentLink`).
 pub mod agent_link {
     pub use crate::butte::agent::v1;

@@ -52,6 +52,17 @@ fn io_error<'a>(
     }
 }
 
+/// Where a container's memory figures are: the usage file (one number) and
+/// the stat file (`key value` lines), with the keys of resident anonymous
+/// memory and page cache in it (they differ between v1 and v2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryFiles {
+    pub usage: PathBuf,
+    pub stat: PathBuf,
+    pub rss_key: &'static str,
+    pub file_key: &'static str,
+}
+
 /// What a task may use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -82,6 +93,8 @@ pub trait Isolator: Send + Sync {
     fn pids(&self, id: &str) -> Result<Vec<i32>, CgroupError>;
     /// Memory in use by `id`, in bytes.
     fn memory_usage(&self, id: &str) -> Result<u64, CgroupError>;
+    /// The files a sampler reads for `id`'s memory (it keeps them open).
+    fn memory_files(&self, id: &str) -> MemoryFiles;
     /// Kills what is left in `id` and removes its cgroups.
     fn destroy(&self, id: &str) -> Result<(), CgroupError>;
     /// The ids that have cgroups now (to find leftovers after a crash).
@@ -336,6 +349,16 @@ impl Isolator for Hybrid {
         read_u64(&self.dir("memory", id).join("memory.usage_in_bytes"))
     }
 
+    fn memory_files(&self, id: &str) -> MemoryFiles {
+        let dir = self.dir("memory", id);
+        MemoryFiles {
+            usage: dir.join("memory.usage_in_bytes"),
+            stat: dir.join("memory.stat"),
+            rss_key: "total_rss",
+            file_key: "total_cache",
+        }
+    }
+
     fn destroy(&self, id: &str) -> Result<(), CgroupError> {
         check_id(id)?;
         // The v2 node sees every process of the task; empty it first.
@@ -487,6 +510,16 @@ impl Isolator for Unified {
         read_u64(&self.dir(id).join("memory.current"))
     }
 
+    fn memory_files(&self, id: &str) -> MemoryFiles {
+        let dir = self.dir(id);
+        MemoryFiles {
+            usage: dir.join("memory.current"),
+            stat: dir.join("memory.stat"),
+            rss_key: "anon",
+            file_key: "file",
+        }
+    }
+
     fn destroy(&self, id: &str) -> Result<(), CgroupError> {
         check_id(id)?;
         kill_and_remove(&self.dir(id))
@@ -514,7 +547,8 @@ impl Isolator for Unified {
 }
 
 /// The value of `name` in a `key value` per line file (memory.events, memory.oom_control).
-fn counter(text: &str, name: &str) -> u64 {
+/// The value of `name` in `key value` lines (memory.stat, memory.events), 0 when absent.
+pub fn counter(text: &str, name: &str) -> u64 {
     text.lines()
         .filter_map(|l| l.split_once(' '))
         .find(|(k, _)| *k == name)

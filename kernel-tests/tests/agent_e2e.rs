@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::iperf3_server;
+
 fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
     let exe = std::env::current_exe().unwrap();
@@ -143,11 +146,16 @@ impl Cluster {
     }
 
     fn run_framework(&self, mode: &str) -> String {
+        self.run_framework_with(mode, &[])
+    }
+
+    fn run_framework_with(&self, mode: &str, args: &[&str]) -> String {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/agent_framework.py");
         let output = Command::new(python())
             .arg(script)
             .arg(format!("http://127.0.0.1:{}", self.master_port))
             .args([mode, "150"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()
@@ -407,16 +415,68 @@ fn an_agent_that_cannot_load_its_port_fence_says_why_and_offers_no_ports() {
     let slaves = http_get(cluster.master_port, "/slaves").unwrap();
     assert!(slaves.contains("\"cpus\":2.0"), "{slaves}");
     assert!(
-        !slaves.contains("ports"),
-        "ports are not offered unenforced: {slaves}"
+        !slaves.contains("ports") && !slaves.contains("network_bandwidth"),
+        "ports and bandwidth are not offered unenforced: {slaves}"
     );
     let log = std::fs::read_to_string(cluster.dir.join("agent.log")).unwrap();
     assert!(
         log.contains("eBPF program bind failed to attach")
             && log.contains("Bad file descriptor (os error 9)")
-            && log.contains("ports cannot be enforced"),
+            && log.contains("ports cannot be enforced")
+            && log.contains("eBPF program egress failed to attach")
+            && log.contains("network bandwidth cannot be enforced"),
         "one clear error naming the program and the reason:\n{log}"
     );
     drop(cluster);
     std::fs::remove_dir_all(fake_root).unwrap();
+}
+
+/// What an iperf3 client task achieved, Mbit/s, from the JSON in its sandbox.
+fn achieved_mbit(cluster: &Cluster, task_id: &str) -> f64 {
+    let text = std::fs::read_to_string(cluster.sandbox(task_id).join("iperf.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{task_id}: no result in {text}"))
+        / 1e6
+}
+
+#[test]
+fn bandwidth_is_held_per_task_and_telemetry_agrees_with_the_kernel() {
+    let mut servers: Vec<_> = (15190..=15193).map(iperf3_server).collect();
+    let cluster = Cluster::start_with(
+        "telemetry",
+        15172,
+        15173,
+        "cpus:8;mem:4096;ports:[31000-31100];network_bandwidth:1000",
+        &["--telemetry-interval", "0.2"],
+    );
+    let slaves = http_get(cluster.master_port, "/slaves").unwrap();
+    assert!(slaves.contains("\"network_bandwidth\":1000.0"), "{slaves}");
+    let out = cluster.run_framework_with("telemetry", &["15173", &cluster.subtree]);
+    for server in &mut servers {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let rates: Vec<(f64, f64)> = [(20.0, "bw-20"), (100.0, "bw-100"), (500.0, "bw-500")]
+        .into_iter()
+        .map(|(limit, task)| (limit, achieved_mbit(&cluster, task)))
+        .collect();
+    let unlimited = achieved_mbit(&cluster, "bw-none");
+    println!("{out}\nachieved (limit, Mbit/s): {rates:?}; unlimited {unlimited:.0}");
+    for &(limit, rate) in &rates {
+        let (low, high) = if limit == 100.0 {
+            (92.0, 105.0)
+        } else {
+            (limit * 0.92, limit * 1.08)
+        };
+        assert!(
+            (low..=high).contains(&rate),
+            "network_bandwidth:{limit} gave {rate:.1} Mbit/s (want {low}-{high}); {rates:?}\n{out}"
+        );
+    }
+    assert!(
+        unlimited > 1500.0,
+        "a task without network_bandwidth is not limited: {unlimited:.0} Mbit/s"
+    );
 }

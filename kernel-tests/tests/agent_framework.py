@@ -2,15 +2,22 @@
 by tests/agent_e2e.rs. Prints one JSON line per finished check and exits 0
 only if every expectation held.
 
-Usage: agent_framework.py MASTER_URL MODE [TIMEOUT]
-  MODE e2e:   50 `echo hello-$i` tasks, a memory hog, `exit 3`, a killed
-              `sleep 600`, and an `inspect` task that records what it sees.
-  MODE churn: 200 `sleep 600` tasks launched and killed.
+Usage: agent_framework.py MASTER_URL MODE [TIMEOUT] [AGENT_PORT CGROUP_SUBTREE]
+  MODE e2e:       50 `echo hello-$i` tasks, a memory hog, `exit 3`, a killed
+                  `sleep 600`, and an `inspect` task that records what it sees.
+  MODE churn:     200 `sleep 600` tasks launched and killed.
+  MODE telemetry: iperf3 clients with network_bandwidth 20, 100 and 500 (to
+                  servers the test runs on ports 15190-15192) and one without
+                  (15193); a busy loop and a sender whose CPU time and tx bytes
+                  the agent's GET_CONTAINERS must agree on with cpuacct and with
+                  what the sink here received; the master's GET_METRICS and
+                  /telemetry history must have them.
 """
 
 import json
 import queue
 import requests
+import socket
 import sys
 import threading
 import time
@@ -82,6 +89,140 @@ def task(task_id, agent_id, command, cpus=0.05, mem=32):
     }
 
 
+SINK_PORT = 15194
+SEND_BYTES = 10000000
+SENDER = ("python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', %d)); "
+          "s.sendall(bytes(%d)); s.close()\"; sleep 6" % (SINK_PORT, SEND_BYTES))
+
+
+def iperf_task(task_id, agent_id, port, mbit, seconds=5):
+    t = task(task_id, agent_id, "exec iperf3 -c 127.0.0.1 -p %d -t %d -J > $MESOS_SANDBOX/iperf.json" % (port, seconds),
+             cpus=1, mem=64)
+    if mbit:
+        t["resources"].append({"name": "network_bandwidth", "type": "SCALAR", "scalar": {"value": mbit}})
+    return t
+
+
+def sink(received):
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", SINK_PORT))
+    listener.listen(1)
+    conn, _ = listener.accept()
+    total = 0
+    while True:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            break
+        total += len(chunk)
+    received.append(total)
+
+
+def operator_call(url, call):
+    answer = requests.post(url + "/api/v1", json={"type": call}, headers={"Accept": "application/json"})
+    if answer.status_code != 200:
+        fail("%s at %s answered %d: %s" % (call, url, answer.status_code, answer.text))
+    return answer.json()
+
+
+def check_telemetry(driver, agent_port, subtree, received):
+    """Busy and sender are sleeping now: their figures no longer move, so the
+    agent's last sample and the kernel's other books must agree."""
+    agent_url = "http://127.0.0.1:%d" % agent_port
+    containers = operator_call(agent_url, "GET_CONTAINERS")["get_containers"]["containers"]
+    by_task = {}
+    for c in containers:
+        by_task[c["executor_id"]["value"]] = c
+    for needed in ("busy", "sender"):
+        if needed not in by_task:
+            fail("GET_CONTAINERS has no %s: %s" % (needed, json.dumps(containers)[:2000]))
+    busy = by_task["busy"]
+    ebpf_cpu = busy["butte_statistics"]["cpus_total_time_secs"]
+    with open("/sys/fs/cgroup/cpuacct/%s/%s/cpuacct.usage" % (subtree, busy["container_id"]["value"])) as f:
+        cpuacct = int(f.read()) / 1e9
+    stats = busy["resource_statistics"]
+    user_system = stats["cpus_user_time_secs"] + stats["cpus_system_time_secs"]
+    sender = by_task["sender"]["resource_statistics"]
+    report = {"busy_cpu_ebpf": ebpf_cpu, "busy_cpu_cpuacct": cpuacct, "busy_user_plus_system": user_system,
+              "busy_mem_rss": stats.get("mem_rss_bytes"), "busy_runq_p99_us":
+              busy["butte_statistics"].get("runq_latency_p99_micros"),
+              "sender_tx_bytes": sender.get("net_tx_bytes"), "sender_tx_packets": sender.get("net_tx_packets"), "sink_received": received[0] if received else None}
+    print(json.dumps({"telemetry": report}), flush=True)
+    if not (cpuacct > 1.0 and abs(ebpf_cpu - cpuacct) <= 0.02 * cpuacct):
+        fail("busy CPU: eBPF %.4f s vs cpuacct %.4f s" % (ebpf_cpu, cpuacct))
+    if abs(user_system - ebpf_cpu) > 1e-6:
+        fail("user + system %.6f != total %.6f" % (user_system, ebpf_cpu))
+    if not stats.get("mem_limit_bytes") == 64 * 1024 * 1024 or not stats.get("mem_total_bytes"):
+        fail("busy memory figures: %s" % stats)
+    if not received or received[0] != SEND_BYTES:
+        fail("the sink received %s bytes, not %d" % (received, SEND_BYTES))
+    # Bytes are IP packets: the payload plus 52 B of IPv4 + TCP (with
+    # timestamps) headers per segment, counted within 1 %.
+    tx, packets = sender.get("net_tx_bytes", 0), sender.get("net_tx_packets", 0)
+    expected = SEND_BYTES + 52 * packets
+    if not (SEND_BYTES <= tx and abs(tx - expected) <= 0.01 * expected):
+        fail("sender tx counted %d B in %d packets for %d B sent (expected ~%d)" % (tx, packets, SEND_BYTES, expected))
+    metrics = requests.get("http://127.0.0.1:%d/metrics" % agent_port).text
+    if 'butte_task_cpu_seconds_total{framework_id="%s",executor_id="busy",task_id="busy"}' % driver.frameworkId not in metrics:
+        fail("the agent's /metrics has no CPU series for busy:\n" + metrics[:3000])
+    master_metrics = {m["name"]: m.get("value") for m in operator_call(driver.mesos_url, "GET_METRICS")["get_metrics"]["metrics"]}
+    name = "butte/tasks/%s/busy/cpus_total_time_secs" % driver.frameworkId
+    if name not in master_metrics:
+        fail("the master's GET_METRICS has no %s" % name)
+    history = requests.get(driver.mesos_url + "/telemetry",
+                           params={"framework_id": driver.frameworkId, "task_id": "busy"}).json()["samples"]
+    if len(history) < 2:
+        fail("the master kept %d samples of busy" % len(history))
+
+
+def run_telemetry(driver, offer, agent_id, agent_port, subtree):
+    received = []
+    threading.Thread(target=sink, args=(received,), daemon=True).start()
+    first = [iperf_task("bw-20", agent_id, 15190, 20), iperf_task("bw-100", agent_id, 15191, 100),
+             iperf_task("bw-500", agent_id, 15192, 500),
+             task("busy", agent_id, "timeout 2 sh -c 'while :; do :; done'; sleep 6", cpus=1, mem=64),
+             task("sender", agent_id, SENDER, cpus=0.5, mem=64)]
+    offer.accept(first)
+    print(json.dumps({"launched": len(first)}), flush=True)
+    final = {}
+    started = {}
+    checked = False
+    while len(final) < len(first) + 1:
+        event, payload = None, None
+        left = DEADLINE - time.monotonic()
+        if left <= 0:
+            fail("timed out; final so far: %s" % final)
+        try:
+            event, payload = events.get(timeout=min(left, 0.5))
+        except queue.Empty:
+            pass
+        if event == "ERROR":
+            fail("master sent ERROR: %s" % payload)
+        if event == "UPDATE":
+            status = payload["status"]
+            task_id, state = status["task_id"]["value"], status["state"]
+            if state == "TASK_RUNNING":
+                started[task_id] = time.monotonic()
+            if state in ("TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_ERROR", "TASK_LOST", "TASK_DROPPED"):
+                final[task_id] = {"state": state, "message": status.get("message", "")}
+        if event == "OFFERS" and all(t["task_id"]["value"] in final for t in first[:3]) and "bw-none" not in started:
+            # The limited clients are done: the unlimited one runs alone.
+            started["bw-none"] = time.monotonic()
+            payload[0].accept([iperf_task("bw-none", agent_id, 15193, 0, 2)])
+        elif event == "OFFERS":
+            for o in payload:
+                o.decline({"filters": {"refuse_seconds": 0.5}})
+        if not checked and "busy" in started and time.monotonic() - started["busy"] > 4 and "busy" not in final:
+            checked = True
+            check_telemetry(driver, agent_port, subtree, received)
+    print(json.dumps({"final": final}), flush=True)
+    if not checked:
+        fail("busy ended before its telemetry was checked")
+    problems = ["%s: %s" % (t, r) for t, r in final.items() if r["state"] != "TASK_FINISHED"]
+    if problems:
+        fail("; ".join(problems))
+
+
 def main():
     client = MesosClient(mesos_urls=[URL], frameworkName="agent-" + MODE, max_reconnect=1)
     client.on(MesosClient.SUBSCRIBED, lambda driver: events.put(("SUBSCRIBED", driver)))
@@ -94,6 +235,11 @@ def main():
         offers = next_event("OFFERS")
         offer = offers[0]
         agent_id = offer.get_offer()["agent_id"]
+        if MODE == "telemetry":
+            run_telemetry(driver, offer, agent_id, int(sys.argv[4]), sys.argv[5])
+            driver.tearDown()
+            print(json.dumps({"ok": True}), flush=True)
+            return 0
         if MODE == "e2e":
             tasks = [task("echo-%d" % i, agent_id, "echo hello-%d" % i) for i in range(50)]
             tasks.append(task("memhog", agent_id, "exec dd if=/dev/zero of=/dev/null bs=256M count=1", mem=32))

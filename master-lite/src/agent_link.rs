@@ -67,6 +67,9 @@ impl AgentLink for AgentLinkService {
                     Some(agent_message::Kind::StatusUpdate(update)) => {
                         master.agent_status_update(&agent_id, update)
                     }
+                    Some(agent_message::Kind::Telemetry(batch)) => {
+                        master.telemetry.record(&agent_id, batch)
+                    }
                     Some(agent_message::Kind::ResourcesChanged(_)) => {
                         tracing::warn!(
                             agent_id,

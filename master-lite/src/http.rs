@@ -193,6 +193,8 @@ pub fn json_response(value: &serde_json::Value) -> Response {
 pub const ROUTES: &[&str] = &[
     "/api/v1/scheduler",
     "/api/v1",
+    "/api/v1/telemetry",
+    "/telemetry",
     "/state",
     "/state.json",
     "/state-summary",

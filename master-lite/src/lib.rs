@@ -11,6 +11,7 @@ pub mod operator_api;
 pub mod registry;
 pub mod scheduler_api;
 pub mod task;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 
@@ -140,6 +141,10 @@ async fn dispatch(shared: Shared, request: Request<Body>) -> Response {
             "butte_version": env!("CARGO_PKG_VERSION"),
         })),
         Some("/health") => StatusCode::OK.into_response(),
+        Some("/api/v1/telemetry") => operator_api::telemetry_stream(&shared.lock()),
+        Some("/telemetry") => {
+            operator_api::telemetry_history(&shared.lock(), request.uri().query())
+        }
         Some("/redirect") => {
             // A single master is always the leader: point at ourselves.
             let location = {

@@ -231,6 +231,8 @@ pub struct Master {
     pub start_time: f64,
     pub counters: Counters,
     allocation_wanted: Arc<Notify>,
+    /// Per-task telemetry the agents stream.
+    pub telemetry: crate::telemetry::TelemetryStore,
 }
 
 pub fn unix_now() -> f64 {
@@ -316,6 +318,7 @@ impl Master {
             start_time: unix_now(),
             counters: Counters::default(),
             allocation_wanted: Arc::new(Notify::new()),
+            telemetry: crate::telemetry::TelemetryStore::default(),
         };
         // Recovered frameworks wait for their schedulers (failover_timeout from now);
         // recovered agents wait to re-register and are not offered until then.

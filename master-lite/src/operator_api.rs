@@ -12,6 +12,7 @@ use butte_api::mesos::v1::master::{Call, Response as ApiResponse, call, response
 use butte_api::mesos::v1::{Metric, Resource, Role, Task, TaskState, VersionInfo};
 use butte_api::resources::Resources;
 use serde_json::{Value, json};
+use tokio_stream::StreamExt;
 
 use crate::http::{HttpError, encoded, json_response, read_body, request_format, response_format};
 use crate::master::{Master, Shared, roles_of};
@@ -76,6 +77,7 @@ async fn serve_api(shared: Shared, request: Request<Body>) -> Result<Response, H
             answer.r#type = Some(response::Type::GetMetrics as i32);
             let metrics = metrics_snapshot(&master)
                 .into_iter()
+                .chain(master.telemetry.metrics())
                 .map(|(name, value)| Metric {
                     name,
                     value: Some(value),
@@ -581,5 +583,58 @@ pub fn view(master: &Master, route: &str) -> Response {
         )
             .into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// `GET /api/v1/telemetry`: every telemetry batch as it arrives, one JSON
+/// object per line (`{"agent_id": ..., "batch": TelemetryBatch}`), chunked.
+pub fn telemetry_stream(master: &Master) -> Response {
+    let receiver = master.telemetry.subscribe();
+    let lines = tokio_stream::wrappers::BroadcastStream::new(receiver).filter_map(|line| {
+        // A subscriber that fell behind skips what it missed.
+        line.ok()
+            .map(|line| Ok::<_, std::convert::Infallible>(format!("{line}\n")))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+/// `GET /telemetry?framework_id=F&task_id=T`: a task's recent samples,
+/// oldest first; without a query, every task's newest sample.
+pub fn telemetry_history(master: &Master, query: Option<&str>) -> Response {
+    let mut framework_id = None;
+    let mut task_id = None;
+    for pair in query.unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("framework_id", v)) => framework_id = Some(v),
+            Some(("task_id", v)) => task_id = Some(v),
+            _ => {}
+        }
+    }
+    let encode = |sample: &butte_api::telemetry::v1::TaskSample| {
+        butte_api::json::to_value(sample).unwrap_or(Value::Null)
+    };
+    match (framework_id, task_id) {
+        (Some(framework_id), Some(task_id)) => {
+            match master.telemetry.history(framework_id, task_id) {
+                Some(history) => json_response(
+                    &json!({"samples": history.iter().map(encode).collect::<Vec<_>>()}),
+                ),
+                None => HttpError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no telemetry for task {task_id} of framework {framework_id}"),
+                )
+                .into_response(),
+            }
+        }
+        (None, None) => json_response(&json!({
+            "samples": master.telemetry.latest().values().map(|s| encode(s)).collect::<Vec<_>>()
+        })),
+        _ => {
+            HttpError::bad_request("give both framework_id and task_id, or neither").into_response()
+        }
     }
 }

@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use butte_isolators::cgroups::{Isolator, Limits, Placement, detect};
 use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
@@ -85,4 +87,30 @@ pub fn cpu_seconds(subtree: &str, id: &str) -> f64 {
     })
     .unwrap();
     usage.trim().parse::<f64>().unwrap() / 1e9
+}
+
+/// An iperf3 server on the host (outside our subtree); the caller kills it.
+pub fn iperf3_server(port: u16) -> Child {
+    let server = Command::new("iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 (scripts/install-deps installs it)");
+    // Wait until it listens; a probe connection would count as its client.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !listening(port) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// Whether a TCP socket listens on `port` (a LISTEN row, state 0A, in /proc/net/tcp).
+pub fn listening(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!(":{port:04X}");
+    table.lines().skip(1).any(|row| {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "0A"
+    })
 }

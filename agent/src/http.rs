@@ -1,0 +1,175 @@
+//! The agent's own HTTP port: Prometheus text at `GET /metrics`, the Mesos
+//! v1 agent operator API at `POST /api/v1` (GET_HEALTH, GET_VERSION,
+//! GET_CONTAINERS with ResourceStatistics and our additions), `GET /health`.
+
+use std::collections::BTreeSet;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use butte_api::mesos::v1::agent::{Call, Response as ApiResponse, call, response};
+use butte_api::mesos::v1::{ContainerStatus, VersionInfo};
+use prost::{Message, Name};
+
+use crate::agent::Agent;
+
+const JSON: &str = "application/json";
+const PROTOBUF: &str = "application/x-protobuf";
+/// The largest call body taken.
+const MAX_BODY: usize = 1 << 20;
+
+pub fn router(agent: Agent) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "OK" }))
+        .route("/api/v1", post(api))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(agent)
+}
+
+async fn metrics(axum::extract::State(agent): axum::extract::State<Agent>) -> Response {
+    let samples: Vec<_> = agent.lock().latest.values().cloned().collect();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::prometheus(&samples),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, message).into_response()
+}
+
+/// Protobuf when the header names it, JSON otherwise (absent, wildcard, JSON).
+fn wants_protobuf(headers: &HeaderMap, name: header::HeaderName) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains(PROTOBUF))
+}
+
+async fn api(
+    axum::extract::State(agent): axum::extract::State<Agent>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let decoded = if content_type.starts_with(PROTOBUF) {
+        butte_api::json::from_protobuf::<Call>(&body)
+    } else if content_type.starts_with(JSON) {
+        butte_api::json::from_json::<Call>(&body)
+    } else {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Expecting 'Content-Type' of {JSON} or {PROTOBUF}, got '{content_type}'"),
+        );
+    };
+    let call = match decoded {
+        Ok(call) => call,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("Failed to parse body: {e}"),
+            );
+        }
+    };
+    let kind = call
+        .r#type
+        .and_then(|t| call::Type::try_from(t).ok())
+        .unwrap_or(call::Type::Unknown);
+    let answer = match kind {
+        call::Type::GetHealth => ApiResponse {
+            r#type: Some(response::Type::GetHealth as i32),
+            get_health: Some(response::GetHealth { healthy: true }),
+            ..Default::default()
+        },
+        call::Type::GetVersion => ApiResponse {
+            r#type: Some(response::Type::GetVersion as i32),
+            get_version: Some(response::GetVersion {
+                version_info: VersionInfo {
+                    version: butte_api::MESOS_VERSION.to_owned(),
+                    git_tag: Some(format!("butte-{}", env!("CARGO_PKG_VERSION"))),
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        },
+        call::Type::GetContainers => ApiResponse {
+            r#type: Some(response::Type::GetContainers as i32),
+            get_containers: Some(containers(&agent)),
+            ..Default::default()
+        },
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "call {} is not served by this agent; it serves GET_HEALTH, GET_VERSION and GET_CONTAINERS",
+                    other.as_str_name()
+                ),
+            );
+        }
+    };
+    let protobuf = if headers.contains_key(header::ACCEPT) {
+        wants_protobuf(&headers, header::ACCEPT)
+    } else {
+        content_type.starts_with(PROTOBUF)
+    };
+    encode(&answer, protobuf)
+}
+
+fn encode<M: Message + Name>(message: &M, protobuf: bool) -> Response {
+    if protobuf {
+        return ([(header::CONTENT_TYPE, PROTOBUF)], message.encode_to_vec()).into_response();
+    }
+    match butte_api::json::to_json(message) {
+        Ok(text) => ([(header::CONTENT_TYPE, JSON)], text).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the answer: {e}"),
+        ),
+    }
+}
+
+/// One entry per container (a task group's tasks share theirs), from the
+/// newest telemetry samples.
+fn containers(agent: &Agent) -> response::GetContainers {
+    let state = agent.lock();
+    let mut seen = BTreeSet::new();
+    let mut samples: Vec<_> = state.latest.values().collect();
+    samples.sort_by(|a, b| a.task_id.value.cmp(&b.task_id.value));
+    let containers = samples
+        .into_iter()
+        .filter(|s| {
+            s.container_id
+                .as_ref()
+                .is_some_and(|c| seen.insert(c.value.clone()))
+        })
+        .map(|sample| {
+            let executor_id = sample.executor_id.clone().unwrap_or_default();
+            let command = executor_id.value == sample.task_id.value;
+            response::get_containers::Container {
+                framework_id: sample.framework_id.clone(),
+                executor_name: if command {
+                    "Command Executor".to_owned()
+                } else {
+                    executor_id.value.clone()
+                },
+                executor_id,
+                container_id: sample.container_id.clone().unwrap_or_default(),
+                container_status: Some(ContainerStatus {
+                    container_id: sample.container_id.clone(),
+                    ..Default::default()
+                }),
+                resource_statistics: Some(sample.statistics.clone()),
+                butte_statistics: sample.extra.clone(),
+            }
+        })
+        .collect();
+    response::GetContainers { containers }
+}
