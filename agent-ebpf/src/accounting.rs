@@ -270,6 +270,11 @@ impl Accounting {
         self.stats.get(&cgroup_id, 0).ok()
     }
 
+    /// Every tracked task's counts, by cgroup id, in a few syscalls.
+    pub fn all_stats(&self) -> Result<std::collections::HashMap<u64, TaskStats>, FenceError> {
+        crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_stats")
+    }
+
     /// Stops accounting the task (it ended).
     pub fn forget(&mut self, cgroup_id: u64) {
         let _ = self.stats.remove(&cgroup_id);
@@ -279,6 +284,11 @@ impl Accounting {
     /// `kernel.bpf_stats_enabled`; zero otherwise).
     pub fn run_time(&self) -> std::time::Duration {
         crate::run_time(&self.bpf)
+    }
+
+    /// Times these programs ran (same condition).
+    pub fn run_count(&self) -> u64 {
+        crate::run_count(&self.bpf)
     }
 }
 

@@ -115,9 +115,98 @@ pub(crate) fn run_time(bpf: &aya::Ebpf) -> std::time::Duration {
         .sum()
 }
 
+/// Times the object's programs ran (`kernel.bpf_stats_enabled` on).
+pub(crate) fn run_count(bpf: &aya::Ebpf) -> u64 {
+    bpf.programs()
+        .filter_map(|(_, program)| program.info().ok())
+        .map(|info| info.run_count())
+        .sum()
+}
+
 /// Turns on the kernel's per-program run-time counters while the returned
 /// fd is open (what `kernel.bpf_stats_enabled=1` does, scoped to us).
 pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, FenceError> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| failed("stats", "enable run-time counters", &e))
+}
+
+/// The kernel's `bpf_attr.batch` (linux/bpf.h), for BPF_MAP_LOOKUP_BATCH.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries asked for per syscall.
+const BATCH: usize = 1024;
+
+/// Every entry of a `u64`-keyed hash map in a few syscalls
+/// (BPF_MAP_LOOKUP_BATCH), instead of one lookup syscall per key: what
+/// makes sampling hundreds of tasks cheap. aya 0.14 has no batch call.
+pub(crate) fn lookup_all<V: aya::Pod + Default>(
+    map: &aya::maps::MapData,
+    name: &'static str,
+) -> Result<std::collections::HashMap<u64, V>, FenceError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut entries = std::collections::HashMap::new();
+    let mut keys = vec![0u64; BATCH];
+    let mut values = vec![V::default(); BATCH];
+    // The hash map's batch token is a bucket index (u32).
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::addr_of!(token_in) as u64
+            },
+            out_batch: std::ptr::addr_of_mut!(token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attr points at buffers of BATCH keys and BATCH values
+        // of the map's key and value types (u64 and V, whose layout the C
+        // side shares), and at two u32 batch tokens; all outlive the call.
+        #[allow(unsafe_code)]
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                std::ptr::addr_of_mut!(attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let error = (result < 0).then(std::io::Error::last_os_error);
+        let filled = (attr.count as usize).min(BATCH);
+        for (key, value) in keys.iter().zip(&values).take(filled) {
+            entries.insert(*key, *value);
+        }
+        match error {
+            None => {}
+            // ENOENT: the walk reached the end (the last entries came with it).
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Some(e) => {
+                return Err(FenceError::Map {
+                    map: name,
+                    step: "read in a batch",
+                    detail: e.to_string(),
+                });
+            }
+        }
+        token_in = token_out;
+        first = false;
+    }
 }

@@ -135,6 +135,11 @@ impl Network {
         self.stats.get(&cgroup_id, 0).ok()
     }
 
+    /// Every tracked task's counts, by cgroup id, in a few syscalls.
+    pub fn all_stats(&self) -> Result<std::collections::HashMap<u64, NetStats>, FenceError> {
+        crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_net")
+    }
+
     /// Removes the task's entries (it ended).
     pub fn forget(&mut self, cgroup_id: u64) {
         let _ = self.stats.remove(&cgroup_id);
@@ -145,6 +150,11 @@ impl Network {
     /// Kernel time spent in these programs so far (needs `kernel.bpf_stats_enabled`).
     pub fn run_time(&self) -> std::time::Duration {
         crate::run_time(&self.bpf)
+    }
+
+    /// Times these programs ran (same condition).
+    pub fn run_count(&self) -> u64 {
+        crate::run_count(&self.bpf)
     }
 }
 

@@ -111,6 +111,11 @@ impl PortFence {
     }
 
     /// Binds the task was refused.
+    /// Every task's refusals (tasks with none have no entry), in a few syscalls.
+    pub fn all_denied(&self) -> Result<std::collections::HashMap<u64, u64>, FenceError> {
+        crate::lookup_all(aya::maps::IterableMap::map(&self.denied), "denied_binds")
+    }
+
     pub fn denied(&self, cgroup_id: u64) -> u64 {
         self.denied.get(&cgroup_id, 0).unwrap_or(0)
     }

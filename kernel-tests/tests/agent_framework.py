@@ -103,6 +103,15 @@ def iperf_task(task_id, agent_id, port, mbit, seconds=5):
     return t
 
 
+def sender_task(agent_id):
+    # Held to 200 Mbit/s so the sink here keeps up: a receiver that falls
+    # behind on a busy machine drops segments, and their retransmissions are
+    # real bytes sent twice. Our own limit's drops are not counted as sent.
+    t = task("sender", agent_id, SENDER, cpus=0.5, mem=64)
+    t["resources"].append({"name": "network_bandwidth", "type": "SCALAR", "scalar": {"value": 200}})
+    return t
+
+
 def sink(received):
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -181,7 +190,7 @@ def run_telemetry(driver, offer, agent_id, agent_port, subtree):
     first = [iperf_task("bw-20", agent_id, 15190, 20), iperf_task("bw-100", agent_id, 15191, 100),
              iperf_task("bw-500", agent_id, 15192, 500),
              task("busy", agent_id, "timeout 2 sh -c 'while :; do :; done'; sleep 6", cpus=1, mem=64),
-             task("sender", agent_id, SENDER, cpus=0.5, mem=64)]
+             sender_task(agent_id)]
     offer.accept(first)
     print(json.dumps({"launched": len(first)}), flush=True)
     final = {}

@@ -1,6 +1,8 @@
 // Per-task accounting and events, keyed by the task's v2 cgroup id. A cgroup
-// is accounted only once the agent put a zeroed entry for it in `task_stats`;
-// everything else on the machine costs one failed hash lookup.
+// is accounted only once the agent put a zeroed entry for it in `task_stats`.
+// Its threads are marked when they are born (wakeup_new) with a task-local
+// storage entry that remembers the key, so the hot paths (every switch and
+// wakeup on the machine) cost one storage lookup for everyone else.
 //
 // CPU time is the scheduler's own runtime counter (se.sum_exec_runtime),
 // summed as deltas when a thread switches out; the agent's sampler runs the
@@ -70,6 +72,7 @@ struct {
 
 // What we last counted of each thread, and when it became runnable.
 struct thread_state {
+    __u64 cgroup; // the task's key in task_stats
     __u64 runtime;
     __u64 utime;
     __u64 stime;
@@ -120,11 +123,10 @@ static __always_inline __u64 advance(__u64 *last, __u64 now)
     return 0;
 }
 
-static __always_inline void count_cpu(struct task_struct *task, struct task_stats *stats)
+static __always_inline void count_cpu(struct task_struct *task, struct thread_state *thread)
 {
-    struct thread_state *thread =
-        bpf_task_storage_get(&threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!thread)
+    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &thread->cgroup);
+    if (!stats)
         return;
     __u64 ran = advance(&thread->runtime, task->se.sum_exec_runtime);
     __u64 user = advance(&thread->utime, task->utime);
@@ -137,15 +139,20 @@ static __always_inline void count_cpu(struct task_struct *task, struct task_stat
         __sync_fetch_and_add(&stats->system_ns, system);
 }
 
-static __always_inline void mark_runnable(struct task_struct *task)
+// A thread of a tracked task: its storage entry, created on first sight
+// when `create` (a new thread, or one the flush finds running).
+static __always_inline struct thread_state *tracked(struct task_struct *task, int create)
 {
+    struct thread_state *thread = bpf_task_storage_get(&threads, task, 0, 0);
+    if (thread || !create)
+        return thread;
     __u64 cgroup = task_cgroup(task);
     if (!bpf_map_lookup_elem(&task_stats, &cgroup))
-        return;
-    struct thread_state *thread =
-        bpf_task_storage_get(&threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+        return 0;
+    thread = bpf_task_storage_get(&threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (thread)
-        thread->runnable_since = bpf_ktime_get_ns();
+        thread->cgroup = cgroup;
+    return thread;
 }
 
 static __always_inline __u32 log2_slot(__u64 micros)
@@ -163,14 +170,19 @@ static __always_inline __u32 log2_slot(__u64 micros)
 SEC("tp_btf/sched_wakeup")
 int wakeup(__u64 *ctx)
 {
-    mark_runnable((struct task_struct *)ctx[0]);
+    struct thread_state *thread = tracked((struct task_struct *)ctx[0], 0);
+    if (thread)
+        thread->runnable_since = bpf_ktime_get_ns();
     return 0;
 }
 
+// A new thread: the one place its cgroup is read (it is born in its task's).
 SEC("tp_btf/sched_wakeup_new")
 int wakeup_new(__u64 *ctx)
 {
-    mark_runnable((struct task_struct *)ctx[0]);
+    struct thread_state *thread = tracked((struct task_struct *)ctx[0], 1);
+    if (thread)
+        thread->runnable_since = bpf_ktime_get_ns();
     return 0;
 }
 
@@ -183,24 +195,19 @@ int switch_task(__u64 *ctx)
     struct task_struct *next = (struct task_struct *)ctx[2];
     __u64 prev_state = ctx[3];
 
-    __u64 cgroup = bpf_get_current_cgroup_id();
-    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &cgroup);
-    if (stats) {
-        count_cpu(prev, stats);
+    struct thread_state *thread = tracked(prev, 0);
+    if (thread) {
+        count_cpu(prev, thread);
         // Preempted while runnable (TASK_RUNNING): it waits in the queue again.
-        if (prev_state == 0) {
-            struct thread_state *thread = bpf_task_storage_get(&threads, prev, 0, 0);
-            if (thread)
-                thread->runnable_since = bpf_ktime_get_ns();
-        }
+        if (prev_state == 0)
+            thread->runnable_since = bpf_ktime_get_ns();
     }
 
-    cgroup = task_cgroup(next);
-    stats = bpf_map_lookup_elem(&task_stats, &cgroup);
-    if (!stats)
-        return 0;
-    struct thread_state *thread = bpf_task_storage_get(&threads, next, 0, 0);
+    thread = tracked(next, 0);
     if (!thread || !thread->runnable_since)
+        return 0;
+    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &thread->cgroup);
+    if (!stats)
         return 0;
     __u64 waited = bpf_ktime_get_ns() - thread->runnable_since;
     thread->runnable_since = 0;
@@ -220,10 +227,9 @@ int flush(struct bpf_iter__task *ctx)
     struct task_struct *task = ctx->task;
     if (!task)
         return 0;
-    __u64 cgroup = task_cgroup(task);
-    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &cgroup);
-    if (stats)
-        count_cpu(task, stats);
+    struct thread_state *thread = tracked(task, 0);
+    if (thread)
+        count_cpu(task, thread);
     return 0;
 }
 

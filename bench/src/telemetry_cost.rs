@@ -1,0 +1,303 @@
+//! The cost of per-task telemetry at N running tasks (default 500) sampled
+//! every second, our path and the cgroupfs poller side by side in one run.
+//!
+//! - butte: the eBPF programs' own run time (kernel.bpf_stats, everything
+//!   they did machine-wide while the tasks ran: sched_switch/wakeup, exec,
+//!   exit, skb) plus the agent's collection each second: the flush
+//!   iterator, the four per-task maps (CPU and run queue, network, denied
+//!   binds, denied opens) each read whole with BPF_MAP_LOOKUP_BATCH, and the
+//!   memory usage file of every task (memory.stat every 10th round) read
+//!   through one io_uring submission per 256 files.
+//! - poller: what cAdvisor and the Mesos agent do each second: open, read
+//!   and close per task cpuacct.usage, cpuacct.stat, memory.usage_in_bytes,
+//!   memory.stat, and /proc/<pid>/schedstat for the run-queue wait (it has
+//!   no per-task network or denial figures at all).
+//!
+//! Both sides are CPU time of this process (io_uring workers included).
+//! Each task is a perl loop that wakes ten times a second.
+//!
+//! `cargo run --release -p butte-bench --bin telemetry-cost [-- TASKS SECONDS]`
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use butte_agent::cgroup_reader::CgroupReader;
+use butte_agent::telemetry::MemorySampler;
+use butte_agent_ebpf::accounting::Accounting;
+use butte_agent_ebpf::devices::{DeviceFence, default_rules};
+use butte_agent_ebpf::network::{self, Network};
+use butte_agent_ebpf::ports::PortFence;
+use butte_isolators::cgroups::{Isolator, Limits, detect};
+use butte_isolators::container::{ContainerSpec, Spawned, signal, spawn, wait};
+
+const WORK: &str = "/var/lib/butte-bench/telemetry";
+const SUBTREE: &str = "butte/bench-telemetry";
+
+fn process_cpu() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now);
+    }
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+struct Task {
+    id: String,
+    key: u64,
+    child: Spawned,
+}
+
+fn start_tasks(isolator: &dyn Isolator, n: usize, programs: &mut Programs) -> Vec<Task> {
+    (0..n)
+        .map(|i| {
+            let id = format!("tel-{i}");
+            let placement = isolator
+                .create(
+                    &id,
+                    &Limits {
+                        cpus: 0.1,
+                        mem_mb: 64.0,
+                        pids_max: 16,
+                    },
+                )
+                .unwrap_or_else(|e| panic!("cgroups for {id}: {e}"));
+            let key = std::fs::metadata(&placement.unified)
+                .map(|m| m.ino())
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            programs.track(key);
+            let sandbox = PathBuf::from(WORK).join(&id);
+            std::fs::create_dir_all(&sandbox).unwrap_or_else(|e| panic!("sandbox: {e}"));
+            let spec = ContainerSpec {
+                argv: [
+                    "/usr/bin/perl",
+                    "-e",
+                    "select(undef, undef, undef, 0.1) while 1",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                sandbox,
+                hostname: id.clone(),
+                cgroup: placement.unified,
+                v1_procs: placement.v1_procs,
+                tmp_mb: 1,
+            };
+            let child = spawn(&spec).unwrap_or_else(|e| panic!("spawn {id}: {e}"));
+            Task { id, key, child }
+        })
+        .collect()
+}
+
+struct Programs {
+    accounting: Accounting,
+    network: Network,
+    ports: PortFence,
+    devices: DeviceFence,
+}
+
+impl Programs {
+    fn track(&mut self, key: u64) {
+        self.accounting.track(key).unwrap_or_else(|e| panic!("{e}"));
+        self.network
+            .track(key, network::Limits::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.ports
+            .allow(key, &[(31000, 31000)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.devices
+            .allow(key, &default_rules())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn run_time(&self) -> Duration {
+        self.accounting.run_time() + self.network.run_time()
+    }
+
+    fn run_count(&self) -> u64 {
+        self.accounting.run_count() + self.network.run_count()
+    }
+}
+
+/// One round of our collection; returns a checksum so nothing is optimised away.
+fn sample_ours(
+    programs: &mut Programs,
+    memory: &mut MemorySampler,
+    isolator: &dyn Isolator,
+    tasks: &[Task],
+    parts: &mut [Duration; 3],
+) -> u64 {
+    let started = process_cpu();
+    programs
+        .accounting
+        .flush()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let flushed = process_cpu();
+    parts[0] += flushed - started;
+    let mut sum = 0;
+    let cpu = programs
+        .accounting
+        .all_stats()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let net = programs
+        .network
+        .all_stats()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let binds = programs
+        .ports
+        .all_denied()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let opens = programs
+        .devices
+        .all_denied()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cpu.len(), tasks.len(), "every task's counts were read");
+    for task in tasks {
+        sum += cpu.get(&task.key).map_or(0, |s| s.cpu_ns);
+        sum += net.get(&task.key).map_or(0, |s| s.tx_bytes);
+        sum += binds.get(&task.key).copied().unwrap_or(0);
+        sum += opens.get(&task.key).copied().unwrap_or(0);
+    }
+    let looked_up = process_cpu();
+    parts[1] += looked_up - flushed;
+    let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+    let read = memory.read(isolator, &ids);
+    parts[2] += process_cpu() - looked_up;
+    assert_eq!(read.len(), tasks.len(), "every task's memory was read");
+    sum + read.values().map(|m| m.usage).sum::<u64>()
+}
+
+/// One round of polling cgroupfs (and procfs) the way a poller does.
+fn sample_poller(tasks: &[Task]) -> u64 {
+    let mut sum = 0u64;
+    for task in tasks {
+        for path in [
+            format!("/sys/fs/cgroup/cpuacct/{SUBTREE}/{}/cpuacct.usage", task.id),
+            format!("/sys/fs/cgroup/cpuacct/{SUBTREE}/{}/cpuacct.stat", task.id),
+            format!(
+                "/sys/fs/cgroup/memory/{SUBTREE}/{}/memory.usage_in_bytes",
+                task.id
+            ),
+            format!("/sys/fs/cgroup/memory/{SUBTREE}/{}/memory.stat", task.id),
+            format!("/proc/{}/schedstat", task.child.pid),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            sum += text.len() as u64;
+        }
+    }
+    sum
+}
+
+/// Runs `round` once a second for `seconds`; returns the CPU it took.
+fn every_second(seconds: u64, mut round: impl FnMut() -> u64) -> Duration {
+    let started = Instant::now();
+    let mut cpu = Duration::ZERO;
+    let mut checksum = 0u64;
+    for second in 0..seconds {
+        let before = process_cpu();
+        checksum = checksum.wrapping_add(round());
+        cpu += process_cpu() - before;
+        let next = Duration::from_secs(second + 1);
+        std::thread::sleep(next.saturating_sub(started.elapsed()));
+    }
+    std::hint::black_box(checksum);
+    cpu
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(500)
+        .max(1);
+    let seconds: u64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let isolator = detect(Path::new("/sys/fs/cgroup"), Path::new(SUBTREE))
+        .unwrap_or_else(|e| panic!("cgroups (run as root): {e}"));
+    let v1 = Path::new(&format!("/sys/fs/cgroup/cpuacct/{SUBTREE}")).exists();
+    assert!(
+        v1,
+        "the poller reads v1 cpuacct; this benchmark needs the hybrid host"
+    );
+    let _stats = butte_agent_ebpf::enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
+    let subtree = isolator.v2_subtree();
+    let mut programs = Programs {
+        accounting: Accounting::attach().unwrap_or_else(|e| panic!("{e}")),
+        network: Network::attach(&subtree).unwrap_or_else(|e| panic!("{e}")),
+        ports: PortFence::attach(&subtree).unwrap_or_else(|e| panic!("{e}")),
+        devices: DeviceFence::attach(&subtree).unwrap_or_else(|e| panic!("{e}")),
+    };
+    let tasks = start_tasks(&*isolator, n, &mut programs);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let reader = if std::env::var_os("BUTTE_BENCH_PREAD").is_some() {
+        CgroupReader::plain()
+    } else {
+        CgroupReader::new()
+    };
+    let mut memory = MemorySampler::new(reader);
+    let io_uring = std::env::var_os("BUTTE_BENCH_PREAD").is_none() && memory_uses_io_uring();
+    let bpf_before = programs.run_time();
+    let runs_before = programs.run_count();
+    let mut parts = [Duration::ZERO; 3];
+    let collection = every_second(seconds, || {
+        sample_ours(&mut programs, &mut memory, &*isolator, &tasks, &mut parts)
+    });
+    let bpf = programs.run_time() - bpf_before;
+    let runs = programs.run_count() - runs_before;
+    let poller = every_second(seconds, || sample_poller(&tasks));
+
+    let per_second = |d: Duration| d.as_secs_f64() * 1e3 / seconds as f64;
+    let ours = collection + bpf;
+    println!("{n} tasks, sampled every second for {seconds} s (io_uring: {io_uring})");
+    println!(
+        "butte:  {:>7.3} ms CPU/s = {:.3} % of a core  (eBPF programs {:.3} ms/s, collection {:.3} ms/s)",
+        per_second(ours),
+        per_second(ours) / 10.0,
+        per_second(bpf),
+        per_second(collection)
+    );
+    println!(
+        "        eBPF: {:.0} program runs/s, {:.0} ns each",
+        runs as f64 / seconds as f64,
+        bpf.as_nanos() as f64 / runs.max(1) as f64
+    );
+    println!(
+        "        collection: flush iterator {:.3} ms/s, map lookups {:.3} ms/s, memory files {:.3} ms/s",
+        per_second(parts[0]),
+        per_second(parts[1]),
+        per_second(parts[2])
+    );
+    println!(
+        "poller: {:>7.3} ms CPU/s = {:.3} % of a core  (5 files per task)",
+        per_second(poller),
+        per_second(poller) / 10.0
+    );
+    println!(
+        "ratio: poller / butte = {:.1}x",
+        poller.as_secs_f64() / ours.as_secs_f64()
+    );
+
+    for task in &tasks {
+        let _ = signal(&task.child.pidfd, libc::SIGKILL);
+        let _ = wait(&task.child.pidfd);
+        let _ = isolator.destroy(&task.id);
+    }
+    drop(programs);
+    isolator.remove_subtree();
+    let _ = std::fs::remove_dir_all(WORK);
+}
+
+fn memory_uses_io_uring() -> bool {
+    CgroupReader::new().uses_io_uring()
+}
