@@ -20,6 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::MetadataExt;
+
+use butte_agent_ebpf::accounting::Accounting;
+use butte_agent_ebpf::devices::{DeviceFence, default_rules};
+use butte_agent_ebpf::network::{self, Network};
+use butte_agent_ebpf::ports::PortFence;
 use butte_isolators::cgroups::{Isolator, Limits, detect};
 use butte_isolators::container::{ContainerSpec, spawn, wait};
 
@@ -33,14 +39,90 @@ fn limits() -> Limits {
     }
 }
 
-fn spec(isolator: &dyn Isolator, id: &str, argv: &[&str]) -> ContainerSpec {
+/// Every eBPF program the agent runs, attached at the bench subtree; a
+/// launch writes the task's entries in each, as the agent's does.
+struct Programs {
+    accounting: Option<Accounting>,
+    network: Option<Network>,
+    ports: Option<PortFence>,
+    devices: Option<DeviceFence>,
+}
+
+impl Programs {
+    fn attach(subtree: &Path) -> Self {
+        // BUTTE_BENCH_PROGRAMS=ports,devices,network,accounting picks a subset.
+        let wanted = std::env::var("BUTTE_BENCH_PROGRAMS")
+            .unwrap_or_else(|_| "ports,devices,network,accounting".into());
+        let on = |name: &str| wanted.split(',').any(|w| w == name);
+        Self {
+            accounting: on("accounting")
+                .then(|| Accounting::attach().unwrap_or_else(|e| panic!("{e}"))),
+            network: on("network")
+                .then(|| Network::attach(subtree).unwrap_or_else(|e| panic!("{e}"))),
+            ports: on("ports")
+                .then(|| PortFence::attach(subtree).unwrap_or_else(|e| panic!("{e}"))),
+            devices: on("devices")
+                .then(|| DeviceFence::attach(subtree).unwrap_or_else(|e| panic!("{e}"))),
+        }
+    }
+
+    fn track(&mut self, unified: &Path) -> u64 {
+        let key = std::fs::metadata(unified)
+            .map(|m| m.ino())
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(ports) = self.ports.as_mut() {
+            ports
+                .allow(key, &[(31000, 31010)])
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        if let Some(devices) = self.devices.as_mut() {
+            devices
+                .allow(key, &default_rules())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let limits = network::Limits {
+            egress_mbit_per_s: Some(100.0),
+            police_ingress: false,
+        };
+        if let Some(network) = self.network.as_mut() {
+            network.track(key, limits).unwrap_or_else(|e| panic!("{e}"));
+        }
+        if let Some(accounting) = self.accounting.as_mut() {
+            accounting.track(key).unwrap_or_else(|e| panic!("{e}"));
+        }
+        key
+    }
+
+    fn forget(&mut self, key: u64) {
+        if let Some(ports) = self.ports.as_mut() {
+            ports.forget(key);
+        }
+        if let Some(devices) = self.devices.as_mut() {
+            devices.forget(key);
+        }
+        if let Some(network) = self.network.as_mut() {
+            network.forget(key);
+        }
+        if let Some(accounting) = self.accounting.as_mut() {
+            accounting.forget(key);
+        }
+    }
+}
+
+fn spec(
+    isolator: &dyn Isolator,
+    id: &str,
+    argv: &[&str],
+    programs: Option<&mut Programs>,
+) -> (ContainerSpec, Option<u64>) {
     let placement = isolator
         .create(id, &limits())
         .unwrap_or_else(|e| panic!("cgroups for {id}: {e}"));
+    let key = programs.map(|p| p.track(&placement.unified));
     let sandbox = PathBuf::from(WORK).join("sandboxes").join(id);
     std::fs::create_dir_all(&sandbox)
         .unwrap_or_else(|e| panic!("sandbox {}: {e}", sandbox.display()));
-    ContainerSpec {
+    let spec = ContainerSpec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         sandbox,
@@ -48,7 +130,8 @@ fn spec(isolator: &dyn Isolator, id: &str, argv: &[&str]) -> ContainerSpec {
         cgroup: placement.unified,
         v1_procs: placement.v1_procs,
         tmp_mb: 16,
-    }
+    };
+    (spec, key)
 }
 
 fn stats(name: &str, mut samples: Vec<Duration>) -> Duration {
@@ -63,25 +146,50 @@ fn stats(name: &str, mut samples: Vec<Duration>) -> Duration {
     at(0.5)
 }
 
-fn butte_launches(isolator: &dyn Isolator, n: usize) -> (Duration, Duration) {
-    let mut to_exec = Vec::with_capacity(n);
-    let mut cycle = Vec::with_capacity(n);
+/// One launch, run and removal; (launch -> execve, whole cycle).
+fn one_launch(isolator: &dyn Isolator, id: &str) -> (Duration, Duration) {
+    let started = Instant::now();
+    let (spec, _) = spec(isolator, id, &["/bin/true"], None);
+    let child = spawn(&spec).unwrap_or_else(|e| panic!("spawn {id}: {e}"));
+    let to_exec = started.elapsed();
+    wait(&child.pidfd).unwrap_or_else(|e| panic!("wait {id}: {e}"));
+    isolator
+        .destroy(id)
+        .unwrap_or_else(|e| panic!("destroy {id}: {e}"));
+    (to_exec, started.elapsed())
+}
+
+/// `n` launches without eBPF programs and `n` in a second subtree where
+/// every program is attached and each task gets its map entries,
+/// interleaved so that both meet the same machine state.
+fn butte_launches(plain: &dyn Isolator, fenced: &dyn Isolator, n: usize) -> [Duration; 4] {
+    let mut programs = Programs::attach(&fenced.v2_subtree());
+    let mut samples: [Vec<Duration>; 4] = Default::default();
     for i in 0..n {
-        let id = format!("bench-{i}");
+        let (to_exec, cycle) = one_launch(plain, &format!("bench-{i}"));
+        samples[0].push(to_exec);
+        samples[1].push(cycle);
+        let id = format!("bench-ebpf-{i}");
         let started = Instant::now();
-        let spec = spec(isolator, &id, &["/bin/true"]);
+        let (spec, key) = spec(fenced, &id, &["/bin/true"], Some(&mut programs));
         let child = spawn(&spec).unwrap_or_else(|e| panic!("spawn {id}: {e}"));
-        to_exec.push(started.elapsed());
+        samples[2].push(started.elapsed());
         wait(&child.pidfd).unwrap_or_else(|e| panic!("wait {id}: {e}"));
-        isolator
+        if let Some(key) = key {
+            programs.forget(key);
+        }
+        fenced
             .destroy(&id)
             .unwrap_or_else(|e| panic!("destroy {id}: {e}"));
-        cycle.push(started.elapsed());
+        samples[3].push(started.elapsed());
     }
-    (
-        stats("butte: launch -> execve", to_exec),
-        stats("butte: launch, run, remove cgroups", cycle),
-    )
+    let [a, b, c, d] = samples;
+    [
+        stats("butte: launch -> execve", a),
+        stats("butte: whole cycle", b),
+        stats("butte: launch -> execve, all eBPF", c),
+        stats("butte: whole cycle, all eBPF", d),
+    ]
 }
 
 fn runc_bundle() -> PathBuf {
@@ -149,7 +257,7 @@ fn held_launches(isolator: &dyn Isolator, n: usize) {
     let mut children = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("held-{i}");
-        let spec = spec(isolator, &id, &["/bin/sleep", "60"]);
+        let (spec, _) = spec(isolator, &id, &["/bin/sleep", "60"], None);
         children.push((id, spawn(&spec).unwrap_or_else(|e| panic!("spawn: {e}"))));
     }
     let launched = started.elapsed();
@@ -179,7 +287,15 @@ fn main() {
     let isolator = detect(Path::new("/sys/fs/cgroup"), Path::new("butte/bench"))
         .unwrap_or_else(|e| panic!("cgroups (run as root): {e}"));
     let _ = std::fs::remove_dir_all(PathBuf::from(WORK).join("sandboxes"));
-    let (to_exec, cycle) = butte_launches(&*isolator, n);
+    let fenced = detect(Path::new("/sys/fs/cgroup"), Path::new("butte/bench-ebpf"))
+        .unwrap_or_else(|e| panic!("cgroups (run as root): {e}"));
+    let [to_exec, cycle, to_exec_ebpf, cycle_ebpf] = butte_launches(&*isolator, &*fenced, n);
+    fenced.remove_subtree();
+    println!(
+        "eBPF programs add {:+.3} ms to launch -> execve, {:+.3} ms to the whole cycle (medians)",
+        (to_exec_ebpf.as_secs_f64() - to_exec.as_secs_f64()) * 1e3,
+        (cycle_ebpf.as_secs_f64() - cycle.as_secs_f64()) * 1e3
+    );
     let runc = runc_runs(&runc_bundle(), n);
     println!(
         "ratio: runc run / butte launch->execve = {:.1}x; runc run / butte whole cycle = {:.1}x",

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::iperf3_server;
+use common::{Reaped, iperf3_server};
 
 fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
@@ -443,7 +443,7 @@ fn achieved_mbit(cluster: &Cluster, task_id: &str) -> f64 {
 
 #[test]
 fn bandwidth_is_held_per_task_and_telemetry_agrees_with_the_kernel() {
-    let mut servers: Vec<_> = (15190..=15193).map(iperf3_server).collect();
+    let servers = Reaped((15190..=15193).map(iperf3_server).collect());
     let cluster = Cluster::start_with(
         "telemetry",
         15172,
@@ -454,10 +454,7 @@ fn bandwidth_is_held_per_task_and_telemetry_agrees_with_the_kernel() {
     let slaves = http_get(cluster.master_port, "/slaves").unwrap();
     assert!(slaves.contains("\"network_bandwidth\":1000.0"), "{slaves}");
     let out = cluster.run_framework_with("telemetry", &["15173", &cluster.subtree]);
-    for server in &mut servers {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
+    drop(servers);
     let rates: Vec<(f64, f64)> = [(20.0, "bw-20"), (100.0, "bw-100"), (500.0, "bw-500")]
         .into_iter()
         .map(|(limit, task)| (limit, achieved_mbit(&cluster, task)))

@@ -13,7 +13,7 @@ use butte_isolators::cgroups::Limits;
 use butte_isolators::container::{Exit, spawn, wait};
 
 mod common;
-use common::{cpu_seconds, iperf3_server, isolator_at, sandbox, shell_spec, unique};
+use common::{Reaped, cpu_seconds, iperf3_server, isolator_at, sandbox, shell_spec, unique};
 
 fn limits(cpus: f64, mem_mb: f64) -> Limits {
     Limits {
@@ -155,7 +155,7 @@ fn iperf3_client(
     network.track(key, net_limits).unwrap();
     let sandbox = sandbox(&id);
     // The server's own ACKs must not be counted: it runs outside the subtree.
-    let mut server = iperf3_server(port);
+    let server = Reaped(vec![iperf3_server(port)]);
     let script = format!("exec iperf3 -c 127.0.0.1 -p {port} -J {args} > $MESOS_SANDBOX/out.json");
     let child = spawn(&shell_spec(&id, &placement, &sandbox, &script)).unwrap();
     let exit = wait(&child.pidfd).unwrap();
@@ -170,8 +170,7 @@ fn iperf3_client(
         }
         stats = now;
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     network.forget(key);
     let out = std::fs::read_to_string(sandbox.join("out.json")).unwrap();
     isolator.destroy(&id).unwrap();

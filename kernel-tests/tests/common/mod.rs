@@ -89,6 +89,19 @@ pub fn cpu_seconds(subtree: &str, id: &str) -> f64 {
     usage.trim().parse::<f64>().unwrap() / 1e9
 }
 
+/// Child processes killed and reaped when dropped, so a failed assertion
+/// leaves none behind.
+pub struct Reaped(pub Vec<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// An iperf3 server on the host (outside our subtree); the caller kills it.
 pub fn iperf3_server(port: u16) -> Child {
     let server = Command::new("iperf3")
