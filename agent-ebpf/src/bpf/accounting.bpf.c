@@ -123,16 +123,26 @@ static __always_inline __u64 advance(__u64 *last, __u64 now)
     return 0;
 }
 
+// The runtime since the thread was last counted (every switch-out).
 static __always_inline void count_cpu(struct task_struct *task, struct thread_state *thread)
 {
     struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &thread->cgroup);
     if (!stats)
         return;
     __u64 ran = advance(&thread->runtime, task->se.sum_exec_runtime);
-    __u64 user = advance(&thread->utime, task->utime);
-    __u64 system = advance(&thread->stime, task->stime);
     if (ran)
         __sync_fetch_and_add(&stats->cpu_ns, ran);
+}
+
+// The tick-sampled user/system split only serves to divide cpu_ns, so it is
+// counted off the hot path: at each flush and when the thread exits.
+static __always_inline void count_split(struct task_struct *task, struct thread_state *thread)
+{
+    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &thread->cgroup);
+    if (!stats)
+        return;
+    __u64 user = advance(&thread->utime, task->utime);
+    __u64 system = advance(&thread->stime, task->stime);
     if (user)
         __sync_fetch_and_add(&stats->user_ns, user);
     if (system)
@@ -228,8 +238,10 @@ int flush(struct bpf_iter__task *ctx)
     if (!task)
         return 0;
     struct thread_state *thread = tracked(task, 0);
-    if (thread)
+    if (thread) {
         count_cpu(task, thread);
+        count_split(task, thread);
+    }
     return 0;
 }
 
@@ -262,6 +274,9 @@ SEC("tp_btf/sched_process_exit")
 int exit_process(__u64 *ctx)
 {
     struct task_struct *task = (struct task_struct *)ctx[0];
+    struct thread_state *thread = tracked(task, 0);
+    if (thread)
+        count_split(task, thread);
     if (task->pid != task->tgid)
         return 0;
     __u64 cgroup = bpf_get_current_cgroup_id();
