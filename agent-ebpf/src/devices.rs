@@ -8,7 +8,7 @@ use aya::maps::{HashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupDevice};
 use aya::{Ebpf, Pod};
 
-use crate::FenceError;
+use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/devices.bpf.o"));
 
@@ -161,26 +161,15 @@ pub struct DeviceFence {
 impl DeviceFence {
     /// Loads the program and attaches it to `subtree` (a v2 cgroup directory).
     pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
-        let fail = |step: &'static str| {
-            move |e: &dyn std::fmt::Display| FenceError::Program {
-                program: "devices",
-                step,
-                detail: e.to_string(),
-            }
-        };
-        let mut bpf = Ebpf::load(OBJECT).map_err(|e| fail("load")(&crate::Chain(&e)))?;
+        let mut bpf = Ebpf::load(OBJECT).map_err(|e| failed("devices", "load", &e))?;
         let cgroup = crate::open_cgroup(subtree)?;
-        let program: &mut CgroupDevice = bpf
-            .program_mut("devices")
-            .ok_or_else(|| fail("find")(&"not in the object"))?
-            .try_into()
-            .map_err(|e| fail("type-check")(&crate::Chain(&e)))?;
+        let program: &mut CgroupDevice = crate::program_mut(&mut bpf, "devices")?;
         program
             .load()
-            .map_err(|e| fail("load into the kernel")(&crate::Chain(&e)))?;
+            .map_err(|e| failed("devices", "load into the kernel", &e))?;
         program
             .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| fail("attach")(&crate::Chain(&e)))?;
+            .map_err(|e| failed("devices", "attach", &e))?;
         let rules = crate::take_cgroup_map(&mut bpf, "task_devices")?;
         let denied = crate::take_cgroup_map(&mut bpf, "denied_opens")?;
         Ok(Self {

@@ -10,7 +10,7 @@ use aya::maps::{HashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, Pod};
 
-use crate::FenceError;
+use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ports.bpf.o"));
 
@@ -49,32 +49,16 @@ pub struct PortFence {
 impl PortFence {
     /// Loads the programs and attaches them to `subtree` (a v2 cgroup directory).
     pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
-        let program_error = |program: &'static str, step: &'static str| {
-            move |e: &dyn std::fmt::Display| FenceError::Program {
-                program,
-                step,
-                detail: e.to_string(),
-            }
-        };
-        let mut bpf =
-            Ebpf::load(OBJECT).map_err(|e| program_error("ports", "load")(&crate::Chain(&e)))?;
+        let mut bpf = Ebpf::load(OBJECT).map_err(|e| failed("ports", "load", &e))?;
         let cgroup = crate::open_cgroup(subtree)?;
         for name in ["bind4", "bind6"] {
-            let program: &mut CgroupSockAddr = bpf
-                .program_mut(name)
-                .ok_or_else(|| FenceError::Program {
-                    program: "bind",
-                    step: "find",
-                    detail: format!("{name} is not in the object"),
-                })?
-                .try_into()
-                .map_err(|e| program_error("bind", "type-check")(&crate::Chain(&e)))?;
+            let program: &mut CgroupSockAddr = crate::program_mut(&mut bpf, name)?;
             program
                 .load()
-                .map_err(|e| program_error("bind", "load into the kernel")(&crate::Chain(&e)))?;
+                .map_err(|e| failed("bind", "load into the kernel", &e))?;
             program
                 .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| program_error("bind", "attach")(&crate::Chain(&e)))?;
+                .map_err(|e| failed("bind", "attach", &e))?;
         }
         let ports = crate::take_cgroup_map(&mut bpf, "task_ports")?;
         let denied = crate::take_cgroup_map(&mut bpf, "denied_binds")?;

@@ -702,6 +702,9 @@ impl Agent {
     ) -> Result<(), String> {
         let fenced = (|| {
             let key = cgroup_id(&placement.unified).map_err(|e| e.to_string())?;
+            // Recorded before any map entry is written, so a failure below
+            // unfences whatever was written.
+            self.lock().fence_keys.insert(container_id.to_owned(), key);
             let mut ranges = Vec::new();
             for &(begin, end) in resources
                 .ranges("ports")
@@ -738,8 +741,6 @@ impl Agent {
             if let Some(accounting) = fences.accounting.as_mut() {
                 accounting.track(key).map_err(|e| e.to_string())?;
             }
-            drop(fences);
-            self.lock().fence_keys.insert(container_id.to_owned(), key);
             Ok(())
         })();
         if fenced.is_err() {
@@ -823,12 +824,13 @@ impl Agent {
         let mut struck = Vec::new();
         {
             let mut state = self.lock();
+            let containers: HashMap<u64, String> = state
+                .fence_keys
+                .iter()
+                .map(|(id, &key)| (key, id.clone()))
+                .collect();
             for event in events {
-                let Some(container_id) = state
-                    .fence_keys
-                    .iter()
-                    .find_map(|(id, &key)| (key == event.cgroup).then(|| id.clone()))
-                else {
+                let Some(container_id) = containers.get(&event.cgroup).cloned() else {
                     continue;
                 };
                 let counts = state.event_counts.entry(event.cgroup).or_default();

@@ -45,13 +45,7 @@ fn main() -> anyhow::Result<()> {
         Ok(fence) => Some(fence),
         Err(error) => {
             tracing::error!(%error, "ports cannot be enforced on this host; they are not offered");
-            if let Some(ports) = total.ranges("ports").cloned() {
-                let mut without = butte_api::resources::Resources::new();
-                for &(begin, end) in ports.ranges() {
-                    without.add_range("ports", begin, end)?;
-                }
-                total.subtract_contained(&without);
-            }
+            total.remove("ports");
             None
         }
     };
@@ -62,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         Ok(network) => Some(network),
         Err(error) => {
             tracing::error!(%error, "network bandwidth cannot be enforced on this host; it is not offered");
-            remove_scalar(&mut total, "network_bandwidth");
+            total.remove("network_bandwidth");
             None
         }
     };
@@ -152,17 +146,6 @@ async fn read_events(agent: Agent, events: Events) {
         ready.clear_ready();
         if !drained.is_empty() {
             agent.handle_events(drained);
-        }
-    }
-}
-
-/// Takes a scalar resource out of what is offered (it cannot be enforced).
-fn remove_scalar(total: &mut butte_api::resources::Resources, name: &str) {
-    let amount = total.scalar(name);
-    if amount > 0.0 {
-        let mut without = butte_api::resources::Resources::new();
-        if without.add_scalar(name, amount).is_ok() {
-            total.subtract_contained(&without);
         }
     }
 }

@@ -434,20 +434,7 @@ pub fn prometheus(samples: &[TaskSample]) -> String {
 }
 
 fn extra(sample: &TaskSample) -> &ExtraStatistics {
-    static EMPTY: ExtraStatistics = ExtraStatistics {
-        cpus_total_time_secs: None,
-        runq_waits: None,
-        runq_latency_p50_micros: None,
-        runq_latency_p90_micros: None,
-        runq_latency_p99_micros: None,
-        runq_histogram: Vec::new(),
-        denied_binds: None,
-        denied_device_opens: None,
-        execs: None,
-        oom_kills: None,
-        network_bandwidth_limit: None,
-        runq_total_secs: None,
-    };
+    static EMPTY: std::sync::LazyLock<ExtraStatistics> = std::sync::LazyLock::new(Default::default);
     sample.extra.as_ref().unwrap_or(&EMPTY)
 }
 

@@ -214,6 +214,13 @@ impl Resources {
     }
 
     /// Adds a scalar; `value` must be finite and >= 0.
+    /// Takes every resource called `name` out, whatever its kind.
+    pub fn remove(&mut self, name: &str) {
+        self.scalars.remove(name);
+        self.ranges.remove(name);
+        self.sets.remove(name);
+    }
+
     pub fn add_scalar(&mut self, name: &str, value: f64) -> Result<(), ResourceError> {
         self.check_kind(name, "SCALAR")?;
         let milli = to_milli(name, value)?;
@@ -558,6 +565,15 @@ mod tests {
             "cpus:4;mem:8192.5;ports:[31000-32000,40000-40010];zones:{a,b}"
         );
         assert_eq!(Resources::parse(&r.to_string()).unwrap(), r);
+    }
+
+    #[test]
+    fn remove_takes_a_resource_out_whatever_its_kind() {
+        let mut r = res("cpus:2;ports:[31000-31005];network_bandwidth:100");
+        r.remove("ports");
+        r.remove("network_bandwidth");
+        r.remove("absent");
+        assert_eq!(r, res("cpus:2"));
     }
 
     #[test]

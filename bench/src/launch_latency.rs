@@ -20,14 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use std::os::unix::fs::MetadataExt;
-
-use butte_agent_ebpf::accounting::Accounting;
-use butte_agent_ebpf::devices::{DeviceFence, default_rules};
-use butte_agent_ebpf::network::{self, Network};
-use butte_agent_ebpf::ports::PortFence;
 use butte_isolators::cgroups::{Isolator, Limits, detect};
 use butte_isolators::container::{ContainerSpec, spawn, wait};
+
+mod ebpf_programs;
+use ebpf_programs::Programs;
 
 const WORK: &str = "/var/lib/butte-bench";
 
@@ -36,76 +33,6 @@ fn limits() -> Limits {
         cpus: 1.0,
         mem_mb: 128.0,
         pids_max: 4096,
-    }
-}
-
-/// Every eBPF program the agent runs, attached at the bench subtree; a
-/// launch writes the task's entries in each, as the agent's does.
-struct Programs {
-    accounting: Option<Accounting>,
-    network: Option<Network>,
-    ports: Option<PortFence>,
-    devices: Option<DeviceFence>,
-}
-
-impl Programs {
-    fn attach(subtree: &Path) -> Self {
-        // BUTTE_BENCH_PROGRAMS=ports,devices,network,accounting picks a subset.
-        let wanted = std::env::var("BUTTE_BENCH_PROGRAMS")
-            .unwrap_or_else(|_| "ports,devices,network,accounting".into());
-        let on = |name: &str| wanted.split(',').any(|w| w == name);
-        Self {
-            accounting: on("accounting")
-                .then(|| Accounting::attach().unwrap_or_else(|e| panic!("{e}"))),
-            network: on("network")
-                .then(|| Network::attach(subtree).unwrap_or_else(|e| panic!("{e}"))),
-            ports: on("ports")
-                .then(|| PortFence::attach(subtree).unwrap_or_else(|e| panic!("{e}"))),
-            devices: on("devices")
-                .then(|| DeviceFence::attach(subtree).unwrap_or_else(|e| panic!("{e}"))),
-        }
-    }
-
-    fn track(&mut self, unified: &Path) -> u64 {
-        let key = std::fs::metadata(unified)
-            .map(|m| m.ino())
-            .unwrap_or_else(|e| panic!("{e}"));
-        if let Some(ports) = self.ports.as_mut() {
-            ports
-                .allow(key, &[(31000, 31010)])
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        if let Some(devices) = self.devices.as_mut() {
-            devices
-                .allow(key, &default_rules())
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        let limits = network::Limits {
-            egress_mbit_per_s: Some(100.0),
-            police_ingress: false,
-        };
-        if let Some(network) = self.network.as_mut() {
-            network.track(key, limits).unwrap_or_else(|e| panic!("{e}"));
-        }
-        if let Some(accounting) = self.accounting.as_mut() {
-            accounting.track(key).unwrap_or_else(|e| panic!("{e}"));
-        }
-        key
-    }
-
-    fn forget(&mut self, key: u64) {
-        if let Some(ports) = self.ports.as_mut() {
-            ports.forget(key);
-        }
-        if let Some(devices) = self.devices.as_mut() {
-            devices.forget(key);
-        }
-        if let Some(network) = self.network.as_mut() {
-            network.forget(key);
-        }
-        if let Some(accounting) = self.accounting.as_mut() {
-            accounting.forget(key);
-        }
     }
 }
 
@@ -118,7 +45,7 @@ fn spec(
     let placement = isolator
         .create(id, &limits())
         .unwrap_or_else(|e| panic!("cgroups for {id}: {e}"));
-    let key = programs.map(|p| p.track(&placement.unified));
+    let key = programs.map(|p| p.track(&placement.unified, Some(100.0)));
     let sandbox = PathBuf::from(WORK).join("sandboxes").join(id);
     std::fs::create_dir_all(&sandbox)
         .unwrap_or_else(|e| panic!("sandbox {}: {e}", sandbox.display()));

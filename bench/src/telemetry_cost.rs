@@ -18,18 +18,16 @@
 //!
 //! `cargo run --release -p butte-bench --bin telemetry-cost [-- TASKS SECONDS]`
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use butte_agent::cgroup_reader::CgroupReader;
 use butte_agent::telemetry::MemorySampler;
-use butte_agent_ebpf::accounting::Accounting;
-use butte_agent_ebpf::devices::{DeviceFence, default_rules};
-use butte_agent_ebpf::network::{self, Network};
-use butte_agent_ebpf::ports::PortFence;
 use butte_isolators::cgroups::{Isolator, Limits, detect};
 use butte_isolators::container::{ContainerSpec, Spawned, signal, spawn, wait};
+
+mod ebpf_programs;
+use ebpf_programs::Programs;
 
 const WORK: &str = "/var/lib/butte-bench/telemetry";
 const SUBTREE: &str = "butte/bench-telemetry";
@@ -67,10 +65,7 @@ fn start_tasks(isolator: &dyn Isolator, n: usize, programs: &mut Programs) -> Ve
                     },
                 )
                 .unwrap_or_else(|e| panic!("cgroups for {id}: {e}"));
-            let key = std::fs::metadata(&placement.unified)
-                .map(|m| m.ino())
-                .unwrap_or_else(|e| panic!("{id}: {e}"));
-            programs.track(key);
+            let key = programs.track(&placement.unified, None);
             let sandbox = PathBuf::from(WORK).join(&id);
             std::fs::create_dir_all(&sandbox).unwrap_or_else(|e| panic!("sandbox: {e}"));
             let spec = ContainerSpec {
@@ -93,36 +88,6 @@ fn start_tasks(isolator: &dyn Isolator, n: usize, programs: &mut Programs) -> Ve
             Task { id, key, child }
         })
         .collect()
-}
-
-struct Programs {
-    accounting: Accounting,
-    network: Network,
-    ports: PortFence,
-    devices: DeviceFence,
-}
-
-impl Programs {
-    fn track(&mut self, key: u64) {
-        self.accounting.track(key).unwrap_or_else(|e| panic!("{e}"));
-        self.network
-            .track(key, network::Limits::default())
-            .unwrap_or_else(|e| panic!("{e}"));
-        self.ports
-            .allow(key, &[(31000, 31000)])
-            .unwrap_or_else(|e| panic!("{e}"));
-        self.devices
-            .allow(key, &default_rules())
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    fn run_time(&self) -> Duration {
-        self.accounting.run_time() + self.network.run_time()
-    }
-
-    fn run_count(&self) -> u64 {
-        self.accounting.run_count() + self.network.run_count()
-    }
 }
 
 /// One round of our collection; returns a checksum so nothing is optimised away.
@@ -231,12 +196,7 @@ fn main() {
     );
     let _stats = butte_agent_ebpf::enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
     let subtree = isolator.v2_subtree();
-    let mut programs = Programs {
-        accounting: Accounting::attach().unwrap_or_else(|e| panic!("{e}")),
-        network: Network::attach(&subtree).unwrap_or_else(|e| panic!("{e}")),
-        ports: PortFence::attach(&subtree).unwrap_or_else(|e| panic!("{e}")),
-        devices: DeviceFence::attach(&subtree).unwrap_or_else(|e| panic!("{e}")),
-    };
+    let mut programs = Programs::attach(&subtree);
     let tasks = start_tasks(&*isolator, n, &mut programs);
     std::thread::sleep(Duration::from_secs(2));
 
@@ -245,8 +205,8 @@ fn main() {
     } else {
         CgroupReader::new()
     };
+    let io_uring = reader.uses_io_uring();
     let mut memory = MemorySampler::new(reader);
-    let io_uring = std::env::var_os("BUTTE_BENCH_PREAD").is_none() && memory_uses_io_uring();
     let bpf_before = programs.run_time();
     let runs_before = programs.run_count();
     let mut parts = [Duration::ZERO; 3];
@@ -296,8 +256,4 @@ fn main() {
     drop(programs);
     isolator.remove_subtree();
     let _ = std::fs::remove_dir_all(WORK);
-}
-
-fn memory_uses_io_uring() -> bool {
-    CgroupReader::new().uses_io_uring()
 }

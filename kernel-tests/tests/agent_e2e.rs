@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Reaped, iperf3_server};
+use common::{Reaped, iperf3_server, mbit_per_s};
 
 fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
@@ -434,11 +434,7 @@ fn an_agent_that_cannot_load_its_port_fence_says_why_and_offers_no_ports() {
 /// What an iperf3 client task achieved, Mbit/s, from the JSON in its sandbox.
 fn achieved_mbit(cluster: &Cluster, task_id: &str) -> f64 {
     let text = std::fs::read_to_string(cluster.sandbox(task_id).join("iperf.json")).unwrap();
-    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{task_id}: no result in {text}"))
-        / 1e6
+    mbit_per_s(&serde_json::from_str(&text).unwrap())
 }
 
 #[test]

@@ -7,11 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use butte_isolators::cgroups::Limits;
 use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
 
 mod common;
-use common::{cpu_seconds, isolator, run, sandbox, shell_spec, unique};
+use common::{cpu_seconds, isolator, limits, run, sandbox, shell_spec, unique};
 
 #[test]
 fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
@@ -21,16 +20,7 @@ fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
                   touch /etc/butte-must-fail 2>/dev/null && echo etc=writable || echo etc=readonly; \
                   echo data > $MESOS_SANDBOX/written && echo sandbox=writable; \
                   touch /tmp/x && ls /tmp | wc -l | sed 's/^/tmp=/'; echo pid1=$$";
-    let (exit, out, sandbox) = run(
-        &*isolator,
-        &id,
-        Limits {
-            cpus: 1.0,
-            mem_mb: 128.0,
-            pids_max: 64,
-        },
-        script,
-    );
+    let (exit, out, sandbox) = run(&*isolator, &id, limits(1.0, 128.0, 64), script);
     assert_eq!(exit, Exit::Code(0), "{out}");
     assert!(
         out.contains(&format!("/butte/{id}")),
@@ -71,16 +61,7 @@ fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
 fn cpu_quota_of_half_a_core_holds_a_busy_loop_to_half_a_core() {
     let isolator = isolator();
     let id = unique("quota");
-    let placement = isolator
-        .create(
-            &id,
-            &Limits {
-                cpus: 0.5,
-                mem_mb: 64.0,
-                pids_max: 16,
-            },
-        )
-        .unwrap();
+    let placement = isolator.create(&id, &limits(0.5, 64.0, 16)).unwrap();
     let sandbox = sandbox(&id);
     let spec = shell_spec(&id, &placement, &sandbox, "while :; do :; done");
     let child = spawn(&spec).unwrap();
@@ -106,11 +87,7 @@ fn memory_limit_gets_the_task_oom_killed_and_reported() {
     let (exit, _, sandbox) = run(
         &*isolator,
         &id,
-        Limits {
-            cpus: 1.0,
-            mem_mb: 32.0,
-            pids_max: 16,
-        },
+        limits(1.0, 32.0, 16),
         "exec dd if=/dev/zero of=/dev/null bs=256M count=1",
     );
     assert_eq!(exit, Exit::Signal(libc::SIGKILL));
@@ -126,16 +103,7 @@ fn memory_limit_gets_the_task_oom_killed_and_reported() {
 fn failed_setup_names_the_step_and_leaves_no_process() {
     let isolator = isolator();
     let id = unique("badexec");
-    let placement = isolator
-        .create(
-            &id,
-            &Limits {
-                cpus: 1.0,
-                mem_mb: 64.0,
-                pids_max: 16,
-            },
-        )
-        .unwrap();
+    let placement = isolator.create(&id, &limits(1.0, 64.0, 16)).unwrap();
     let sandbox = sandbox(&id);
     let spec = ContainerSpec {
         argv: vec!["/no/such/program".into()],
@@ -155,16 +123,7 @@ fn failed_setup_names_the_step_and_leaves_no_process() {
 fn destroy_kills_what_is_left_and_removes_every_cgroup() {
     let isolator = isolator();
     let id = unique("destroy");
-    let placement = isolator
-        .create(
-            &id,
-            &Limits {
-                cpus: 1.0,
-                mem_mb: 64.0,
-                pids_max: 16,
-            },
-        )
-        .unwrap();
+    let placement = isolator.create(&id, &limits(1.0, 64.0, 16)).unwrap();
     let sandbox = sandbox(&id);
     let spec = shell_spec(&id, &placement, &sandbox, "sleep 600 & sleep 600");
     let child = spawn(&spec).unwrap();
@@ -189,16 +148,7 @@ fn task_group_tasks_share_the_init_s_pid_namespace_and_cgroup() {
     use butte_isolators::container::{join, signal};
     let isolator = isolator();
     let id = unique("group");
-    let placement = isolator
-        .create(
-            &id,
-            &Limits {
-                cpus: 1.0,
-                mem_mb: 128.0,
-                pids_max: 64,
-            },
-        )
-        .unwrap();
+    let placement = isolator.create(&id, &limits(1.0, 128.0, 64)).unwrap();
     let group_sandbox = sandbox(&id);
     let base = ContainerSpec {
         argv: vec![],
@@ -262,16 +212,7 @@ fn v1_devices_controller_alone_denies_devices_not_allowed() {
         .status()
         .unwrap();
     assert!(made.success());
-    let placement = isolator
-        .create(
-            &id,
-            &Limits {
-                cpus: 1.0,
-                mem_mb: 64.0,
-                pids_max: 16,
-            },
-        )
-        .unwrap();
+    let placement = isolator.create(&id, &limits(1.0, 64.0, 16)).unwrap();
     // No eBPF here: only the v1 controller decides.
     isolator
         .restrict_devices(&id, &["c 1:3 rwm".to_owned()])

@@ -9,19 +9,13 @@ use std::time::{Duration, Instant};
 use butte_agent_ebpf::accounting::{Accounting, Event, EventKind, Events};
 use butte_agent_ebpf::network::{self, Network};
 use butte_agent_ebpf::ports::cgroup_id;
-use butte_isolators::cgroups::Limits;
 use butte_isolators::container::{Exit, spawn, wait};
 
 mod common;
-use common::{Reaped, cpu_seconds, iperf3_server, isolator_at, sandbox, shell_spec, unique};
-
-fn limits(cpus: f64, mem_mb: f64) -> Limits {
-    Limits {
-        cpus,
-        mem_mb,
-        pids_max: 64,
-    }
-}
+use common::{
+    Reaped, cpu_seconds, iperf3_server, isolator_at, limits, mbit_per_s, sandbox, shell_spec,
+    unique,
+};
 
 /// Events for `cgroup` that arrive within `wait`, until `enough` says stop.
 fn collect(
@@ -50,7 +44,7 @@ fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
     let mut accounting = Accounting::attach().unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("acct");
-    let placement = isolator.create(&id, &limits(2.0, 64.0)).unwrap();
+    let placement = isolator.create(&id, &limits(2.0, 64.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
     accounting.track(key).unwrap();
     let sandbox = sandbox(&id);
@@ -116,7 +110,7 @@ fn an_oom_kill_arrives_as_an_event_for_the_task() {
     let mut accounting = Accounting::attach().unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("oomevent");
-    let placement = isolator.create(&id, &limits(1.0, 32.0)).unwrap();
+    let placement = isolator.create(&id, &limits(1.0, 32.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
     accounting.track(key).unwrap();
     let sandbox = sandbox(&id);
@@ -150,7 +144,7 @@ fn iperf3_client(
 ) -> (serde_json::Value, network::NetStats) {
     let isolator = isolator_at(subtree);
     let id = unique(&format!("iperf-{port}"));
-    let placement = isolator.create(&id, &limits(1.0, 256.0)).unwrap();
+    let placement = isolator.create(&id, &limits(1.0, 256.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
     network.track(key, net_limits).unwrap();
     let sandbox = sandbox(&id);
@@ -189,7 +183,7 @@ fn send_to_sink(
 ) -> (usize, network::NetStats) {
     let isolator = isolator_at(subtree);
     let id = unique(&format!("send-{port}"));
-    let placement = isolator.create(&id, &limits(1.0, 256.0)).unwrap();
+    let placement = isolator.create(&id, &limits(1.0, 256.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
     network.track(key, network::Limits::default()).unwrap();
     let sandbox = sandbox(&id);
@@ -211,13 +205,6 @@ fn send_to_sink(
     std::fs::remove_dir_all(sandbox).unwrap();
     assert_eq!(exit, Exit::Code(0));
     (received, stats)
-}
-
-fn mbit_per_s(report: &serde_json::Value) -> f64 {
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap()
-        / 1e6
 }
 
 #[test]

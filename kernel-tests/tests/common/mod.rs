@@ -127,3 +127,19 @@ pub fn listening(port: u16) -> bool {
         fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "0A"
     })
 }
+
+pub fn limits(cpus: f64, mem_mb: f64, pids_max: u64) -> Limits {
+    Limits {
+        cpus,
+        mem_mb,
+        pids_max,
+    }
+}
+
+/// What an iperf3 client achieved, Mbit/s, from its JSON report.
+pub fn mbit_per_s(report: &serde_json::Value) -> f64 {
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no result in {report}"))
+        / 1e6
+}
