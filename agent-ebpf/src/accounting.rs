@@ -5,6 +5,7 @@
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::path::Path;
 
 use aya::maps::{HashMap, MapData, RingBuf};
 use aya::programs::{BtfTracePoint, Iter};
@@ -19,18 +20,63 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ac
 pub const RUNQ_SLOTS: usize = 32;
 
 /// What the kernel counted for one task.
-#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskStats {
-    /// CPU time, nanoseconds (sum of the scheduler's runtime deltas).
+    /// CPU time, nanoseconds (the scheduler's runtime, slice by slice).
     pub cpu_ns: u64,
     /// The tick-sampled user/system split (task utime/stime), nanoseconds.
     pub user_ns: u64,
     pub system_ns: u64,
-    /// Waits in the run queue (wakeup or preemption to switch-in).
+    /// Waits in the run queue (enqueue to switch-in).
     pub runq_count: u64,
     pub runq_total_ns: u64,
     pub runq_slots: [u64; RUNQ_SLOTS],
+}
+
+/// `struct task_stats` of the C side: the counts of ended slices and
+/// exited threads, and the live threads' snapshot of the last flush.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RawTaskStats {
+    cpu_ns: u64,
+    user_ns: u64,
+    system_ns: u64,
+    runq_count: u64,
+    runq_total_ns: u64,
+    runq_slots: [u64; RUNQ_SLOTS],
+    live_cpu_ns: u64,
+    live_user_ns: u64,
+    live_system_ns: u64,
+}
+
+impl RawTaskStats {
+    const ZERO: Self = Self {
+        cpu_ns: 0,
+        user_ns: 0,
+        system_ns: 0,
+        runq_count: 0,
+        runq_total_ns: 0,
+        runq_slots: [0; RUNQ_SLOTS],
+        live_cpu_ns: 0,
+        live_user_ns: 0,
+        live_system_ns: 0,
+    };
+
+    /// The totals, never below what was reported before: a thread that
+    /// switches out or exits while the flush runs can be in the snapshot
+    /// and the ended counts at once until the next flush.
+    fn totals(&self, before: Option<&TaskStats>) -> TaskStats {
+        let floor =
+            |now: u64, then: fn(&TaskStats) -> u64| before.map_or(now, |b| now.max(then(b)));
+        TaskStats {
+            cpu_ns: floor(self.cpu_ns + self.live_cpu_ns, |b| b.cpu_ns),
+            user_ns: floor(self.user_ns + self.live_user_ns, |b| b.user_ns),
+            system_ns: floor(self.system_ns + self.live_system_ns, |b| b.system_ns),
+            runq_count: self.runq_count,
+            runq_total_ns: self.runq_total_ns,
+            runq_slots: self.runq_slots,
+        }
+    }
 }
 
 impl Default for TaskStats {
@@ -46,10 +92,16 @@ impl Default for TaskStats {
     }
 }
 
+impl Default for RawTaskStats {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
 // SAFETY: plain old data with the C layout of `struct task_stats` (all u64:
 // no padding, every bit pattern valid).
 #[allow(unsafe_code)]
-unsafe impl Pod for TaskStats {}
+unsafe impl Pod for RawTaskStats {}
 
 impl TaskStats {
     /// CPU time split into user and system like the kernel's cputime_adjust:
@@ -179,14 +231,23 @@ impl AsFd for Events {
 /// The loaded and attached accounting programs, with their maps.
 pub struct Accounting {
     bpf: Ebpf,
-    stats: HashMap<MapData, u64, TaskStats>,
+    stats: HashMap<MapData, u64, RawTaskStats>,
+    /// What was last reported per task, so totals never go back.
+    reported: std::collections::HashMap<u64, TaskStats>,
+    /// Flushes so far: every SPLIT_EVERY-th also renews the user/system split.
+    flushes: u64,
     events: Option<Events>,
 }
 
+/// The iterator programs, which run only when `flush` reads them.
+const ITERATORS: &[&str] = &["flush", "split"];
+
+/// Flushes between renewals of the live threads' user/system split: it
+/// visits every thread of every task, and the ratio moves slowly.
+const SPLIT_EVERY: u64 = 10;
+
 /// The tracepoints (program name, tracepoint) the object attaches to.
 const TRACEPOINTS: &[(&str, &str)] = &[
-    ("wakeup", "sched_wakeup"),
-    ("wakeup_new", "sched_wakeup_new"),
     ("switch_task", "sched_switch"),
     ("exec", "sched_process_exec"),
     ("exit_process", "sched_process_exit"),
@@ -194,11 +255,15 @@ const TRACEPOINTS: &[(&str, &str)] = &[
 ];
 
 impl Accounting {
-    /// Loads the programs and attaches them to the scheduler's tracepoints.
-    pub fn attach() -> Result<Self, FenceError> {
-        // Task storage is a map type aya 0.14 does not know; the kernel does.
+    /// Loads the programs and attaches them to the scheduler's tracepoints;
+    /// they account tasks whose cgroups are children of `subtree` (the
+    /// agent's v2 subtree) once `track`ed.
+    pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
+        let subtree_id = crate::ports::cgroup_id(subtree)?;
+        // Task storage (split_seen) is a map type aya 0.14 does not know; the kernel does.
         let mut bpf = aya::EbpfLoader::new()
             .allow_unsupported_maps()
+            .override_global("subtree_id", &subtree_id, true)
             .load(OBJECT)
             .map_err(|e| failed("accounting", "load", &e))?;
         let btf = Btf::from_sys_fs().map_err(|e| failed("accounting", "read kernel BTF", &e))?;
@@ -209,10 +274,12 @@ impl Accounting {
                 .map_err(|e| failed(name, "load into the kernel", &e))?;
             program.attach().map_err(|e| failed(name, "attach", &e))?;
         }
-        let flush: &mut Iter = crate::program_mut(&mut bpf, "flush")?;
-        flush
-            .load("task", &btf)
-            .map_err(|e| failed("flush", "load into the kernel", &e))?;
+        for name in ["flush", "split"] {
+            let iterator: &mut Iter = crate::program_mut(&mut bpf, name)?;
+            iterator
+                .load("task", &btf)
+                .map_err(|e| failed(name, "load into the kernel", &e))?;
+        }
         let stats = crate::take_cgroup_map(&mut bpf, "task_stats")?;
         let ring = bpf.take_map("events").ok_or_else(|| FenceError::Map {
             map: "events",
@@ -227,6 +294,8 @@ impl Accounting {
         Ok(Self {
             bpf,
             stats,
+            reported: std::collections::HashMap::new(),
+            flushes: 0,
             events: Some(Events { ring }),
         })
     }
@@ -238,8 +307,9 @@ impl Accounting {
 
     /// Starts accounting the task in `cgroup_id` (from zero).
     pub fn track(&mut self, cgroup_id: u64) -> Result<(), FenceError> {
+        self.reported.remove(&cgroup_id);
         self.stats
-            .insert(cgroup_id, TaskStats::default(), 0)
+            .insert(cgroup_id, RawTaskStats::ZERO, 0)
             .map_err(|e| FenceError::Map {
                 map: "task_stats",
                 step: "insert",
@@ -248,47 +318,70 @@ impl Accounting {
     }
 
     /// Counts the CPU time of threads still on a CPU since they switched in,
-    /// so the next reads are current (runs the `flush` iterator once).
+    /// so the next reads are current (runs the `flush` iterator once; the
+    /// first and every SPLIT_EVERY-th time, `split` too).
     pub fn flush(&mut self) -> Result<(), FenceError> {
-        let flush: &mut Iter = crate::program_mut(&mut self.bpf, "flush")?;
-        let link = flush.attach().map_err(|e| failed("flush", "attach", &e))?;
-        let link = flush
+        if self.flushes.is_multiple_of(SPLIT_EVERY) {
+            self.run_iterator("split")?;
+        }
+        self.flushes += 1;
+        self.run_iterator("flush")
+    }
+
+    /// Runs an iterator program once over every thread on the machine.
+    fn run_iterator(&mut self, name: &'static str) -> Result<(), FenceError> {
+        let iterator: &mut Iter = crate::program_mut(&mut self.bpf, name)?;
+        let link = iterator.attach().map_err(|e| failed(name, "attach", &e))?;
+        let link = iterator
             .take_link(link)
-            .map_err(|e| failed("flush", "take its link", &e))?;
+            .map_err(|e| failed(name, "take its link", &e))?;
         let mut file = link
             .into_file()
-            .map_err(|e| failed("flush", "create an iterator", &e))?;
-        // The program prints nothing; reading runs it over every task.
+            .map_err(|e| failed(name, "create an iterator", &e))?;
+        // The program prints nothing; reading runs it over every thread.
         let mut sink = Vec::new();
         file.read_to_end(&mut sink)
-            .map_err(|e| failed("flush", "run", &e))?;
+            .map_err(|e| failed(name, "run", &e))?;
         Ok(())
     }
 
-    /// What was counted for the task, if it is tracked.
-    pub fn stats(&self, cgroup_id: u64) -> Option<TaskStats> {
-        self.stats.get(&cgroup_id, 0).ok()
+    /// What was counted for the task (as of the last flush), if it is tracked.
+    pub fn stats(&mut self, cgroup_id: u64) -> Option<TaskStats> {
+        let raw = self.stats.get(&cgroup_id, 0).ok()?;
+        let totals = raw.totals(self.reported.get(&cgroup_id));
+        self.reported.insert(cgroup_id, totals);
+        Some(totals)
     }
 
-    /// Every tracked task's counts, by cgroup id, in a few syscalls.
-    pub fn all_stats(&self) -> Result<std::collections::HashMap<u64, TaskStats>, FenceError> {
-        crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_stats")
+    /// Every tracked task's counts (as of the last flush), by cgroup id, in
+    /// a few syscalls.
+    pub fn all_stats(&mut self) -> Result<std::collections::HashMap<u64, TaskStats>, FenceError> {
+        let raw: std::collections::HashMap<u64, RawTaskStats> =
+            crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_stats")?;
+        let totals: std::collections::HashMap<u64, TaskStats> = raw
+            .iter()
+            .map(|(key, raw)| (*key, raw.totals(self.reported.get(key))))
+            .collect();
+        self.reported.clone_from(&totals);
+        Ok(totals)
     }
 
     /// Stops accounting the task (it ended).
     pub fn forget(&mut self, cgroup_id: u64) {
+        self.reported.remove(&cgroup_id);
         let _ = self.stats.remove(&cgroup_id);
     }
 
-    /// Kernel time spent in these programs so far (needs
-    /// `kernel.bpf_stats_enabled`; zero otherwise).
+    /// Kernel time spent in the tracing programs so far (needs
+    /// `kernel.bpf_stats_enabled`; zero otherwise). The iterators are left
+    /// out: they run inside `flush`'s read, in the caller's own CPU time.
     pub fn run_time(&self) -> std::time::Duration {
-        crate::run_time(&self.bpf)
+        crate::run_time(&self.bpf, ITERATORS)
     }
 
     /// Times these programs ran (same condition).
     pub fn run_count(&self) -> u64 {
-        crate::run_count(&self.bpf)
+        crate::run_count(&self.bpf, ITERATORS)
     }
 }
 

@@ -108,16 +108,18 @@ where
 }
 
 /// Kernel time the object's programs ran (`kernel.bpf_stats_enabled` on).
-pub(crate) fn run_time(bpf: &aya::Ebpf) -> std::time::Duration {
+pub(crate) fn run_time(bpf: &aya::Ebpf, skip: &[&str]) -> std::time::Duration {
     bpf.programs()
+        .filter(|(name, _)| !skip.contains(name))
         .filter_map(|(_, program)| program.info().ok())
         .map(|info| info.run_time())
         .sum()
 }
 
 /// Times the object's programs ran (`kernel.bpf_stats_enabled` on).
-pub(crate) fn run_count(bpf: &aya::Ebpf) -> u64 {
+pub(crate) fn run_count(bpf: &aya::Ebpf, skip: &[&str]) -> u64 {
     bpf.programs()
+        .filter(|(name, _)| !skip.contains(name))
         .filter_map(|(_, program)| program.info().ok())
         .map(|info| info.run_count())
         .sum()

@@ -149,12 +149,12 @@ impl Network {
 
     /// Kernel time spent in these programs so far (needs `kernel.bpf_stats_enabled`).
     pub fn run_time(&self) -> std::time::Duration {
-        crate::run_time(&self.bpf)
+        crate::run_time(&self.bpf, &[])
     }
 
     /// Times these programs ran (same condition).
     pub fn run_count(&self) -> u64 {
-        crate::run_count(&self.bpf)
+        crate::run_count(&self.bpf, &[])
     }
 }
 

@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             None
         }
     };
-    let mut accounting = butte_agent_ebpf::accounting::Accounting::attach()
+    let mut accounting = butte_agent_ebpf::accounting::Accounting::attach(&isolator.v2_subtree())
         .inspect_err(
             |error| tracing::error!(%error, "per-task CPU, run-queue and event accounting is off"),
         )

@@ -32,14 +32,33 @@ struct OpenMemory {
     files: MemoryFiles,
     usage: File,
     stat: File,
-    /// The breakdown from the last stat read (rss, cache).
-    breakdown: Option<(u64, u64)>,
+    /// The last stat read: its breakdown and when it was taken.
+    breakdown: Option<Breakdown>,
 }
 
-/// Rounds between reads of memory.stat (the rss/cache breakdown): on v1 it
-/// costs ~25 µs a container, ten times the usage file, and moves slowly.
-/// The usage is read every round.
-pub const STAT_EVERY: u64 = 10;
+/// The rss/cache split of memory.stat, and the usage and round it was read at.
+#[derive(Clone, Copy)]
+struct Breakdown {
+    rss: u64,
+    cache: u64,
+    usage: u64,
+    round: u64,
+}
+
+impl Breakdown {
+    /// Whether memory.stat is due again: the usage moved by more than a
+    /// sixteenth (at least 1 MiB) since it was read, or it is STAT_MAX_AGE
+    /// rounds old. A stat read costs ten usage reads on v1, and a task
+    /// whose usage holds still has not changed its split either.
+    fn stale(&self, usage: u64, round: u64) -> bool {
+        let moved = usage.abs_diff(self.usage);
+        moved > (self.usage / 16).max(1 << 20) || round >= self.round + STAT_MAX_AGE
+    }
+}
+
+/// Rounds after which memory.stat (the rss/cache breakdown) is read again
+/// even if the usage held still. The usage is read every round.
+pub const STAT_MAX_AGE: u64 = 30;
 
 /// Reads containers' memory files, kept open between rounds.
 pub struct MemorySampler {
@@ -57,7 +76,9 @@ impl MemorySampler {
         }
     }
 
-    /// The memory of each container (those whose files cannot be read are left out).
+    /// The memory of each container (those whose files cannot be read are
+    /// left out): every usage file in one go, then the stat files that are
+    /// due in a second.
     pub fn read(
         &mut self,
         isolator: &dyn Isolator,
@@ -78,30 +99,46 @@ impl MemorySampler {
                 }
             }
         }
-        let with_stat = self.round.is_multiple_of(STAT_EVERY);
+        let round = self.round;
         self.round += 1;
-        // Every usage file, then the stat files that are due, in one go.
         let ids: Vec<String> = self.open.keys().cloned().collect();
-        let stat_ids: Vec<&String> = ids
-            .iter()
-            .filter(|id| with_stat || self.open[*id].breakdown.is_none())
-            .collect();
-        let files: Vec<&File> = ids
-            .iter()
-            .map(|id| &self.open[id].usage)
-            .chain(stat_ids.iter().map(|id| &self.open[*id].stat))
-            .collect();
-        let texts: Vec<Option<String>> = self
+        let files: Vec<&File> = ids.iter().map(|id| &self.open[id].usage).collect();
+        let usages: Vec<Option<u64>> = self
             .reader
             .read_all(&files)
             .into_iter()
-            .map(|r| r.ok().map(|b| String::from_utf8_lossy(b).into_owned()))
+            .map(|r| {
+                r.ok()
+                    .and_then(|b| std::str::from_utf8(b).ok()?.trim().parse().ok())
+            })
             .collect();
-        let (usages, stats) = texts.split_at(ids.len());
-        for (id, stat) in stat_ids.iter().zip(stats) {
-            if let (Some(open), Some(stat)) = (self.open.get_mut(*id), stat) {
-                let rss = counter(stat, open.files.rss_key);
-                open.breakdown = Some((rss, counter(stat, open.files.file_key)));
+        let due: Vec<(&String, u64)> = ids
+            .iter()
+            .zip(&usages)
+            .filter_map(|(id, usage)| Some((id, (*usage)?)))
+            .filter(|(id, usage)| {
+                self.open[*id]
+                    .breakdown
+                    .is_none_or(|b| b.stale(*usage, round))
+            })
+            .collect();
+        if !due.is_empty() {
+            let files: Vec<&File> = due.iter().map(|(id, _)| &self.open[*id].stat).collect();
+            let stats: Vec<Option<String>> = self
+                .reader
+                .read_all(&files)
+                .into_iter()
+                .map(|r| r.ok().map(|b| String::from_utf8_lossy(b).into_owned()))
+                .collect();
+            for ((id, usage), stat) in due.iter().zip(stats) {
+                if let (Some(open), Some(stat)) = (self.open.get_mut(*id), stat) {
+                    open.breakdown = Some(Breakdown {
+                        rss: counter(&stat, open.files.rss_key),
+                        cache: counter(&stat, open.files.file_key),
+                        usage: *usage,
+                        round,
+                    });
+                }
             }
         }
         let mut memory = HashMap::new();
@@ -109,8 +146,7 @@ impl MemorySampler {
             let Some(usage) = usage else {
                 continue;
             };
-            let (rss, cache) = self.open[id].breakdown.unwrap_or_default();
-            let usage = usage.trim().parse().unwrap_or(0);
+            let (rss, cache) = self.open[id].breakdown.map_or((0, 0), |b| (b.rss, b.cache));
             memory.insert(id.clone(), Memory { usage, rss, cache });
         }
         memory
@@ -142,7 +178,7 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
             tracing::debug!(%error, "cannot flush running CPU time; it lags until threads switch out");
         }
         // Each map read whole in a few syscalls, not one lookup per task.
-        let cpu = fences.accounting.as_ref().map(|a| a.all_stats());
+        let cpu = fences.accounting.as_mut().map(|a| a.all_stats());
         let net = fences.network.as_ref().map(|n| n.all_stats());
         let binds = fences.ports.as_ref().map(|p| p.all_denied());
         let opens = fences.devices.as_ref().map(|d| d.all_denied());
@@ -458,6 +494,24 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_stat_is_read_again_when_usage_moves_or_the_split_grows_old() {
+        let mib = 1u64 << 20;
+        let read = Breakdown {
+            rss: 0,
+            cache: 0,
+            usage: 64 * mib,
+            round: 10,
+        };
+        assert!(!read.stale(64 * mib + mib, 11), "a 1 MiB step of 64 MiB");
+        assert!(read.stale(64 * mib + 5 * mib, 11), "more than a sixteenth");
+        assert!(read.stale(60 * mib - 1, 11), "down as well as up");
+        assert!(!read.stale(64 * mib, 10 + STAT_MAX_AGE - 1));
+        assert!(read.stale(64 * mib, 10 + STAT_MAX_AGE), "old enough");
+        let small = Breakdown { usage: mib, ..read };
+        assert!(!small.stale(mib + mib / 2, 11), "at least 1 MiB");
+    }
 
     #[test]
     fn prometheus_text_labels_each_task_and_builds_a_cumulative_histogram() {

@@ -41,7 +41,7 @@ fn within(measured: f64, reference: f64, fraction: f64) -> bool {
 fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
     let subtree = format!("butte/kt-acct-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut accounting = Accounting::attach().unwrap();
+    let mut accounting = Accounting::attach(&isolator.v2_subtree()).unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("acct");
     let placement = isolator.create(&id, &limits(2.0, 64.0, 64)).unwrap();
@@ -107,7 +107,7 @@ fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
 fn an_oom_kill_arrives_as_an_event_for_the_task() {
     let subtree = format!("butte/kt-oom-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut accounting = Accounting::attach().unwrap();
+    let mut accounting = Accounting::attach(&isolator.v2_subtree()).unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("oomevent");
     let placement = isolator.create(&id, &limits(1.0, 32.0, 64)).unwrap();

@@ -56,6 +56,15 @@ struct RoleSlot {
     frameworks: BTreeSet<String>,
 }
 
+/// Whether an agent has GPUs (whole or MIG instances, `mig-<profile>`):
+/// such agents are offered only to frameworks with GPU_RESOURCES, as in
+/// Mesos, so CPU-only work does not fill GPU nodes.
+fn offers_gpus(total: &Resources) -> bool {
+    total
+        .scalars()
+        .any(|(name, value)| value > 0.0 && (name == "gpus" || name.starts_with("mig-")))
+}
+
 /// A share as an order-preserving key (non-negative floats sort like their bits).
 fn share_key(share: f64) -> u64 {
     share.max(0.0).to_bits()
@@ -118,7 +127,7 @@ impl Allocator {
     pub fn add_agent(&mut self, agent_id: &str, total: Resources) {
         self.remove_agent(agent_id);
         self.total.add(&total);
-        let has_gpus = total.scalar("gpus") > 0.0;
+        let has_gpus = offers_gpus(&total);
         self.agents.insert(
             agent_id.to_owned(),
             AgentSlot {
@@ -128,6 +137,25 @@ impl Allocator {
                 active: true,
             },
         );
+    }
+
+    /// The agent's resources changed (e.g. a faulty GPU withdrawn): what is
+    /// in use stays in use, the rest of the new total is free. Something in
+    /// use that is no longer in the total is not free again when it is
+    /// given back (`recover` caps free at the total).
+    pub fn set_agent_total(&mut self, agent_id: &str, total: Resources) {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        let mut used = agent.total.clone();
+        used.subtract_contained(&agent.free);
+        let mut free = total.clone();
+        free.subtract_contained(&used);
+        self.total.subtract_contained(&agent.total);
+        self.total.add(&total);
+        agent.has_gpus = offers_gpus(&total);
+        agent.total = total;
+        agent.free = free;
     }
 
     /// Forgets an agent; the caller recovers what frameworks held on it first.
@@ -488,12 +516,28 @@ mod tests {
         let mut allocator = Allocator::new();
         let now = Instant::now();
         allocator.add_agent("gpu", res("cpus:8;mem:8192;gpus:2"));
+        allocator.add_agent("mig", res("cpus:8;mem:8192;mig-1g.10gb:7"));
         allocator.add_framework("plain", &roles(&["*"]), false);
         assert!(allocator.allocate(now).is_empty());
         allocator.add_framework("aware", &roles(&["*"]), true);
         let allocations = allocator.allocate(now);
-        assert_eq!(allocations.len(), 1);
-        assert_eq!(allocations[0].framework_id, "aware");
+        assert_eq!(allocations.len(), 2, "the GPU agent and the MIG agent");
+        assert!(allocations.iter().all(|a| a.framework_id == "aware"));
+    }
+
+    #[test]
+    fn a_changed_total_keeps_what_is_in_use_and_frees_the_rest() {
+        let mut allocator = Allocator::new();
+        let now = Instant::now();
+        allocator.add_agent("a0", res("cpus:8;mem:8192;gpus:8"));
+        allocator.add_framework("f", &roles(&["*"]), true);
+        allocator.mark_allocated("f", "a0", "*", &res("cpus:1;mem:128;gpus:2"));
+        // A faulty GPU is withdrawn: 7 left, 2 of them in use.
+        allocator.set_agent_total("a0", res("cpus:8;mem:8192;gpus:7"));
+        assert_eq!(allocator.free("a0"), Some(&res("cpus:7;mem:8064;gpus:5")));
+        assert_eq!(allocator.total().scalar("gpus"), 7.0);
+        allocator.recover("f", "a0", "*", &res("cpus:1;mem:128;gpus:2"), None, now);
+        assert_eq!(allocator.free("a0"), Some(&res("cpus:8;mem:8192;gpus:7")));
     }
 
     #[test]

@@ -1,25 +1,41 @@
 // Per-task accounting and events, keyed by the task's v2 cgroup id. A cgroup
 // is accounted only once the agent put a zeroed entry for it in `task_stats`.
-// Its threads are marked when they are born (wakeup_new) with a task-local
-// storage entry that remembers the key, so the hot paths (every switch and
-// wakeup on the machine) cost one storage lookup for everyone else.
 //
-// CPU time is the scheduler's own runtime counter (se.sum_exec_runtime),
-// summed as deltas when a thread switches out; the agent's sampler runs the
-// `flush` iterator first so threads that have not switched out since (a busy
-// loop alone on a core) are counted up to the last tick too. Run-queue
-// latency is wakeup (or preemption) to switch-in, as a log2 histogram.
+// The hot path is sched_switch, which runs for every switch on the machine,
+// so it keeps no per-thread state and calls no helper for threads that are
+// not ours: a thread is a candidate only if its v2 cgroup's parent is the
+// agent's subtree (`subtree_id`, set at load), which costs a few loads.
+//
+// - CPU time: the scheduler's own runtime counter. At switch-out the slice
+//   just run is se.sum_exec_runtime - se.prev_sum_exec_runtime (the fair
+//   class sets prev_sum_exec_runtime at switch-in). The `flush` iterator,
+//   run by the sampler before each read, adds the partial slice of threads
+//   still on a CPU (a busy loop alone on a core) as a snapshot (`live_*`),
+//   replaced at each flush.
+// - Run-queue latency: at switch-in, the scheduler's own enqueue stamp
+//   (sched_info.last_queued, rq clock) against the run queue's clock, as a
+//   log2 histogram. This is the wait /proc/PID/schedstat sums as run_delay.
+// - The tick-sampled user/system split (utime/stime) only divides the CPU
+//   time: live threads' by the `split` iterator every few samples (a
+//   snapshot), exited threads' at exit (taking them out of the snapshot).
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_core_read.h>
 
 // The few kernel fields we read, relocated against the running kernel's BTF
-// (CO-RE), so no kernel headers or vmlinux.h are needed.
+// (CO-RE), so no kernel headers or vmlinux.h are needed. In tp_btf and iter
+// programs these are plain loads, not helper calls.
 struct kernfs_node {
     __u64 id;
 } __attribute__((preserve_access_index));
 
+struct cgroup;
+struct cgroup_subsys_state {
+    struct cgroup *cgroup;
+    struct cgroup_subsys_state *parent;
+} __attribute__((preserve_access_index));
+
 struct cgroup {
+    struct cgroup_subsys_state self;
     struct kernfs_node *kn;
 } __attribute__((preserve_access_index));
 
@@ -27,17 +43,34 @@ struct css_set {
     struct cgroup *dfl_cgrp;
 } __attribute__((preserve_access_index));
 
+struct rq {
+    __u64 clock;
+} __attribute__((preserve_access_index));
+
+struct cfs_rq {
+    struct rq *rq;
+} __attribute__((preserve_access_index));
+
 struct sched_entity {
     __u64 sum_exec_runtime;
+    __u64 prev_sum_exec_runtime;
+    struct cfs_rq *cfs_rq;
+} __attribute__((preserve_access_index));
+
+struct sched_info {
+    __u64 last_queued;
 } __attribute__((preserve_access_index));
 
 struct task_struct {
     int pid;
     int tgid;
+    int on_cpu;
+    unsigned int policy;
     int exit_code;
     __u64 utime;
     __u64 stime;
     struct sched_entity se;
+    struct sched_info sched_info;
     struct css_set *cgroups;
     char comm[16];
 } __attribute__((preserve_access_index));
@@ -45,6 +78,8 @@ struct task_struct {
 struct seq_file;
 struct bpf_iter_meta {
     struct seq_file *seq;
+    __u64 session_id;
+    __u64 seq_num;
 } __attribute__((preserve_access_index));
 
 struct bpf_iter__task {
@@ -55,12 +90,16 @@ struct bpf_iter__task {
 #define RUNQ_SLOTS 32
 
 struct task_stats {
-    __u64 cpu_ns;
-    __u64 user_ns;   // raw tick-sampled split of cpu_ns (task utime)
-    __u64 system_ns; // (task stime)
+    __u64 cpu_ns;    // slices run to their end (switch-out)
+    __u64 user_ns;   // exited threads' utime
+    __u64 system_ns; // exited threads' stime
     __u64 runq_count;
     __u64 runq_total_ns;
     __u64 runq_slots[RUNQ_SLOTS]; // slot i: latency in [2^i, 2^(i+1)) microseconds
+    // Snapshot of the live threads, replaced by each flush:
+    __u64 live_cpu_ns;    // partial slices of threads on a CPU
+    __u64 live_user_ns;   // utime of live threads
+    __u64 live_system_ns; // stime of live threads
 };
 
 struct {
@@ -70,21 +109,15 @@ struct {
     __type(value, struct task_stats);
 } task_stats SEC(".maps");
 
-// What we last counted of each thread, and when it became runnable.
-struct thread_state {
-    __u64 cgroup; // the task's key in task_stats
-    __u64 runtime;
-    __u64 utime;
-    __u64 stime;
-    __u64 runnable_since;
-};
+// The v2 cgroup id (inode) of the agent's subtree; tasks' cgroups are its
+// children. Set by the loader.
+volatile const __u64 subtree_id = 0;
 
-struct {
-    __uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __type(key, int);
-    __type(value, struct thread_state);
-} threads SEC(".maps");
+// SCHED_FIFO, SCHED_RR, SCHED_DEADLINE: classes that do not keep
+// prev_sum_exec_runtime, so their slices cannot be told apart.
+#define SCHED_FIFO 1
+#define SCHED_RR 2
+#define SCHED_DEADLINE 6
 
 #define EVENT_EXEC 1
 #define EVENT_EXIT 2
@@ -106,63 +139,24 @@ struct {
 
 static __always_inline __u64 task_cgroup(struct task_struct *task)
 {
-    return BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+    return task->cgroups->dfl_cgrp->kn->id;
 }
 
-// Moves `*last` up to `now` and returns how far it moved; a racing caller
-// that already moved it further gets 0, so nothing is counted twice.
-static __always_inline __u64 advance(__u64 *last, __u64 now)
+// The counts of the task `thread` belongs to, or 0 if it is not ours.
+static __always_inline struct task_stats *stats_of(struct task_struct *thread)
 {
-    for (int i = 0; i < 4; i++) {
-        __u64 seen = *last;
-        if (now <= seen)
-            return 0;
-        if (__sync_val_compare_and_swap(last, seen, now) == seen)
-            return now - seen;
-    }
-    return 0;
-}
-
-// The runtime since the thread was last counted (every switch-out).
-static __always_inline void count_cpu(struct task_struct *task, struct thread_state *thread)
-{
-    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &thread->cgroup);
-    if (!stats)
-        return;
-    __u64 ran = advance(&thread->runtime, task->se.sum_exec_runtime);
-    if (ran)
-        __sync_fetch_and_add(&stats->cpu_ns, ran);
-}
-
-// The tick-sampled user/system split only serves to divide cpu_ns, so it is
-// counted off the hot path: at each flush and when the thread exits.
-static __always_inline void count_split(struct task_struct *task, struct thread_state *thread)
-{
-    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &thread->cgroup);
-    if (!stats)
-        return;
-    __u64 user = advance(&thread->utime, task->utime);
-    __u64 system = advance(&thread->stime, task->stime);
-    if (user)
-        __sync_fetch_and_add(&stats->user_ns, user);
-    if (system)
-        __sync_fetch_and_add(&stats->system_ns, system);
-}
-
-// A thread of a tracked task: its storage entry, created on first sight
-// when `create` (a new thread, or one the flush finds running).
-static __always_inline struct thread_state *tracked(struct task_struct *task, int create)
-{
-    struct thread_state *thread = bpf_task_storage_get(&threads, task, 0, 0);
-    if (thread || !create)
-        return thread;
-    __u64 cgroup = task_cgroup(task);
-    if (!bpf_map_lookup_elem(&task_stats, &cgroup))
+    struct cgroup *cgroup = thread->cgroups->dfl_cgrp;
+    struct cgroup_subsys_state *parent = cgroup->self.parent;
+    if (!parent || parent->cgroup->kn->id != subtree_id)
         return 0;
-    thread = bpf_task_storage_get(&threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (thread)
-        thread->cgroup = cgroup;
-    return thread;
+    __u64 key = cgroup->kn->id;
+    return bpf_map_lookup_elem(&task_stats, &key);
+}
+
+static __always_inline int slices_known(struct task_struct *thread)
+{
+    unsigned int policy = thread->policy;
+    return policy != SCHED_FIFO && policy != SCHED_RR && policy != SCHED_DEADLINE;
 }
 
 static __always_inline __u32 log2_slot(__u64 micros)
@@ -177,50 +171,36 @@ static __always_inline __u32 log2_slot(__u64 micros)
     return slot;
 }
 
-SEC("tp_btf/sched_wakeup")
-int wakeup(__u64 *ctx)
-{
-    struct thread_state *thread = tracked((struct task_struct *)ctx[0], 0);
-    if (thread)
-        thread->runnable_since = bpf_ktime_get_ns();
-    return 0;
-}
-
-// A new thread: the one place its cgroup is read (it is born in its task's).
-SEC("tp_btf/sched_wakeup_new")
-int wakeup_new(__u64 *ctx)
-{
-    struct thread_state *thread = tracked((struct task_struct *)ctx[0], 1);
-    if (thread)
-        thread->runnable_since = bpf_ktime_get_ns();
-    return 0;
-}
-
 // sched_switch(bool preempt, prev, next, unsigned int prev_state); it runs
-// while `prev` is still current.
+// after the scheduler updated prev's runtime and its run queue's clock, and
+// before next's arrival is booked (sched_info.last_queued still set).
 SEC("tp_btf/sched_switch")
 int switch_task(__u64 *ctx)
 {
     struct task_struct *prev = (struct task_struct *)ctx[1];
     struct task_struct *next = (struct task_struct *)ctx[2];
-    __u64 prev_state = ctx[3];
 
-    struct thread_state *thread = tracked(prev, 0);
-    if (thread) {
-        count_cpu(prev, thread);
-        // Preempted while runnable (TASK_RUNNING): it waits in the queue again.
-        if (prev_state == 0)
-            thread->runnable_since = bpf_ktime_get_ns();
+    // pid 0: the idle thread of a CPU.
+    if (prev->pid && slices_known(prev)) {
+        struct task_stats *stats = stats_of(prev);
+        if (stats) {
+            __u64 slice = prev->se.sum_exec_runtime - prev->se.prev_sum_exec_runtime;
+            __sync_fetch_and_add(&stats->cpu_ns, slice);
+        }
     }
 
-    thread = tracked(next, 0);
-    if (!thread || !thread->runnable_since)
+    if (!next->pid)
         return 0;
-    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &thread->cgroup);
+    __u64 queued = next->sched_info.last_queued;
+    if (!queued)
+        return 0;
+    struct task_stats *stats = stats_of(next);
     if (!stats)
         return 0;
-    __u64 waited = bpf_ktime_get_ns() - thread->runnable_since;
-    thread->runnable_since = 0;
+    __u64 now = next->se.cfs_rq->rq->clock;
+    if (now <= queued)
+        return 0;
+    __u64 waited = now - queued;
     __u32 slot = log2_slot(waited / 1000);
     if (slot < RUNQ_SLOTS)
         __sync_fetch_and_add(&stats->runq_slots[slot], 1);
@@ -229,19 +209,84 @@ int switch_task(__u64 *ctx)
     return 0;
 }
 
-// Run by the agent before each sample: counts what running threads have
-// used since they last switched in (up to the scheduler's last update).
+struct bpf_map;
+
+static long clear_live_cpu(struct bpf_map *map, __u64 *key, struct task_stats *stats, void *ctx)
+{
+    stats->live_cpu_ns = 0;
+    return 0;
+}
+
+// Run by the agent before each sample: replaces the live CPU snapshot with
+// the partial slices of threads on a CPU (the rest were counted at their
+// last switch-out).
 SEC("iter/task")
 int flush(struct bpf_iter__task *ctx)
 {
-    struct task_struct *task = ctx->task;
-    if (!task)
+    if (ctx->meta->seq_num == 0)
+        bpf_for_each_map_elem(&task_stats, clear_live_cpu, 0, 0);
+    struct task_struct *thread = ctx->task;
+    if (!thread || !thread->on_cpu || !slices_known(thread))
         return 0;
-    struct thread_state *thread = tracked(task, 0);
-    if (thread) {
-        count_cpu(task, thread);
-        count_split(task, thread);
+    struct task_stats *stats = stats_of(thread);
+    if (stats) {
+        __u64 running = thread->se.sum_exec_runtime - thread->se.prev_sum_exec_runtime;
+        __sync_fetch_and_add(&stats->live_cpu_ns, running);
     }
+    return 0;
+}
+
+// What the last `split` added of a thread to its task's live_user/system_ns,
+// so its exit takes it back out: off the hot path, only `split` and exit
+// touch it.
+struct split_seen {
+    __u64 generation;
+    __u64 user;
+    __u64 system;
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __type(key, int);
+    __type(value, struct split_seen);
+} split_seen SEC(".maps");
+
+// Counts `split` runs; a thread's split_seen is current when it matches.
+__u64 split_generation = 0;
+
+static long clear_live_split(struct bpf_map *map, __u64 *key, struct task_stats *stats, void *ctx)
+{
+    stats->live_user_ns = 0;
+    stats->live_system_ns = 0;
+    return 0;
+}
+
+// Run by the agent every few samples (the split moves slowly and visiting
+// every thread costs): replaces the live utime/stime snapshot.
+SEC("iter/task")
+int split(struct bpf_iter__task *ctx)
+{
+    if (ctx->meta->seq_num == 0) {
+        __sync_fetch_and_add(&split_generation, 1);
+        bpf_for_each_map_elem(&task_stats, clear_live_split, 0, 0);
+    }
+    struct task_struct *thread = ctx->task;
+    if (!thread)
+        return 0;
+    struct task_stats *stats = stats_of(thread);
+    if (!stats)
+        return 0;
+    struct split_seen *seen =
+        bpf_task_storage_get(&split_seen, thread, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!seen)
+        return 0;
+    __u64 user = thread->utime, system = thread->stime;
+    seen->generation = split_generation;
+    seen->user = user;
+    seen->system = system;
+    __sync_fetch_and_add(&stats->live_user_ns, user);
+    __sync_fetch_and_add(&stats->live_system_ns, system);
     return 0;
 }
 
@@ -269,19 +314,24 @@ int exec(__u64 *ctx)
     return 0;
 }
 
-// sched_process_exit(task, group_dead): one event per process, not per thread.
+// sched_process_exit(task, group_dead): per thread; its last slice is still
+// counted at its last switch-out. One event per process, not per thread.
 SEC("tp_btf/sched_process_exit")
 int exit_process(__u64 *ctx)
 {
     struct task_struct *task = (struct task_struct *)ctx[0];
-    struct thread_state *thread = tracked(task, 0);
-    if (thread)
-        count_split(task, thread);
-    if (task->pid != task->tgid)
+    struct task_stats *stats = stats_of(task);
+    if (!stats)
         return 0;
-    __u64 cgroup = bpf_get_current_cgroup_id();
-    if (bpf_map_lookup_elem(&task_stats, &cgroup))
-        emit(EVENT_EXIT, task, cgroup);
+    struct split_seen *seen = bpf_task_storage_get(&split_seen, task, 0, 0);
+    if (seen && seen->generation == split_generation) {
+        __sync_fetch_and_sub(&stats->live_user_ns, seen->user);
+        __sync_fetch_and_sub(&stats->live_system_ns, seen->system);
+    }
+    __sync_fetch_and_add(&stats->user_ns, task->utime);
+    __sync_fetch_and_add(&stats->system_ns, task->stime);
+    if (task->pid == task->tgid)
+        emit(EVENT_EXIT, task, task_cgroup(task));
     return 0;
 }
 
