@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use butte_agent_ebpf::accounting::{Accounting, Event, EventKind};
-use butte_agent_ebpf::devices::{DeviceFence, default_rules, v1_rule};
+use butte_agent_ebpf::devices::{DeviceFence, DeviceRule, default_rules, v1_rule};
 use butte_agent_ebpf::network::{self, Network};
 use butte_agent_ebpf::ports::{PortFence, cgroup_id};
 use butte_api::agent_link::v1::{self as link, agent_message};
 use butte_api::mesos::v1::{
-    AgentId, ExecutorInfo, FrameworkId, FrameworkInfo, Task, TaskId, TaskInfo, TaskState,
-    TaskStatus, task_status,
+    AgentId, ExecutorInfo, FrameworkId, FrameworkInfo, Label, Labels, Task, TaskId, TaskInfo,
+    TaskState, TaskStatus, task_status,
 };
 use butte_api::resources::Resources;
 use butte_api::telemetry::v1::TaskSample;
@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::AgentConfig;
+use crate::gpus::{Assignment, Fault, GpuBooks, Gpus, label};
 use crate::launcher::LaunchRequest;
 use crate::launcher_client::{ContainerExit, LauncherClient};
 
@@ -47,6 +48,8 @@ pub struct TaskRecord {
     pub resources: Resources,
     pub sandbox: PathBuf,
     pub killing: bool,
+    /// The GPUs its container was given.
+    pub gpus: Option<Assignment>,
 }
 
 /// Where a task staged for launch lives: its own container, or a group's.
@@ -80,6 +83,7 @@ impl AgentState {
                 resources,
                 sandbox: placing.sandbox,
                 killing: false,
+                gpus: None,
             },
         );
         self.containers
@@ -114,6 +118,8 @@ pub struct AgentState {
     oom_struck: HashSet<String>,
     /// The last telemetry sample of each running task.
     pub latest: HashMap<TaskKey, TaskSample>,
+    /// The GPUs, when the backend found any.
+    pub gpus: Option<GpuBooks>,
 }
 
 /// A running task as the telemetry sampler sees it.
@@ -144,6 +150,8 @@ pub struct Agent {
     checkpoint: Arc<Checkpoint>,
     /// The eBPF fences that loaded (none offers what it cannot enforce).
     fences: Arc<Mutex<Fences>>,
+    /// Where GPU readings come from (NVML or the simulated file).
+    pub gpu_backend: Option<Arc<dyn butte_gpu::GpuBackend>>,
 }
 
 /// The eBPF programs this agent runs; each is `None` when it could not load.
@@ -168,7 +176,12 @@ impl Agent {
         isolator: Arc<dyn Isolator>,
         launcher: LauncherClient,
         fences: Fences,
+        gpus: Option<Gpus>,
     ) -> Self {
+        let (gpu_backend, gpus) = match gpus {
+            Some(Gpus { backend, books }) => (Some(backend), Some(books)),
+            None => (None, None),
+        };
         let checkpoint = Arc::new(Checkpoint::new(&config.work_dir));
         let state = AgentState {
             agent_id: checkpoint.agent_id(),
@@ -184,6 +197,7 @@ impl Agent {
             event_counts: HashMap::new(),
             oom_struck: HashSet::new(),
             latest: HashMap::new(),
+            gpus,
         };
         Self {
             state: Arc::new(Mutex::new(state)),
@@ -192,6 +206,7 @@ impl Agent {
             launcher,
             checkpoint,
             fences: Arc::new(Mutex::new(fences)),
+            gpu_backend,
         }
     }
 
@@ -238,6 +253,11 @@ impl Agent {
                     hostname: self.config.hostname(),
                     port: Some(i32::from(self.config.port)),
                     id: state.agent_id.clone().map(|value| AgentId { value }),
+                    attributes: state
+                        .gpus
+                        .as_ref()
+                        .map(GpuBooks::attributes)
+                        .unwrap_or_default(),
                     ..Default::default()
                 },
                 total_resources: state.total.to_proto(None),
@@ -329,12 +349,33 @@ impl Agent {
         message: Option<String>,
         reason: Option<task_status::Reason>,
     ) {
+        self.update_with(framework_id, task_id, state, message, reason, Vec::new());
+    }
+
+    /// A status update; a running task's carries the labels of its GPUs
+    /// (which it was given and how they are linked) and `extra_labels`.
+    fn update_with(
+        &self,
+        framework_id: &str,
+        task_id: &str,
+        state: TaskState,
+        message: Option<String>,
+        reason: Option<task_status::Reason>,
+        extra_labels: Vec<Label>,
+    ) {
         let mut guard = self.lock();
         let agent_id = guard.agent_id.clone();
         let key = (framework_id.to_owned(), task_id.to_owned());
+        let mut labels = Vec::new();
         if let Some(record) = guard.tasks.get_mut(&key) {
             record.state = state;
+            if state == TaskState::TaskRunning
+                && let Some(gpus) = &record.gpus
+            {
+                labels = gpus.labels();
+            }
         }
+        labels.extend(extra_labels);
         let status = TaskStatus {
             task_id: TaskId {
                 value: task_id.to_owned(),
@@ -346,6 +387,7 @@ impl Agent {
             agent_id: agent_id.map(|value| AgentId { value }),
             timestamp: Some(crate::unix_now()),
             uuid: Some(new_uuid()),
+            labels: (!labels.is_empty()).then_some(Labels { labels }),
             ..Default::default()
         };
         let update = link::StatusUpdate {
@@ -572,7 +614,7 @@ impl Agent {
             self.update(&framework_id, task_id, TaskState::TaskStarting, None, None);
         }
         let police_ingress = tasks.iter().any(polices_ingress);
-        let placement = match self
+        let (placement, gpus) = match self
             .start_group_init(
                 &group_id,
                 &executor_id,
@@ -582,7 +624,7 @@ impl Agent {
             )
             .await
         {
-            Ok(placement) => placement,
+            Ok(started) => started,
             Err(message) => {
                 self.lock().groups.remove(&group_id);
                 self.unfence(&group_id);
@@ -607,13 +649,17 @@ impl Agent {
             else {
                 continue;
             };
+            self.set_gpus(key, &gpus);
             let launched = async {
                 std::fs::create_dir_all(&sandbox)
                     .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
+                let mut env =
+                    self.task_env(&framework, &task, &container_id, &sandbox, &executor_id);
+                env.extend(gpus.iter().flat_map(Assignment::env));
                 let request = LaunchRequest {
                     container_id: container_id.clone(),
                     argv: command_argv(&task)?,
-                    env: self.task_env(&framework, &task, &container_id, &sandbox, &executor_id),
+                    env,
                     sandbox: sandbox.clone(),
                     hostname: executor_id.clone(),
                     cgroup: placement.unified.clone(),
@@ -699,6 +745,7 @@ impl Agent {
         placement: &Placement,
         resources: &Resources,
         police_ingress: bool,
+        granted_devices: &[DeviceRule],
     ) -> Result<(), String> {
         let fenced = (|| {
             let key = cgroup_id(&placement.unified).map_err(|e| e.to_string())?;
@@ -717,7 +764,9 @@ impl Agent {
                 ranges.push((begin, end));
             }
             // The v1 devices controller enforces on its own; eBPF on v2 too.
-            let v1_rules: Vec<String> = default_rules().iter().map(v1_rule).collect();
+            let mut device_rules = default_rules();
+            device_rules.extend_from_slice(granted_devices);
+            let v1_rules: Vec<String> = device_rules.iter().map(v1_rule).collect();
             self.isolator
                 .restrict_devices(container_id, &v1_rules)
                 .map_err(|e| e.to_string())?;
@@ -727,7 +776,7 @@ impl Agent {
             }
             if let Some(devices) = fences.devices.as_mut() {
                 devices
-                    .allow(key, &default_rules())
+                    .allow(key, &device_rules)
                     .map_err(|e| e.to_string())?;
             }
             let bandwidth = resources.scalar("network_bandwidth");
@@ -750,8 +799,11 @@ impl Agent {
         fenced
     }
 
-    /// Drops the container's fence entries (it is going away).
+    /// Drops the container's fence entries and gives back its GPUs (it is going away).
     fn unfence(&self, container_id: &str) {
+        if let Some(gpus) = self.lock().gpus.as_mut() {
+            gpus.release(container_id);
+        }
         let Some(key) = self.lock().fence_keys.remove(container_id) else {
             return;
         };
@@ -874,20 +926,102 @@ impl Agent {
         sandbox: &std::path::Path,
         resources: &Resources,
         police_ingress: bool,
-    ) -> Result<Placement, String> {
+    ) -> Result<(Placement, Option<Assignment>), String> {
         std::fs::create_dir_all(sandbox)
             .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
+        let gpus = match self.lock().gpus.as_mut() {
+            Some(books) => books.assign(container_id, resources)?,
+            None if resources.scalar("gpus") > 0.0 => {
+                return Err("the task asks for gpus and this agent has none".into());
+            }
+            None => None,
+        };
         let limits = Limits {
             cpus: resources.scalar("cpus"),
             mem_mb: resources.scalar("mem"),
             pids_max: self.config.task_pids_max,
         };
-        let placement = self
-            .isolator
-            .create(container_id, &limits)
-            .map_err(|e| e.to_string())?;
-        self.fence(container_id, &placement, resources, police_ingress)?;
-        Ok(placement)
+        let placement = match self.isolator.create(container_id, &limits) {
+            Ok(placement) => placement,
+            Err(error) => {
+                self.unfence(container_id);
+                return Err(error.to_string());
+            }
+        };
+        let granted = gpus
+            .as_ref()
+            .map(Assignment::device_rules)
+            .unwrap_or_default();
+        self.fence(
+            container_id,
+            &placement,
+            resources,
+            police_ingress,
+            &granted,
+        )?;
+        Ok((placement, gpus))
+    }
+
+    /// Records the GPUs a task's container was given (its status shows them).
+    fn set_gpus(&self, key: &TaskKey, gpus: &Option<Assignment>) {
+        if let Some(record) = self.lock().tasks.get_mut(key) {
+            record.gpus.clone_from(gpus);
+        }
+    }
+
+    /// A GPU turned faulty: it is withdrawn from what the agent offers (the
+    /// master hears the new total) and a task holding it is told.
+    pub fn gpu_faulted(&self, fault: &Fault) {
+        tracing::error!(
+            gpu = fault.index,
+            uuid = fault.uuid,
+            reason = fault.reason,
+            "GPU withdrawn"
+        );
+        let mut state = self.lock();
+        if let Some(offered) = state.gpus.as_ref().and_then(|b| b.resources().ok()) {
+            let names: Vec<String> = state
+                .total
+                .scalars()
+                .map(|(name, _)| name.to_owned())
+                .filter(|n| n == "gpus" || n.starts_with(crate::gpus::MIG_PREFIX))
+                .collect();
+            for name in names {
+                state.total.remove(&name);
+            }
+            state.total.add(&offered);
+        }
+        if let Some(outbound) = state.outbound.as_ref() {
+            let _ = outbound.send(link::AgentMessage {
+                kind: Some(agent_message::Kind::ResourcesChanged(
+                    link::ResourcesChanged {
+                        total_resources: state.total.to_proto(None),
+                    },
+                )),
+            });
+        }
+        let holders: Vec<TaskKey> = state
+            .tasks
+            .iter()
+            .filter(|(_, r)| {
+                Some(&r.cgroup_id) == fault.holder.as_ref() && r.state == TaskState::TaskRunning
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        drop(state);
+        for (framework_id, task_id) in holders {
+            self.update_with(
+                &framework_id,
+                &task_id,
+                TaskState::TaskRunning,
+                Some(format!(
+                    "GPU {} ({}) is faulty: {}",
+                    fault.index, fault.uuid, fault.reason
+                )),
+                None,
+                vec![label("butte.gpu.faulty", &fault.index.to_string())],
+            );
+        }
     }
 
     async fn start_group_init(
@@ -897,8 +1031,8 @@ impl Agent {
         sandbox: &std::path::Path,
         total: &Resources,
         police_ingress: bool,
-    ) -> Result<butte_isolators::cgroups::Placement, String> {
-        let placement = self.prepare(group_id, sandbox, total, police_ingress)?;
+    ) -> Result<(Placement, Option<Assignment>), String> {
+        let (placement, gpus) = self.prepare(group_id, sandbox, total, police_ingress)?;
         let request = LaunchRequest {
             container_id: group_id.to_owned(),
             argv: Vec::new(),
@@ -914,7 +1048,7 @@ impl Agent {
             .launch(request)
             .await
             .map_err(|e| format!("task group container launch failed: {e}"))?;
-        Ok(placement)
+        Ok((placement, gpus))
     }
 
     async fn start_container(
@@ -925,9 +1059,19 @@ impl Agent {
         sandbox: &std::path::Path,
         resources: &Resources,
     ) -> Result<u64, String> {
-        let placement = self.prepare(container_id, sandbox, resources, polices_ingress(task))?;
+        let (placement, gpus) =
+            self.prepare(container_id, sandbox, resources, polices_ingress(task))?;
+        let key = (
+            framework
+                .id
+                .as_ref()
+                .map_or(String::new(), |f| f.value.clone()),
+            task.task_id.value.clone(),
+        );
+        self.set_gpus(&key, &gpus);
         let argv = command_argv(task)?;
-        let env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
+        let mut env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
+        env.extend(gpus.iter().flat_map(Assignment::env));
         let request = LaunchRequest {
             container_id: container_id.to_owned(),
             argv,

@@ -29,8 +29,9 @@ pub struct AgentConfig {
     /// Resources to offer, e.g. 'cpus:4;mem:8192;ports:[31000-32000]'; discovered when absent.
     #[arg(long, env = "BUTTE_RESOURCES")]
     pub resources: Option<String>,
-    /// GPU backend; only `none` until the GPU work lands.
-    #[arg(long, env = "BUTTE_GPU_BACKEND", default_value = "none")]
+    /// GPU backend: `nvml` (no NVIDIA driver means no GPUs), `sim:FILE`
+    /// (GPUs described in a JSON file, see gpu/README.md) or `none`.
+    #[arg(long, env = "BUTTE_GPU_BACKEND", default_value = "nvml")]
     pub gpu_backend: String,
     /// The cgroup filesystem root.
     #[arg(long, env = "BUTTE_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]

@@ -30,12 +30,17 @@ pub fn router(agent: Agent) -> Router {
 }
 
 async fn metrics(axum::extract::State(agent): axum::extract::State<Agent>) -> Response {
-    let samples: Vec<_> = agent.lock().latest.values().cloned().collect();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::prometheus(&samples),
-    )
-        .into_response()
+    let (samples, gpus) = {
+        let state = agent.lock();
+        let samples: Vec<_> = state.latest.values().cloned().collect();
+        (
+            samples,
+            state.gpus.as_ref().map(crate::gpu_telemetry::prometheus),
+        )
+    };
+    let mut text = crate::telemetry::prometheus(&samples);
+    text.push_str(&gpus.unwrap_or_default());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 fn error(status: StatusCode, message: String) -> Response {

@@ -6,6 +6,8 @@ pub mod agent;
 pub mod cgroup_reader;
 pub mod checkpoint;
 pub mod config;
+pub mod gpu_telemetry;
+pub mod gpus;
 pub mod http;
 pub mod launcher;
 pub mod launcher_client;

@@ -21,12 +21,6 @@ fn main() -> anyhow::Result<()> {
         "text" => tracing_subscriber::fmt().with_env_filter(filter).init(),
         other => anyhow::bail!("--log-format {other:?} is not known; use text or json"),
     }
-    if config.gpu_backend != "none" {
-        anyhow::bail!(
-            "--gpu-backend {:?} is not supported yet; use none",
-            config.gpu_backend
-        );
-    }
     if config.work_dir.starts_with("/tmp") {
         anyhow::bail!(
             "--work-dir {} is under /tmp, which each task gets privately; choose another directory",
@@ -36,6 +30,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("cannot create --work-dir {}", config.work_dir.display()))?;
     let mut total = resources::discover(config.resources.as_deref(), &config.work_dir)?;
+    let gpus = gpus(&config.gpu_backend, &mut total)?;
     let isolator: Arc<dyn butte_isolators::cgroups::Isolator> = Arc::from(
         butte_isolators::cgroups::detect(&config.cgroup_root, &config.cgroup_subtree())
             .context("cannot set up task cgroups (is this run as root?)")?,
@@ -85,7 +80,14 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let (launcher, mut exits) = LauncherClient::new(socket)?;
-        let agent = Agent::new(config, total.clone(), isolator.clone(), launcher, fences);
+        let agent = Agent::new(
+            config,
+            total.clone(),
+            isolator.clone(),
+            launcher,
+            fences,
+            gpus,
+        );
         agent.remove_leftovers();
         tracing::info!(resources = %total, "butte agent starting");
         let exits_agent = agent.clone();
@@ -162,4 +164,38 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Opens the GPU backend and offers what it found in place of any `gpus` or
+/// `mig-*` given in `--resources` (only GPUs the agent can fence are offered).
+fn gpus(
+    spec: &str,
+    total: &mut butte_api::resources::Resources,
+) -> anyhow::Result<Option<butte_agent::gpus::Gpus>> {
+    let asked: Vec<String> = total
+        .scalars()
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| name == "gpus" || name.starts_with(butte_agent::gpus::MIG_PREFIX))
+        .collect();
+    for name in &asked {
+        total.remove(name);
+    }
+    let Some(backend) = butte_gpu::open(spec).context("cannot open the GPU backend")? else {
+        if !asked.is_empty() {
+            tracing::error!(
+                resources = ?asked,
+                "--resources names GPUs but --gpu-backend found none; they are not offered"
+            );
+        }
+        return Ok(None);
+    };
+    let backend: Arc<dyn butte_gpu::GpuBackend> = Arc::from(backend);
+    let inventory = backend
+        .inventory()
+        .with_context(|| format!("cannot read the GPUs from --gpu-backend {spec}"))?;
+    let books = butte_agent::gpus::GpuBooks::new(inventory);
+    let offered = books.resources()?;
+    tracing::info!(backend = backend.name(), gpus = %offered, "GPUs found");
+    total.add(&offered);
+    Ok(Some(butte_agent::gpus::Gpus { backend, books }))
 }

@@ -168,6 +168,15 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
     let containers: BTreeSet<&str> = views.iter().map(|v| v.container_id.as_str()).collect();
     let containers: Vec<&str> = containers.into_iter().collect();
     let memory = memory_sampler.read(agent.isolator(), &containers);
+    let gpu_use = crate::gpu_telemetry::sample(agent);
+    let held: HashMap<&str, Vec<u32>> = match agent.lock().gpus.as_ref() {
+        Some(books) => containers
+            .iter()
+            .map(|&c| (c, books.held_by(c)))
+            .filter(|(_, gpus)| !gpus.is_empty())
+            .collect(),
+        None => HashMap::new(),
+    };
     let events = agent.lock().event_counts.clone();
     let mut counted: HashMap<u64, Counted> = HashMap::new();
     {
@@ -200,13 +209,22 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
         .map(|view| {
             let empty = Counted::default();
             let counted = counted.get(&view.cgroup_key).unwrap_or(&empty);
-            task_sample(
+            let mut sample = task_sample(
                 view,
                 timestamp,
                 counted,
                 memory.get(&view.container_id).copied(),
                 events.get(&view.cgroup_key).copied().unwrap_or_default(),
-            )
+            );
+            if let (Some(gpus), Some(extra)) =
+                (held.get(view.container_id.as_str()), sample.extra.as_mut())
+            {
+                let used = gpu_use.get(&view.container_id).copied().unwrap_or_default();
+                extra.gpus.clone_from(gpus);
+                extra.gpu_memory_used_bytes = Some(used.memory_bytes);
+                extra.gpu_utilization_percent = Some(used.utilization_percent);
+            }
+            sample
         })
         .collect();
     TelemetryBatch { timestamp, samples }
@@ -419,6 +437,18 @@ pub fn prometheus(samples: &[TaskSample]) -> String {
             "counter",
             "Device opens refused by the device fence",
             |s| extra(s).denied_device_opens.map(|v| v as f64),
+        ),
+        (
+            "butte_task_gpu_memory_used_bytes",
+            "gauge",
+            "GPU memory its processes use (NVML per-process figures)",
+            |s| extra(s).gpu_memory_used_bytes.map(|v| v as f64),
+        ),
+        (
+            "butte_task_gpu_utilization_percent",
+            "gauge",
+            "GPU utilisation of its processes, summed over its GPUs",
+            |s| extra(s).gpu_utilization_percent,
         ),
         (
             "butte_task_execs_total",

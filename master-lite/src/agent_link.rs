@@ -70,11 +70,8 @@ impl AgentLink for AgentLinkService {
                     Some(agent_message::Kind::Telemetry(batch)) => {
                         master.telemetry.record(&agent_id, batch)
                     }
-                    Some(agent_message::Kind::ResourcesChanged(_)) => {
-                        tracing::warn!(
-                            agent_id,
-                            "resource changes are not supported yet; re-register the agent instead"
-                        );
+                    Some(agent_message::Kind::ResourcesChanged(changed)) => {
+                        master.agent_resources_changed(&agent_id, changed)
                     }
                     Some(agent_message::Kind::Register(_)) => {
                         tracing::warn!(agent_id, "Register sent twice on one link; ignored");

@@ -1669,6 +1669,32 @@ impl Master {
         }
     }
 
+    /// The agent's total changed (e.g. a faulty GPU withdrawn): its
+    /// outstanding offers are rescinded, since they may hold what is gone,
+    /// and the next offers come from the new total.
+    pub fn agent_resources_changed(&mut self, agent_id: &str, changed: link::ResourcesChanged) {
+        self.agent_heartbeat(agent_id);
+        let total = match Resources::from_proto(&changed.total_resources) {
+            Ok(total) => total,
+            Err(error) => {
+                tracing::warn!(agent_id, %error, "invalid resource change from the agent; ignored");
+                return;
+            }
+        };
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        agent.total = total.clone();
+        agent.info.resources = total.to_proto(None);
+        let info = agent.info.clone();
+        let result = self.registry.put_agent(&info);
+        self.persist(result);
+        self.rescind_agent_offers(agent_id);
+        self.allocator.set_agent_total(agent_id, total.clone());
+        tracing::info!(agent_id, resources = %total, "agent resources changed");
+        self.want_allocation();
+    }
+
     pub fn agent_status_update(&mut self, agent_id: &str, update: link::StatusUpdate) {
         self.agent_heartbeat(agent_id);
         let framework_id = update.framework_id.value.clone();
