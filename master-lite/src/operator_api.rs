@@ -458,6 +458,22 @@ fn resources_json(resources: &Resources) -> Value {
     Value::Object(map)
 }
 
+/// Agent attributes as Mesos's v0 views show them: name to value.
+fn attributes_json(attributes: &[butte_api::mesos::v1::Attribute]) -> Value {
+    let mut map = serde_json::Map::new();
+    for attribute in attributes {
+        let value = if let Some(text) = &attribute.text {
+            json!(text.value)
+        } else if let Some(scalar) = &attribute.scalar {
+            json!(scalar.value)
+        } else {
+            continue;
+        };
+        map.insert(attribute.name.clone(), value);
+    }
+    Value::Object(map)
+}
+
 fn task_json(task: &Task) -> Value {
     let resources = Resources::from_proto(&task.resources).unwrap_or_default();
     json!({
@@ -527,6 +543,7 @@ fn slaves_json(master: &Master) -> Vec<Value> {
                 "used_resources": resources_json(&used_on(master, a)),
                 "offered_resources": resources_json(&offered_on(master, |o| o.agent_id == a.id())),
                 "unreserved_resources": resources_json(&a.total),
+                "attributes": attributes_json(&a.info.attributes),
             })
         })
         .collect()

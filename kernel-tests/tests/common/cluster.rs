@@ -1,0 +1,246 @@
+//! A master and an agent started from this workspace's binaries, with their
+//! logs, sandboxes and cgroups, for the tests that drive whole clusters.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_owned()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("BUTTE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/install-deps",
+        python.display()
+    );
+    python
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Cluster {
+    master: Child,
+    agent: Option<Child>,
+    pub master_port: u16,
+    pub agent_port: u16,
+    /// Logs, the master's and the agent's work dirs, the sandboxes.
+    pub dir: PathBuf,
+    /// The agent's container prefix, e.g. `kt15151-`.
+    pub prefix: String,
+    /// The agent's cgroup subtree, e.g. `butte/kt15151`.
+    pub subtree: String,
+}
+
+impl Cluster {
+    pub fn start(name: &str, master_port: u16, agent_port: u16, resources: &str) -> Cluster {
+        Self::start_with(name, master_port, agent_port, resources, &[])
+    }
+
+    pub fn start_with(
+        name: &str,
+        master_port: u16,
+        agent_port: u16,
+        resources: &str,
+        agent_args: &[&str],
+    ) -> Cluster {
+        let dir = PathBuf::from(format!(
+            "/var/lib/butte-kernel-tests/{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = |file: &str| std::fs::File::create(dir.join(file)).unwrap();
+        let master = Command::new(binary("butte-master"))
+            .args([
+                "--port",
+                &master_port.to_string(),
+                "--heartbeat-interval",
+                "1",
+                "--allocation-interval",
+                "0.2",
+            ])
+            .arg("--work-dir")
+            .arg(dir.join("master"))
+            .stdout(log("master.log"))
+            .stderr(log("master.err"))
+            .spawn()
+            .unwrap();
+        wait_for("the master", || http_get(master_port, "/health").is_some());
+        let prefix = format!("kt{agent_port}-");
+        let subtree = format!("butte/kt{agent_port}");
+        let agent = Command::new(binary("butte-agent"))
+            .args([
+                "--master",
+                &format!("127.0.0.1:{master_port}"),
+                "--port",
+                &agent_port.to_string(),
+            ])
+            .args([
+                "--resources",
+                resources,
+                "--container-prefix",
+                &prefix,
+                "--status-update-retry",
+                "1",
+                "--cgroup-subtree",
+                &subtree,
+            ])
+            .args(agent_args)
+            .arg("--work-dir")
+            .arg(dir.join("agent"))
+            .stdout(log("agent.log"))
+            .stderr(log("agent.err"))
+            .spawn()
+            .unwrap();
+        wait_for("the agent to register", || {
+            http_get(master_port, "/metrics/snapshot")
+                .is_some_and(|body| body.contains("\"master/slaves_active\":1.0"))
+        });
+        Cluster {
+            master,
+            agent: Some(agent),
+            master_port,
+            agent_port,
+            dir,
+            prefix,
+            subtree,
+        }
+    }
+
+    pub fn run_framework(&self, mode: &str) -> String {
+        self.run_framework_with(mode, &[])
+    }
+
+    pub fn run_framework_with(&self, mode: &str, args: &[&str]) -> String {
+        let output = self
+            .framework("agent_framework.py", mode, 150)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let tail = self.agent_log_tail(30);
+        assert!(
+            output.status.success(),
+            "framework ({mode}) failed:\n{stdout}\n{}\nagent log (last lines, newest first):\n{tail}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    /// `python tests/SCRIPT MASTER_URL MODE TIMEOUT`, to which the caller adds
+    /// the mode's arguments.
+    pub fn framework(&self, script: &str, mode: &str, timeout_s: u32) -> Command {
+        let mut command = Command::new(python());
+        command
+            .arg(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests")
+                    .join(script),
+            )
+            .arg(format!("http://127.0.0.1:{}", self.master_port))
+            .args([mode, &timeout_s.to_string()]);
+        command
+    }
+
+    /// The newest lines of the agent's log, newest first.
+    pub fn agent_log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
+        log.lines().rev().take(lines).collect::<Vec<_>>().join("\n")
+    }
+
+    pub fn sandbox(&self, task_id: &str) -> PathBuf {
+        let frameworks = self.dir.join("agent/sandboxes");
+        for framework in std::fs::read_dir(&frameworks).unwrap() {
+            let task_dir = framework.unwrap().path().join(task_id);
+            if let Ok(mut runs) = std::fs::read_dir(&task_dir) {
+                return runs.next().unwrap().unwrap().path();
+            }
+        }
+        panic!("no sandbox for {task_id} under {}", frameworks.display());
+    }
+
+    /// Our cgroups still present, in any hierarchy.
+    pub fn cgroups_left(&self) -> Vec<PathBuf> {
+        let mut left = Vec::new();
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
+            let subtree = hierarchy.unwrap().path().join(&self.subtree);
+            for entry in std::fs::read_dir(&subtree).into_iter().flatten() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    left.push(path);
+                }
+            }
+        }
+        left
+    }
+
+    /// The agent's subtree directories still present (after it stopped).
+    pub fn subtree_left(&self) -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .map(|h| h.unwrap().path().join(&self.subtree))
+            .filter(|p| p.exists())
+            .collect()
+    }
+
+    pub fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            // SAFETY: kill(2) on our own child.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(agent.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while agent.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}
