@@ -36,7 +36,7 @@ pub struct TaskStats {
 /// `struct task_stats` of the C side: the counts of ended slices and
 /// exited threads, and the live threads' snapshot of the last flush.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct RawTaskStats {
     cpu_ns: u64,
     user_ns: u64,
@@ -50,18 +50,6 @@ struct RawTaskStats {
 }
 
 impl RawTaskStats {
-    const ZERO: Self = Self {
-        cpu_ns: 0,
-        user_ns: 0,
-        system_ns: 0,
-        runq_count: 0,
-        runq_total_ns: 0,
-        runq_slots: [0; RUNQ_SLOTS],
-        live_cpu_ns: 0,
-        live_user_ns: 0,
-        live_system_ns: 0,
-    };
-
     /// The totals, never below what was reported before: a thread that
     /// switches out or exits while the flush runs can be in the snapshot
     /// and the ended counts at once until the next flush.
@@ -89,12 +77,6 @@ impl Default for TaskStats {
             runq_total_ns: 0,
             runq_slots: [0; RUNQ_SLOTS],
         }
-    }
-}
-
-impl Default for RawTaskStats {
-    fn default() -> Self {
-        Self::ZERO
     }
 }
 
@@ -309,7 +291,7 @@ impl Accounting {
     pub fn track(&mut self, cgroup_id: u64) -> Result<(), FenceError> {
         self.reported.remove(&cgroup_id);
         self.stats
-            .insert(cgroup_id, RawTaskStats::ZERO, 0)
+            .insert(cgroup_id, RawTaskStats::default(), 0)
             .map_err(|e| FenceError::Map {
                 map: "task_stats",
                 step: "insert",

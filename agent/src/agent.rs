@@ -931,7 +931,7 @@ impl Agent {
             .map_err(|e| format!("cannot create the sandbox {}: {e}", sandbox.display()))?;
         let gpus = match self.lock().gpus.as_mut() {
             Some(books) => books.assign(container_id, resources)?,
-            None if resources.scalar("gpus") > 0.0 => {
+            None if resources.has_gpus() => {
                 return Err("the task asks for gpus and this agent has none".into());
             }
             None => None,
@@ -980,15 +980,7 @@ impl Agent {
         );
         let mut state = self.lock();
         if let Some(offered) = state.gpus.as_ref().and_then(|b| b.resources().ok()) {
-            let names: Vec<String> = state
-                .total
-                .scalars()
-                .map(|(name, _)| name.to_owned())
-                .filter(|n| n == "gpus" || n.starts_with(crate::gpus::MIG_PREFIX))
-                .collect();
-            for name in names {
-                state.total.remove(&name);
-            }
+            state.total.remove_gpus();
             state.total.add(&offered);
         }
         if let Some(outbound) = state.outbound.as_ref() {

@@ -9,9 +9,7 @@ use butte_api::mesos::v1::{Attribute, Label, value};
 use butte_api::resources::{ResourceError, Resources};
 use butte_gpu::{Choice, GpuSample, Inventory, choose};
 
-/// Resource name prefix of MIG instances, e.g. `mig-1g.10gb` (as NVIDIA's
-/// device plugin names them, without the vendor domain).
-pub const MIG_PREFIX: &str = "mig-";
+pub use butte_api::resources::MIG_PREFIX;
 
 /// The GPUs (or MIG instances) one container was given.
 #[derive(Debug, Clone, PartialEq)]

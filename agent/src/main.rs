@@ -172,14 +172,7 @@ fn gpus(
     spec: &str,
     total: &mut butte_api::resources::Resources,
 ) -> anyhow::Result<Option<butte_agent::gpus::Gpus>> {
-    let asked: Vec<String> = total
-        .scalars()
-        .map(|(name, _)| name.to_owned())
-        .filter(|name| name == "gpus" || name.starts_with(butte_agent::gpus::MIG_PREFIX))
-        .collect();
-    for name in &asked {
-        total.remove(name);
-    }
+    let asked = total.remove_gpus();
     let Some(backend) = butte_gpu::open(spec).context("cannot open the GPU backend")? else {
         if !asked.is_empty() {
             tracing::error!(

@@ -150,6 +150,15 @@ impl fmt::Display for RangeSet {
     }
 }
 
+/// Name prefix of MIG instance resources, `mig-<profile>` (e.g.
+/// `mig-1g.10gb`), as NVIDIA's device plugin names them without its domain.
+pub const MIG_PREFIX: &str = "mig-";
+
+/// Whether a resource is GPU capacity: `gpus` (whole devices) or MIG instances.
+pub fn is_gpu(name: &str) -> bool {
+    name == "gpus" || name.starts_with(MIG_PREFIX)
+}
+
 /// A bag of resources by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resources {
@@ -213,7 +222,6 @@ impl Resources {
         self.sets.get(name)
     }
 
-    /// Adds a scalar; `value` must be finite and >= 0.
     /// Takes every resource called `name` out, whatever its kind.
     pub fn remove(&mut self, name: &str) {
         self.scalars.remove(name);
@@ -221,6 +229,27 @@ impl Resources {
         self.sets.remove(name);
     }
 
+    /// Takes out every GPU resource (whole GPUs and MIG instances); their names.
+    pub fn remove_gpus(&mut self) -> Vec<String> {
+        let names: Vec<String> = self
+            .scalars
+            .keys()
+            .filter(|name| is_gpu(name))
+            .cloned()
+            .collect();
+        for name in &names {
+            self.remove(name);
+        }
+        names
+    }
+
+    /// Whether any GPU resource (whole GPUs or MIG instances) is here.
+    pub fn has_gpus(&self) -> bool {
+        self.scalars()
+            .any(|(name, value)| value > 0.0 && is_gpu(name))
+    }
+
+    /// Adds a scalar; `value` must be finite and >= 0.
     pub fn add_scalar(&mut self, name: &str, value: f64) -> Result<(), ResourceError> {
         self.check_kind(name, "SCALAR")?;
         let milli = to_milli(name, value)?;

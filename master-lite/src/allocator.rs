@@ -29,6 +29,9 @@ pub struct Allocation {
 struct AgentSlot {
     total: Resources,
     free: Resources,
+    /// GPUs (whole or MIG instances): such agents are offered only to
+    /// frameworks with GPU_RESOURCES, as in Mesos, so CPU-only work does not
+    /// fill GPU nodes.
     has_gpus: bool,
     active: bool,
 }
@@ -54,15 +57,6 @@ impl FrameworkSlot {
 struct RoleSlot {
     allocated: Resources,
     frameworks: BTreeSet<String>,
-}
-
-/// Whether an agent has GPUs (whole or MIG instances, `mig-<profile>`):
-/// such agents are offered only to frameworks with GPU_RESOURCES, as in
-/// Mesos, so CPU-only work does not fill GPU nodes.
-fn offers_gpus(total: &Resources) -> bool {
-    total
-        .scalars()
-        .any(|(name, value)| value > 0.0 && (name == "gpus" || name.starts_with("mig-")))
 }
 
 /// A share as an order-preserving key (non-negative floats sort like their bits).
@@ -127,7 +121,7 @@ impl Allocator {
     pub fn add_agent(&mut self, agent_id: &str, total: Resources) {
         self.remove_agent(agent_id);
         self.total.add(&total);
-        let has_gpus = offers_gpus(&total);
+        let has_gpus = total.has_gpus();
         self.agents.insert(
             agent_id.to_owned(),
             AgentSlot {
@@ -153,7 +147,7 @@ impl Allocator {
         free.subtract_contained(&used);
         self.total.subtract_contained(&agent.total);
         self.total.add(&total);
-        agent.has_gpus = offers_gpus(&total);
+        agent.has_gpus = total.has_gpus();
         agent.total = total;
         agent.free = free;
     }
