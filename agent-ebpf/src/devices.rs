@@ -197,11 +197,7 @@ impl DeviceFence {
         }
         self.rules
             .insert(cgroup_id, value, 0)
-            .map_err(|e| FenceError::Map {
-                map: "task_devices",
-                step: "insert",
-                detail: e.to_string(),
-            })
+            .map_err(|e| crate::insert_failed("task_devices", &e))
     }
 
     /// Device opens the task was refused.

@@ -52,6 +52,29 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
+/// The most tasks one agent tracks at once: every per-task map holds this
+/// many entries (MAX_TASKS in src/bpf/tasks.h, which sizes them).
+pub const MAX_TASKS: usize = 4096;
+
+/// A failed per-task map insert; a full map says what the limit is.
+pub(crate) fn insert_failed(map: &'static str, error: &aya::maps::MapError) -> FenceError {
+    let full = matches!(error, aya::maps::MapError::SyscallError(e)
+        if e.io_error.raw_os_error() == Some(libc::E2BIG));
+    let detail = if full {
+        format!(
+            "it is full: this agent tracks at most {MAX_TASKS} tasks at once \
+             (MAX_TASKS in agent-ebpf/src/bpf/tasks.h); wait for tasks to end"
+        )
+    } else {
+        Chain(error).to_string()
+    };
+    FenceError::Map {
+        map,
+        step: "insert",
+        detail,
+    }
+}
+
 /// Takes a `u64`-keyed hash map (keyed by cgroup id) out of a loaded object.
 pub(crate) fn take_cgroup_map<V: aya::Pod>(
     bpf: &mut aya::Ebpf,
@@ -87,6 +110,18 @@ pub(crate) fn failed(
         step,
         detail: Chain(error).to_string(),
     }
+}
+
+/// The OS error (errno) somewhere in an error's chain of causes.
+pub(crate) fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// A program of the object, as its type.

@@ -8,7 +8,7 @@ use aya::maps::{HashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::{Ebpf, Pod};
 
-use crate::{Chain, FenceError, failed};
+use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/network.bpf.o"));
 
@@ -108,13 +108,8 @@ impl Network {
 
     /// Starts counting the task in `cgroup_id` and applies its limits.
     pub fn track(&mut self, cgroup_id: u64, limits: Limits) -> Result<(), FenceError> {
-        let map_error = |map: &'static str| {
-            move |e: aya::maps::MapError| FenceError::Map {
-                map,
-                step: "insert",
-                detail: Chain(&e).to_string(),
-            }
-        };
+        let map_error =
+            |map: &'static str| move |e: aya::maps::MapError| crate::insert_failed(map, &e);
         if let Some(rate) = limits.egress_mbit_per_s {
             self.egress
                 .insert(cgroup_id, bucket(rate), 0)

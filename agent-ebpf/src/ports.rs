@@ -87,11 +87,7 @@ impl PortFence {
         }
         self.ports
             .insert(cgroup_id, value, 0)
-            .map_err(|e| FenceError::Map {
-                map: "task_ports",
-                step: "insert",
-                detail: e.to_string(),
-            })
+            .map_err(|e| crate::insert_failed("task_ports", &e))
     }
 
     /// Binds the task was refused.

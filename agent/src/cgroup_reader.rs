@@ -13,13 +13,16 @@ use io_uring::{IoUring, opcode, types};
 
 /// Entries per submission; larger sets go in several batches.
 const RING_ENTRIES: u32 = 256;
-/// Bytes read per file: memory.stat is ~1.5 KiB on v1 and v2.
-pub const READ_SIZE: usize = 8192;
+/// Bytes read of a stat file: memory.stat is ~1.5 KiB on v1 and v2.
+pub const STAT_READ_SIZE: usize = 8192;
+/// Bytes read of a single-number file (a u64 and its newline).
+pub const NUMBER_READ_SIZE: usize = 32;
 
 pub struct CgroupReader {
     ring: Option<IoUring>,
-    /// One buffer per file of the last read; the kernel writes them.
-    buffers: Vec<Box<[u8]>>,
+    /// The last read's buffers, one slot per file back to back (a few pages
+    /// for hundreds of number files, not a page each); the kernel writes them.
+    arena: Vec<u8>,
 }
 
 impl CgroupReader {
@@ -32,7 +35,7 @@ impl CgroupReader {
             .ok();
         Self {
             ring,
-            buffers: Vec::new(),
+            arena: Vec::new(),
         }
     }
 
@@ -40,7 +43,7 @@ impl CgroupReader {
     pub fn plain() -> Self {
         Self {
             ring: None,
-            buffers: Vec::new(),
+            arena: Vec::new(),
         }
     }
 
@@ -48,42 +51,40 @@ impl CgroupReader {
         self.ring.is_some()
     }
 
-    /// Reads each file from offset 0 (up to READ_SIZE bytes); the bytes or
-    /// the error, per file, valid until the next read.
-    pub fn read_all(&mut self, files: &[&File]) -> Vec<io::Result<&[u8]>> {
-        while self.buffers.len() < files.len() {
-            self.buffers.push(vec![0u8; READ_SIZE].into_boxed_slice());
-        }
+    /// Reads each file from offset 0, up to `size` bytes of each; the bytes
+    /// or the error, per file, valid until the next read.
+    pub fn read_all(&mut self, files: &[&File], size: usize) -> Vec<io::Result<&[u8]>> {
+        let size = size.max(1);
+        self.arena.clear();
+        self.arena.resize(files.len() * size, 0);
         let mut lengths: Vec<io::Result<usize>> = Vec::with_capacity(files.len());
         for start in (0..files.len()).step_by(RING_ENTRIES as usize) {
             let end = (start + RING_ENTRIES as usize).min(files.len());
+            let slots = &mut self.arena[start * size..end * size];
             if let Some(ring) = self.ring.as_mut() {
-                match read_batch(ring, &files[start..end], &mut self.buffers[start..end]) {
+                match read_batch(ring, &files[start..end], slots, size) {
                     Ok(batch) => {
                         lengths.extend(batch);
                         continue;
                     }
                     Err(error) => {
                         tracing::warn!(%error, "io_uring read failed; using pread from now on");
-                        // Reads may still be in flight into these buffers:
-                        // never free them, nor the ring they were queued on.
+                        // Reads may still be in flight into the arena: never
+                        // free it, nor the ring they were queued on.
                         std::mem::forget(self.ring.take());
-                        std::mem::forget(std::mem::take(&mut self.buffers));
-                        return self.read_all(files);
+                        std::mem::forget(std::mem::take(&mut self.arena));
+                        return self.read_all(files, size);
                     }
                 }
             }
-            for (file, buffer) in files[start..end]
-                .iter()
-                .zip(self.buffers[start..end].iter_mut())
-            {
-                lengths.push(file.read_at(buffer, 0));
+            for (file, slot) in files[start..end].iter().zip(slots.chunks_mut(size)) {
+                lengths.push(file.read_at(slot, 0));
             }
         }
         lengths
             .into_iter()
-            .zip(&self.buffers)
-            .map(|(length, buffer)| length.map(|n| &buffer[..n.min(buffer.len())]))
+            .zip(self.arena.chunks(size))
+            .map(|(length, slot)| length.map(|n| &slot[..n.min(slot.len())]))
             .collect()
     }
 }
@@ -98,22 +99,23 @@ impl Default for CgroupReader {
 fn read_batch(
     ring: &mut IoUring,
     files: &[&File],
-    buffers: &mut [Box<[u8]>],
+    slots: &mut [u8],
+    size: usize,
 ) -> io::Result<Vec<io::Result<usize>>> {
     {
         let mut queue = ring.submission();
-        for (index, (file, buffer)) in files.iter().zip(buffers.iter_mut()).enumerate() {
+        for (index, (file, slot)) in files.iter().zip(slots.chunks_mut(size)).enumerate() {
             let read = opcode::Read::new(
                 types::Fd(file.as_raw_fd()),
-                buffer.as_mut_ptr(),
-                u32::try_from(buffer.len()).unwrap_or(u32::MAX),
+                slot.as_mut_ptr(),
+                u32::try_from(slot.len()).unwrap_or(u32::MAX),
             )
             .offset(0)
             .build()
             .user_data(index as u64);
-            // SAFETY: the buffers and files outlive the reads: we wait for
+            // SAFETY: the arena and files outlive the reads: we wait for
             // every completion below, and on an error the caller leaks the
-            // buffers and the ring rather than free them. A batch never
+            // arena and the ring rather than free them. A batch never
             // exceeds the ring, so push does not fail.
             #[allow(unsafe_code)]
             unsafe { queue.push(&read) }.map_err(|_| io::Error::other("io_uring queue full"))?;
@@ -163,7 +165,7 @@ mod tests {
         );
         for reader in [&mut uring, &mut CgroupReader::plain()] {
             for _round in 0..2 {
-                for (i, result) in reader.read_all(&refs).into_iter().enumerate() {
+                for (i, result) in reader.read_all(&refs, 32).into_iter().enumerate() {
                     assert_eq!(result.unwrap(), format!("value {i}\n").as_bytes());
                 }
             }

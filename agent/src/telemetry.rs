@@ -4,7 +4,7 @@
 //! Mesos's ResourceStatistics plus our additions; kept as each task's newest
 //! sample (GET_CONTAINERS, /metrics) and streamed to the master.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use butte_api::telemetry::v1::{ExtraStatistics, TaskSample, TelemetryBatch};
 use butte_isolators::cgroups::{Isolator, MemoryFiles, counter};
 
 use crate::agent::{Agent, EventCounts, TaskView};
-use crate::cgroup_reader::CgroupReader;
+use crate::cgroup_reader::{CgroupReader, NUMBER_READ_SIZE, STAT_READ_SIZE};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -79,12 +79,13 @@ impl MemorySampler {
     /// The memory of each container (those whose files cannot be read are
     /// left out): every usage file in one go, then the stat files that are
     /// due in a second.
-    pub fn read(
+    pub fn read<'a>(
         &mut self,
         isolator: &dyn Isolator,
-        containers: &[&str],
-    ) -> HashMap<String, Memory> {
-        self.open.retain(|id, _| containers.contains(&id.as_str()));
+        containers: &[&'a str],
+    ) -> HashMap<&'a str, Memory> {
+        let wanted: HashSet<&str> = containers.iter().copied().collect();
+        self.open.retain(|id, _| wanted.contains(id.as_str()));
         for &id in containers {
             if !self.open.contains_key(id) {
                 let files = isolator.memory_files(id);
@@ -101,32 +102,37 @@ impl MemorySampler {
         }
         let round = self.round;
         self.round += 1;
-        let ids: Vec<String> = self.open.keys().cloned().collect();
-        let files: Vec<&File> = ids.iter().map(|id| &self.open[id].usage).collect();
+        let ids: Vec<&'a str> = containers
+            .iter()
+            .copied()
+            .filter(|id| self.open.contains_key(*id))
+            .collect();
+        let files: Vec<&File> = ids.iter().map(|id| &self.open[*id].usage).collect();
         let usages: Vec<Option<u64>> = self
             .reader
-            .read_all(&files)
+            .read_all(&files, NUMBER_READ_SIZE)
             .into_iter()
             .map(|r| {
                 r.ok()
                     .and_then(|b| std::str::from_utf8(b).ok()?.trim().parse().ok())
             })
             .collect();
-        let due: Vec<(&String, u64)> = ids
+        let due: Vec<(&'a str, u64)> = ids
             .iter()
             .zip(&usages)
-            .filter_map(|(id, usage)| Some((id, (*usage)?)))
-            .filter(|(id, usage)| {
+            .filter_map(|(id, usage)| {
+                let usage = (*usage)?;
                 self.open[*id]
                     .breakdown
-                    .is_none_or(|b| b.stale(*usage, round))
+                    .is_none_or(|b| b.stale(usage, round))
+                    .then_some((*id, usage))
             })
             .collect();
         if !due.is_empty() {
             let files: Vec<&File> = due.iter().map(|(id, _)| &self.open[*id].stat).collect();
             let stats: Vec<Option<String>> = self
                 .reader
-                .read_all(&files)
+                .read_all(&files, STAT_READ_SIZE)
                 .into_iter()
                 .map(|r| r.ok().map(|b| String::from_utf8_lossy(b).into_owned()))
                 .collect();
@@ -141,13 +147,14 @@ impl MemorySampler {
                 }
             }
         }
-        let mut memory = HashMap::new();
-        for (id, usage) in ids.iter().zip(usages) {
+        let mut memory = HashMap::with_capacity(ids.len());
+        for (id, usage) in ids.into_iter().zip(usages) {
             let Some(usage) = usage else {
                 continue;
             };
-            let (rss, cache) = self.open[id].breakdown.map_or((0, 0), |b| (b.rss, b.cache));
-            memory.insert(id.clone(), Memory { usage, rss, cache });
+            let breakdown = self.open.get(id).and_then(|open| open.breakdown);
+            let (rss, cache) = breakdown.map_or((0, 0), |b| (b.rss, b.cache));
+            memory.insert(id, Memory { usage, rss, cache });
         }
         memory
     }
@@ -213,7 +220,7 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
                 view,
                 timestamp,
                 counted,
-                memory.get(&view.container_id).copied(),
+                memory.get(view.container_id.as_str()).copied(),
                 events.get(&view.cgroup_key).copied().unwrap_or_default(),
             );
             if let (Some(gpus), Some(extra)) =

@@ -4,6 +4,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
+#include "tasks.h"
+
 #define MAX_RULES 64
 #define ANY 0xffffffffu
 
@@ -21,14 +23,14 @@ struct device_rules {
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 65536);
+    __uint(max_entries, MAX_TASKS);
     __type(key, __u64);
     __type(value, struct device_rules);
 } task_devices SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 65536);
+    __uint(max_entries, MAX_TASKS);
     __type(key, __u64);
     __type(value, __u64);
 } denied_opens SEC(".maps");

@@ -8,6 +8,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
+#include "tasks.h"
+
 struct net_stats {
     __u64 tx_bytes;
     __u64 tx_packets;
@@ -19,7 +21,7 @@ struct net_stats {
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 65536);
+    __uint(max_entries, MAX_TASKS);
     __type(key, __u64);
     __type(value, struct net_stats);
 } task_net SEC(".maps");
@@ -35,14 +37,14 @@ struct bucket {
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 65536);
+    __uint(max_entries, MAX_TASKS);
     __type(key, __u64);
     __type(value, struct bucket);
 } egress_limits SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 65536);
+    __uint(max_entries, MAX_TASKS);
     __type(key, __u64);
     __type(value, struct bucket);
 } ingress_limits SEC(".maps");
