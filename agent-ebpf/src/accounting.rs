@@ -5,7 +5,6 @@
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::path::Path;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, Iter, RawTracePoint, RawTracePointRunOptions, TestRun};
@@ -259,14 +258,11 @@ const TRACEPOINTS: &[(&str, &str)] = &[
 
 impl Accounting {
     /// Loads the programs and attaches them to the scheduler's tracepoints;
-    /// they account tasks whose cgroups are children of `subtree` (the
-    /// agent's v2 subtree) once `track`ed.
-    pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
-        let subtree_id = crate::ports::cgroup_id(subtree)?;
+    /// they account the tasks whose v2 cgroups are `track`ed.
+    pub fn attach() -> Result<Self, FenceError> {
         // Task storage (split_seen) is a map type aya 0.14 does not know; the kernel does.
         let mut bpf = aya::EbpfLoader::new()
             .allow_unsupported_maps()
-            .override_global("subtree_id", &subtree_id, true)
             .load(OBJECT)
             .map_err(|e| failed("accounting", "load", &e))?;
         let btf = Btf::from_sys_fs().map_err(|e| failed("accounting", "read kernel BTF", &e))?;

@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             None
         }
     };
-    let mut accounting = butte_agent_ebpf::accounting::Accounting::attach(&isolator.v2_subtree())
+    let mut accounting = butte_agent_ebpf::accounting::Accounting::attach()
         .inspect_err(
             |error| tracing::error!(%error, "per-task CPU, run-queue and event accounting is off"),
         )

@@ -23,7 +23,7 @@ pub struct Programs {
 impl Programs {
     pub fn attach(subtree: &Path) -> Self {
         Self {
-            accounting: Accounting::attach(subtree).unwrap_or_else(|e| panic!("{e}")),
+            accounting: Accounting::attach().unwrap_or_else(|e| panic!("{e}")),
             network: Network::attach(subtree).unwrap_or_else(|e| panic!("{e}")),
             ports: PortFence::attach(subtree).unwrap_or_else(|e| panic!("{e}")),
             devices: DeviceFence::attach(subtree).unwrap_or_else(|e| panic!("{e}")),

@@ -14,9 +14,12 @@
 //!   no per-task network or denial figures at all).
 //!
 //! Both sides are CPU time of this process (io_uring workers included).
-//! Each task is a perl loop that wakes ten times a second.
+//! Each task is a perl loop that wakes WAKES times a second (default 10; 0:
+//! it sleeps throughout). The programs' cost follows the machine's context
+//! switches, the collection's follows the tasks, so the ratio depends on
+//! how busy the tasks are; the bench says which it measured.
 //!
-//! `cargo run --release -p butte-bench --bin telemetry-cost [-- TASKS SECONDS]`
+//! `cargo run --release -p butte-bench --bin telemetry-cost [-- TASKS SECONDS WAKES]`
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -51,7 +54,20 @@ struct Task {
     child: Spawned,
 }
 
-fn start_tasks(isolator: &dyn Isolator, n: usize, programs: &mut Programs) -> Vec<Task> {
+fn start_tasks(
+    isolator: &dyn Isolator,
+    n: usize,
+    wakes_per_second: f64,
+    programs: &mut Programs,
+) -> Vec<Task> {
+    let script = if wakes_per_second > 0.0 {
+        format!(
+            "select(undef, undef, undef, {}) while 1",
+            1.0 / wakes_per_second
+        )
+    } else {
+        "sleep while 1".to_string()
+    };
     (0..n)
         .map(|i| {
             let id = format!("tel-{i}");
@@ -69,14 +85,7 @@ fn start_tasks(isolator: &dyn Isolator, n: usize, programs: &mut Programs) -> Ve
             let sandbox = PathBuf::from(WORK).join(&id);
             std::fs::create_dir_all(&sandbox).unwrap_or_else(|e| panic!("sandbox: {e}"));
             let spec = ContainerSpec {
-                argv: [
-                    "/usr/bin/perl",
-                    "-e",
-                    "select(undef, undef, undef, 0.1) while 1",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+                argv: vec!["/usr/bin/perl".into(), "-e".into(), script.clone()],
                 env: vec![("PATH".into(), "/usr/bin:/bin".into())],
                 sandbox,
                 hostname: id.clone(),
@@ -187,6 +196,11 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(10)
         .max(1);
+    let wakes_per_second = args
+        .next()
+        .and_then(|a| a.parse::<f64>().ok())
+        .unwrap_or(10.0)
+        .max(0.0);
     let isolator = detect(Path::new("/sys/fs/cgroup"), Path::new(SUBTREE))
         .unwrap_or_else(|e| panic!("cgroups (run as root): {e}"));
     let v1 = Path::new(&format!("/sys/fs/cgroup/cpuacct/{SUBTREE}")).exists();
@@ -197,7 +211,7 @@ fn main() {
     let _stats = butte_agent_ebpf::enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
     let subtree = isolator.v2_subtree();
     let mut programs = Programs::attach(&subtree);
-    let tasks = start_tasks(&*isolator, n, &mut programs);
+    let tasks = start_tasks(&*isolator, n, wakes_per_second, &mut programs);
     std::thread::sleep(Duration::from_secs(2));
 
     let reader = if std::env::var_os("BUTTE_BENCH_PREAD").is_some() {
@@ -230,7 +244,9 @@ fn main() {
 
     let per_second = |d: Duration| d.as_secs_f64() * 1e3 / seconds as f64;
     let ours = collection + bpf;
-    println!("{n} tasks, sampled every second for {seconds} s (io_uring: {io_uring})");
+    println!(
+        "{n} tasks waking {wakes_per_second} times a second each, sampled every second for {seconds} s (io_uring: {io_uring})"
+    );
     println!(
         "butte:  {:>7.3} ms CPU/s = {:.3} % of a core  (eBPF programs {:.3} ms/s, collection {:.3} ms/s)",
         per_second(ours),

@@ -41,7 +41,7 @@ fn within(measured: f64, reference: f64, fraction: f64) -> bool {
 fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
     let subtree = format!("butte/kt-acct-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut accounting = Accounting::attach(&isolator.v2_subtree()).unwrap();
+    let mut accounting = Accounting::attach().unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("acct");
     let placement = isolator.create(&id, &limits(2.0, 64.0, 64)).unwrap();
@@ -107,7 +107,7 @@ fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
 fn an_oom_kill_arrives_as_an_event_for_the_task() {
     let subtree = format!("butte/kt-oom-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut accounting = Accounting::attach(&isolator.v2_subtree()).unwrap();
+    let mut accounting = Accounting::attach().unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("oomevent");
     let placement = isolator.create(&id, &limits(1.0, 32.0, 64)).unwrap();
@@ -245,4 +245,26 @@ fn network_bytes_are_counted_and_egress_is_held_to_its_limit() {
         report["end"]
     );
     assert!(stats.tx_dropped > 0, "the limit dropped packets: {stats:?}");
+}
+
+#[test]
+fn a_full_task_map_refuses_the_next_task_and_says_the_limit() {
+    let mut accounting = Accounting::attach().unwrap();
+    // Keys far above any real cgroup id, so no thread of this host is counted.
+    let first = 1u64 << 40;
+    let keys = first..first + butte_agent_ebpf::MAX_TASKS as u64;
+    for key in keys.clone() {
+        accounting.track(key).unwrap();
+    }
+    let refused = accounting.track(keys.end).unwrap_err().to_string();
+    for key in keys.clone() {
+        accounting.forget(key);
+    }
+    assert!(
+        refused.contains("full") && refused.contains("at most 4096 tasks"),
+        "{refused}"
+    );
+    // Room again once tasks ended.
+    accounting.track(keys.end).unwrap();
+    accounting.forget(keys.end);
 }
