@@ -2,12 +2,13 @@
 //! every second, our path and the cgroupfs poller side by side in one run.
 //!
 //! - butte: the eBPF programs' own run time (kernel.bpf_stats, everything
-//!   they did machine-wide while the tasks ran: sched_switch/wakeup, exec,
-//!   exit, skb) plus the agent's collection each second: the flush
-//!   iterator, the four per-task maps (CPU and run queue, network, denied
+//!   they did machine-wide while the tasks ran: sched_switch, exec, exit,
+//!   skb, and the per-CPU flush) plus the agent's collection each second:
+//!   the flush (one run per CPU; the user/system split iterator every 10th
+//!   round), the four per-task maps (CPU and run queue, network, denied
 //!   binds, denied opens) each read whole with BPF_MAP_LOOKUP_BATCH, and the
-//!   memory usage file of every task (memory.stat every 10th round) read
-//!   through one io_uring submission per 256 files.
+//!   memory usage file of every task (memory.stat when the usage moved or
+//!   every 30th round) read through one io_uring submission per 256 files.
 //! - poller: what cAdvisor and the Mesos agent do each second: open, read
 //!   and close per task cpuacct.usage, cpuacct.stat, memory.usage_in_bytes,
 //!   memory.stat, and /proc/<pid>/schedstat for the run-queue wait (it has
@@ -260,7 +261,7 @@ fn main() {
         bpf.as_nanos() as f64 / runs.max(1) as f64
     );
     println!(
-        "        collection: flush iterator {:.3} ms/s, map lookups {:.3} ms/s, memory files {:.3} ms/s",
+        "        collection: flush {:.3} ms/s, map lookups {:.3} ms/s, memory files {:.3} ms/s",
         per_second(parts[0]),
         per_second(parts[1]),
         per_second(parts[2])
