@@ -341,14 +341,16 @@ impl Accounting {
         }
         self.flushes += 1;
         let program: &mut RawTracePoint = crate::program_mut(&mut self.bpf, "flush")?;
+        let mut ran = Vec::with_capacity(self.cpus.len());
         for &cpu in &self.cpus {
             let on_cpu = RawTracePointRunOptions {
                 cpu: Some(cpu),
                 ..RawTracePointRunOptions::default()
             };
             match program.test_run(on_cpu) {
-                Ok(_) => {}
-                // ENXIO: the CPU went offline; it runs nothing of ours.
+                Ok(_) => ran.push(cpu as usize),
+                // ENXIO: the CPU went offline; it runs nothing of ours, and
+                // what its slot holds is from an earlier flush.
                 Err(e) if crate::os_error(&e) == Some(libc::ENXIO) => {}
                 Err(e) => return Err(failed("flush", "run on a CPU", &e)),
             }
@@ -359,8 +361,10 @@ impl Accounting {
             detail: Chain(&e).to_string(),
         })?;
         self.running_ns.clear();
-        for running in per_cpu.iter().filter(|r| r.cgroup != 0) {
-            *self.running_ns.entry(running.cgroup).or_default() += running.ns;
+        for (cpu, running) in per_cpu.iter().enumerate() {
+            if running.cgroup != 0 && ran.contains(&cpu) {
+                *self.running_ns.entry(running.cgroup).or_default() += running.ns;
+            }
         }
         Ok(())
     }
