@@ -6,8 +6,8 @@
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, Iter, RawTracePoint, RawTracePointRunOptions, TestRun};
+use aya::maps::{HashMap, MapData, RingBuf};
+use aya::programs::{BtfTracePoint, Iter};
 use aya::{Btf, Ebpf, Pod};
 
 use crate::{Chain, FenceError, failed};
@@ -33,8 +33,7 @@ pub struct TaskStats {
 }
 
 /// `struct task_stats` of the C side: the counts of ended slices and
-/// exited threads, and the live threads' user/system snapshot of the last
-/// split.
+/// exited threads, and the live threads' snapshot of the last flush.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct RawTaskStats {
@@ -44,20 +43,20 @@ struct RawTaskStats {
     runq_count: u64,
     runq_total_ns: u64,
     runq_slots: [u64; RUNQ_SLOTS],
+    live_cpu_ns: u64,
     live_user_ns: u64,
     live_system_ns: u64,
 }
 
 impl RawTaskStats {
-    /// The totals with `running_ns` (the partial slices of the task's
-    /// threads on a CPU at the last flush), never below what was reported
-    /// before: a thread that switches out or exits while the flush runs can
-    /// be in the snapshot and the ended counts at once until the next flush.
-    fn totals(&self, running_ns: u64, before: Option<&TaskStats>) -> TaskStats {
+    /// The totals, never below what was reported before: a thread that
+    /// switches out or exits while the flush runs can be in the snapshot
+    /// and the ended counts at once until the next flush.
+    fn totals(&self, before: Option<&TaskStats>) -> TaskStats {
         let floor =
             |now: u64, then: fn(&TaskStats) -> u64| before.map_or(now, |b| now.max(then(b)));
         TaskStats {
-            cpu_ns: floor(self.cpu_ns + running_ns, |b| b.cpu_ns),
+            cpu_ns: floor(self.cpu_ns + self.live_cpu_ns, |b| b.cpu_ns),
             user_ns: floor(self.user_ns + self.live_user_ns, |b| b.user_ns),
             system_ns: floor(self.system_ns + self.live_system_ns, |b| b.system_ns),
             runq_count: self.runq_count,
@@ -84,18 +83,6 @@ impl Default for TaskStats {
 // no padding, every bit pattern valid).
 #[allow(unsafe_code)]
 unsafe impl Pod for RawTaskStats {}
-
-/// `struct running` of the C side: one per CPU.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct Running {
-    cgroup: u64,
-    ns: u64,
-}
-
-// SAFETY: as above (two u64).
-#[allow(unsafe_code)]
-unsafe impl Pod for Running {}
 
 impl TaskStats {
     /// CPU time split into user and system like the kernel's cputime_adjust:
@@ -226,11 +213,6 @@ impl AsFd for Events {
 pub struct Accounting {
     bpf: Ebpf,
     stats: HashMap<MapData, u64, RawTaskStats>,
-    /// Per CPU, the partial slice of the thread it ran at the last flush.
-    running: PerCpuArray<MapData, Running>,
-    /// Those slices summed per task (cgroup id).
-    running_ns: std::collections::HashMap<u64, u64>,
-    cpus: Vec<u32>,
     /// What was last reported per task, so totals never go back.
     reported: std::collections::HashMap<u64, TaskStats>,
     /// Flushes so far: every SPLIT_EVERY-th also renews the user/system split.
@@ -238,11 +220,8 @@ pub struct Accounting {
     events: Option<Events>,
 }
 
-/// The iterator, which runs inside `flush`'s read of it, in the caller's own
-/// CPU time. (The `flush` program runs in an interrupt on each CPU, charged
-/// to whatever that CPU was running, so its run time counts like the
-/// tracepoints'.)
-const ITERATORS: &[&str] = &["split"];
+/// The iterator programs, which run only when `flush` reads them.
+const ITERATORS: &[&str] = &["flush", "split"];
 
 /// Flushes between renewals of the live threads' user/system split: it
 /// visits every thread of every task, and the ratio moves slowly.
@@ -273,30 +252,13 @@ impl Accounting {
                 .map_err(|e| failed(name, "load into the kernel", &e))?;
             program.attach().map_err(|e| failed(name, "attach", &e))?;
         }
-        let split: &mut Iter = crate::program_mut(&mut bpf, "split")?;
-        split
-            .load("task", &btf)
-            .map_err(|e| failed("split", "load into the kernel", &e))?;
-        let flush: &mut RawTracePoint = crate::program_mut(&mut bpf, "flush")?;
-        flush
-            .load()
-            .map_err(|e| failed("flush", "load into the kernel", &e))?;
-        let cpus = aya::util::online_cpus().map_err(|(file, e)| FenceError::Program {
-            program: "flush",
-            step: "list the online CPUs",
-            detail: format!("{file}: {e}"),
-        })?;
+        for name in ["flush", "split"] {
+            let iterator: &mut Iter = crate::program_mut(&mut bpf, name)?;
+            iterator
+                .load("task", &btf)
+                .map_err(|e| failed(name, "load into the kernel", &e))?;
+        }
         let stats = crate::take_cgroup_map(&mut bpf, "task_stats")?;
-        let running = bpf.take_map("running").ok_or_else(|| FenceError::Map {
-            map: "running",
-            step: "open",
-            detail: "missing from the object".into(),
-        })?;
-        let running = PerCpuArray::try_from(running).map_err(|e| FenceError::Map {
-            map: "running",
-            step: "open",
-            detail: Chain(&e).to_string(),
-        })?;
         let ring = bpf.take_map("events").ok_or_else(|| FenceError::Map {
             map: "events",
             step: "open",
@@ -310,9 +272,6 @@ impl Accounting {
         Ok(Self {
             bpf,
             stats,
-            running,
-            running_ns: std::collections::HashMap::new(),
-            cpus,
             reported: std::collections::HashMap::new(),
             flushes: 0,
             events: Some(Events { ring }),
@@ -333,40 +292,14 @@ impl Accounting {
     }
 
     /// Counts the CPU time of threads still on a CPU since they switched in,
-    /// so the next reads are current: runs `flush` once on every CPU (the
-    /// first and every SPLIT_EVERY-th time, the `split` iterator too).
+    /// so the next reads are current (runs the `flush` iterator once; the
+    /// first and every SPLIT_EVERY-th time, `split` too).
     pub fn flush(&mut self) -> Result<(), FenceError> {
         if self.flushes.is_multiple_of(SPLIT_EVERY) {
             self.run_iterator("split")?;
         }
         self.flushes += 1;
-        let program: &mut RawTracePoint = crate::program_mut(&mut self.bpf, "flush")?;
-        let mut ran = Vec::with_capacity(self.cpus.len());
-        for &cpu in &self.cpus {
-            let on_cpu = RawTracePointRunOptions {
-                cpu: Some(cpu),
-                ..RawTracePointRunOptions::default()
-            };
-            match program.test_run(on_cpu) {
-                Ok(_) => ran.push(cpu as usize),
-                // ENXIO: the CPU went offline; it runs nothing of ours, and
-                // what its slot holds is from an earlier flush.
-                Err(e) if crate::os_error(&e) == Some(libc::ENXIO) => {}
-                Err(e) => return Err(failed("flush", "run on a CPU", &e)),
-            }
-        }
-        let per_cpu = self.running.get(&0, 0).map_err(|e| FenceError::Map {
-            map: "running",
-            step: "read",
-            detail: Chain(&e).to_string(),
-        })?;
-        self.running_ns.clear();
-        for (cpu, running) in per_cpu.iter().enumerate() {
-            if running.cgroup != 0 && ran.contains(&cpu) {
-                *self.running_ns.entry(running.cgroup).or_default() += running.ns;
-            }
-        }
-        Ok(())
+        self.run_iterator("flush")
     }
 
     /// Runs an iterator program once over every thread on the machine.
@@ -389,8 +322,7 @@ impl Accounting {
     /// What was counted for the task (as of the last flush), if it is tracked.
     pub fn stats(&mut self, cgroup_id: u64) -> Option<TaskStats> {
         let raw = self.stats.get(&cgroup_id, 0).ok()?;
-        let running = self.running_ns.get(&cgroup_id).copied().unwrap_or(0);
-        let totals = raw.totals(running, self.reported.get(&cgroup_id));
+        let totals = raw.totals(self.reported.get(&cgroup_id));
         self.reported.insert(cgroup_id, totals);
         Some(totals)
     }
@@ -402,10 +334,7 @@ impl Accounting {
             crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_stats")?;
         let totals: std::collections::HashMap<u64, TaskStats> = raw
             .iter()
-            .map(|(key, raw)| {
-                let running = self.running_ns.get(key).copied().unwrap_or(0);
-                (*key, raw.totals(running, self.reported.get(key)))
-            })
+            .map(|(key, raw)| (*key, raw.totals(self.reported.get(key))))
             .collect();
         self.reported.clone_from(&totals);
         Ok(totals)

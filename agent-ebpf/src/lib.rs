@@ -112,18 +112,6 @@ pub(crate) fn failed(
     }
 }
 
-/// The OS error (errno) somewhere in an error's chain of causes.
-pub(crate) fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return io.raw_os_error();
-        }
-        cause = e.source();
-    }
-    None
-}
-
 /// A program of the object, as its type.
 pub(crate) fn program_mut<'a, P>(
     bpf: &'a mut aya::Ebpf,

@@ -9,9 +9,10 @@
 //
 // - CPU time: the scheduler's own runtime counter. At switch-out the slice
 //   just run is se.sum_exec_runtime - se.prev_sum_exec_runtime (the fair
-//   class sets prev_sum_exec_runtime at switch-in). The partial slice of a
-//   thread still on a CPU (a busy loop alone on a core) is noted by `flush`,
-//   which the sampler runs on every CPU before each read (in `running`).
+//   class sets prev_sum_exec_runtime at switch-in). The `flush` iterator,
+//   run by the sampler before each read, adds the partial slice of threads
+//   still on a CPU (a busy loop alone on a core) as a snapshot (`live_*`),
+//   replaced at each flush.
 // - Run-queue latency: at switch-in, the scheduler's own enqueue stamp
 //   (sched_info.last_queued, rq clock) against the run queue's clock, as a
 //   log2 histogram. This is the wait /proc/PID/schedstat sums as run_delay.
@@ -91,7 +92,8 @@ struct task_stats {
     __u64 runq_count;
     __u64 runq_total_ns;
     __u64 runq_slots[RUNQ_SLOTS]; // slot i: latency in [2^i, 2^(i+1)) microseconds
-    // Snapshot of the live threads, replaced by each `split`:
+    // Snapshot of the live threads, replaced by each flush:
+    __u64 live_cpu_ns;    // partial slices of threads on a CPU
     __u64 live_user_ns;   // utime of live threads
     __u64 live_system_ns; // stime of live threads
 };
@@ -195,43 +197,32 @@ int switch_task(__u64 *ctx)
     return 0;
 }
 
-// The partial slice of the thread a CPU is running, if it is one of ours
-// (cgroup 0 otherwise), as of the last `flush` on that CPU.
-struct running {
-    __u64 cgroup;
-    __u64 ns;
-};
+struct bpf_map;
 
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, __u32);
-    __type(value, struct running);
-} running SEC(".maps");
-
-// Run by the agent on each CPU before a sample (BPF_PROG_TEST_RUN pinned to
-// that CPU, which runs it in an interrupt there), so the cost is one run per
-// CPU, not a visit of every thread: notes the partial slice of the thread
-// the CPU was running. Every other thread's time was counted at its last
-// switch-out.
-SEC("raw_tp")
-int flush(void *ctx)
+static long clear_live_cpu(struct bpf_map *map, __u64 *key, struct task_stats *stats, void *ctx)
 {
-    __u32 zero = 0;
-    struct running *running_now = bpf_map_lookup_elem(&running, &zero);
-    if (!running_now)
-        return 0;
-    running_now->cgroup = 0;
-    running_now->ns = 0;
-    struct task_struct *thread = bpf_get_current_task_btf();
-    if (!thread->pid || !slices_known(thread) || !stats_of(thread))
-        return 0;
-    running_now->cgroup = task_cgroup(thread);
-    running_now->ns = thread->se.sum_exec_runtime - thread->se.prev_sum_exec_runtime;
+    stats->live_cpu_ns = 0;
     return 0;
 }
 
-struct bpf_map;
+// Run by the agent before each sample: replaces the live CPU snapshot with
+// the partial slices of threads on a CPU (the rest were counted at their
+// last switch-out).
+SEC("iter/task")
+int flush(struct bpf_iter__task *ctx)
+{
+    if (ctx->meta->seq_num == 0)
+        bpf_for_each_map_elem(&task_stats, clear_live_cpu, 0, 0);
+    struct task_struct *thread = ctx->task;
+    if (!thread || !thread->on_cpu || !slices_known(thread))
+        return 0;
+    struct task_stats *stats = stats_of(thread);
+    if (stats) {
+        __u64 running = thread->se.sum_exec_runtime - thread->se.prev_sum_exec_runtime;
+        __sync_fetch_and_add(&stats->live_cpu_ns, running);
+    }
+    return 0;
+}
 
 // What the last `split` added of a thread to its task's live_user/system_ns,
 // so its exit takes it back out: off the hot path, only `split` and exit
