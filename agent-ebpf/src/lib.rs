@@ -52,9 +52,9 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
-/// The most tasks one agent tracks at once: every per-task map holds this
-/// many entries (MAX_TASKS in src/bpf/tasks.h, which sizes them).
-pub const MAX_TASKS: usize = 4096;
+// The most tasks one agent tracks at once: every per-task map holds this
+// many entries (set in build.rs, which also gives it to clang).
+include!(concat!(env!("OUT_DIR"), "/max_tasks.rs"));
 
 /// A failed per-task map insert; a full map says what the limit is.
 pub(crate) fn insert_failed(map: &'static str, error: &aya::maps::MapError) -> FenceError {
@@ -63,7 +63,7 @@ pub(crate) fn insert_failed(map: &'static str, error: &aya::maps::MapError) -> F
     let detail = if full {
         format!(
             "it is full: this agent tracks at most {MAX_TASKS} tasks at once \
-             (MAX_TASKS in agent-ebpf/src/bpf/tasks.h); wait for tasks to end"
+             (MAX_TASKS in agent-ebpf/build.rs); wait for tasks to end"
         )
     } else {
         Chain(error).to_string()

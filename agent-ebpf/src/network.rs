@@ -108,21 +108,19 @@ impl Network {
 
     /// Starts counting the task in `cgroup_id` and applies its limits.
     pub fn track(&mut self, cgroup_id: u64, limits: Limits) -> Result<(), FenceError> {
-        let map_error =
-            |map: &'static str| move |e: aya::maps::MapError| crate::insert_failed(map, &e);
         if let Some(rate) = limits.egress_mbit_per_s {
             self.egress
                 .insert(cgroup_id, bucket(rate), 0)
-                .map_err(map_error("egress_limits"))?;
+                .map_err(|e| crate::insert_failed("egress_limits", &e))?;
             if limits.police_ingress {
                 self.ingress
                     .insert(cgroup_id, bucket(rate), 0)
-                    .map_err(map_error("ingress_limits"))?;
+                    .map_err(|e| crate::insert_failed("ingress_limits", &e))?;
             }
         }
         self.stats
             .insert(cgroup_id, NetStats::default(), 0)
-            .map_err(map_error("task_net"))
+            .map_err(|e| crate::insert_failed("task_net", &e))
     }
 
     /// What was counted for the task, if it is tracked.

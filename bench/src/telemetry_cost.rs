@@ -4,8 +4,8 @@
 //! - butte: the eBPF programs' own run time (kernel.bpf_stats, everything
 //!   they did machine-wide while the tasks ran: sched_switch, exec, exit,
 //!   skb) plus the agent's collection each second: the flush iterator (and
-//!   the user/system split iterator every 10th round), the four per-task maps (CPU and run queue, network, denied
-//!   binds, denied opens) each read whole with BPF_MAP_LOOKUP_BATCH, and the
+//!   the user/system split iterator every 10th round), the four per-task
+//!   maps (CPU and run queue, network, denied binds, denied opens) each read whole with BPF_MAP_LOOKUP_BATCH, and the
 //!   memory usage file of every task (memory.stat when the usage moved or
 //!   every 30th round) read through one io_uring submission per 256 files.
 //! - poller: what cAdvisor and the Mesos agent do each second: open, read

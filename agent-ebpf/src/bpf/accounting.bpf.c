@@ -22,8 +22,6 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "tasks.h"
-
 // The few kernel fields we read, relocated against the running kernel's BTF
 // (CO-RE), so no kernel headers or vmlinux.h are needed. In tp_btf and iter
 // programs these are plain loads, not helper calls.

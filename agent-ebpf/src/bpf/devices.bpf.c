@@ -4,8 +4,6 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "tasks.h"
-
 #define MAX_RULES 64
 #define ANY 0xffffffffu
 

@@ -8,8 +8,6 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "tasks.h"
-
 struct net_stats {
     __u64 tx_bytes;
     __u64 tx_packets;

@@ -4,8 +4,6 @@
 // task of ours and is let through.
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-
-#include "tasks.h"
 #include <bpf/bpf_endian.h>
 
 #define MAX_RANGES 16
