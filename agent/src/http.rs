@@ -105,11 +105,23 @@ async fn api(
             }),
             ..Default::default()
         },
-        call::Type::GetContainers => ApiResponse {
-            r#type: Some(response::Type::GetContainers as i32),
-            get_containers: Some(containers(&agent)),
-            ..Default::default()
-        },
+        call::Type::GetContainers => {
+            // The cgroup reads block: off the runtime threads.
+            let containers = match tokio::task::spawn_blocking(move || containers(&agent)).await {
+                Ok(containers) => containers,
+                Err(e) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot list the containers: {e}"),
+                    );
+                }
+            };
+            ApiResponse {
+                r#type: Some(response::Type::GetContainers as i32),
+                get_containers: Some(containers),
+                ..Default::default()
+            }
+        }
         other => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -142,13 +154,46 @@ fn encode<M: Message + Name>(message: &M, protobuf: bool) -> Response {
 }
 
 /// One entry per container (a task group's tasks share theirs), from the
-/// newest telemetry samples.
+/// newest telemetry samples, plus what only an operator asks for and so is
+/// read from cgroupfs now rather than every second: processes, threads and
+/// CPU throttling.
 fn containers(agent: &Agent) -> response::GetContainers {
+    let mut containers = sampled_containers(agent);
+    for container in &mut containers {
+        let id = &container.container_id.value;
+        let Some(statistics) = container.resource_statistics.as_mut() else {
+            continue;
+        };
+        match agent.isolator().occupancy(id) {
+            Ok(occupancy) => {
+                statistics.processes = Some(occupancy.processes);
+                statistics.threads = Some(occupancy.threads);
+            }
+            Err(error) => tracing::debug!(%error, "no process counts for {id}"),
+        }
+        match agent.isolator().cpu_throttling(id) {
+            Ok(throttling) => {
+                statistics.cpus_nr_periods = Some(saturate(throttling.periods));
+                statistics.cpus_nr_throttled = Some(saturate(throttling.throttled));
+                statistics.cpus_throttled_time_secs = Some(throttling.throttled_ns as f64 / 1e9);
+            }
+            Err(error) => tracing::debug!(%error, "no CPU throttling figures for {id}"),
+        }
+    }
+    response::GetContainers { containers }
+}
+
+/// Mesos's period counts are 32-bit.
+fn saturate(count: u64) -> u32 {
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
+fn sampled_containers(agent: &Agent) -> Vec<response::get_containers::Container> {
     let state = agent.lock();
     let mut seen = BTreeSet::new();
     let mut samples: Vec<_> = state.latest.values().collect();
     samples.sort_by(|a, b| a.task_id.value.cmp(&b.task_id.value));
-    let containers = samples
+    samples
         .into_iter()
         .filter(|s| {
             s.container_id
@@ -175,6 +220,5 @@ fn containers(agent: &Agent) -> response::GetContainers {
                 butte_statistics: sample.extra.clone(),
             }
         })
-        .collect();
-    response::GetContainers { containers }
+        .collect()
 }

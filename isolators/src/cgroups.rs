@@ -63,6 +63,22 @@ pub struct MemoryFiles {
     pub file_key: &'static str,
 }
 
+/// Processes and threads in a cgroup at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    pub processes: u32,
+    pub threads: u32,
+}
+
+/// What a cgroup's CPU quota did so far: CFS periods in which it had work,
+/// those in which it ran out of quota, and how long it waited for more.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Throttling {
+    pub periods: u64,
+    pub throttled: u64,
+    pub throttled_ns: u64,
+}
+
 /// What a task may use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -95,6 +111,18 @@ pub trait Isolator: Send + Sync {
     fn memory_usage(&self, id: &str) -> Result<u64, CgroupError>;
     /// The files a sampler reads for `id`'s memory (it keeps them open).
     fn memory_files(&self, id: &str) -> MemoryFiles;
+    /// Processes and threads in `id` now: the lines of its v2
+    /// `cgroup.procs` and `cgroup.threads`, which hold every task on both
+    /// layouts.
+    fn occupancy(&self, id: &str) -> Result<Occupancy, CgroupError> {
+        let dir = self.v2_dir(id);
+        Ok(Occupancy {
+            processes: count_lines(&dir.join("cgroup.procs"))?,
+            threads: count_lines(&dir.join("cgroup.threads"))?,
+        })
+    }
+    /// What the CPU quota of `id` throttled so far (its `cpu.stat`).
+    fn cpu_throttling(&self, id: &str) -> Result<Throttling, CgroupError>;
     /// Kills what is left in `id` and removes its cgroups.
     fn destroy(&self, id: &str) -> Result<(), CgroupError>;
     /// The ids that have cgroups now (to find leftovers after a crash).
@@ -153,6 +181,11 @@ fn read_u64(path: &Path) -> Result<u64, CgroupError> {
         path: path.to_owned(),
         source: io::Error::from(io::ErrorKind::InvalidData),
     })
+}
+
+fn count_lines(path: &Path) -> Result<u32, CgroupError> {
+    let lines = read(path)?.lines().count();
+    Ok(u32::try_from(lines).unwrap_or(u32::MAX))
 }
 
 fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
@@ -359,6 +392,15 @@ impl Isolator for Hybrid {
         }
     }
 
+    fn cpu_throttling(&self, id: &str) -> Result<Throttling, CgroupError> {
+        let stat = read(&self.dir("cpu", id).join("cpu.stat"))?;
+        Ok(Throttling {
+            periods: counter(&stat, "nr_periods"),
+            throttled: counter(&stat, "nr_throttled"),
+            throttled_ns: counter(&stat, "throttled_time"),
+        })
+    }
+
     fn destroy(&self, id: &str) -> Result<(), CgroupError> {
         check_id(id)?;
         // The v2 node sees every process of the task; empty it first.
@@ -520,6 +562,15 @@ impl Isolator for Unified {
         }
     }
 
+    fn cpu_throttling(&self, id: &str) -> Result<Throttling, CgroupError> {
+        let stat = read(&self.dir(id).join("cpu.stat"))?;
+        Ok(Throttling {
+            periods: counter(&stat, "nr_periods"),
+            throttled: counter(&stat, "nr_throttled"),
+            throttled_ns: counter(&stat, "throttled_usec").saturating_mul(1000),
+        })
+    }
+
     fn destroy(&self, id: &str) -> Result<(), CgroupError> {
         check_id(id)?;
         kill_and_remove(&self.dir(id))
@@ -546,7 +597,6 @@ impl Isolator for Unified {
     }
 }
 
-/// The value of `name` in a `key value` per line file (memory.events, memory.oom_control).
 /// The value of `name` in `key value` lines (memory.stat, memory.events), 0 when absent.
 pub fn counter(text: &str, name: &str) -> u64 {
     text.lines()
@@ -627,6 +677,29 @@ mod tests {
         )
         .unwrap();
         assert!(isolator.oom_killed("task-1").unwrap());
+        // v2 books throttled time in microseconds; we report nanoseconds.
+        fs::write(
+            placement.unified.join("cpu.stat"),
+            "usage_usec 900\nnr_periods 12\nnr_throttled 5\nthrottled_usec 250\n",
+        )
+        .unwrap();
+        assert_eq!(
+            isolator.cpu_throttling("task-1").unwrap(),
+            Throttling {
+                periods: 12,
+                throttled: 5,
+                throttled_ns: 250_000
+            }
+        );
+        fs::write(placement.unified.join("cgroup.procs"), "10\n11\n").unwrap();
+        fs::write(placement.unified.join("cgroup.threads"), "10\n11\n12\n").unwrap();
+        assert_eq!(
+            isolator.occupancy("task-1").unwrap(),
+            Occupancy {
+                processes: 2,
+                threads: 3
+            }
+        );
         assert!(matches!(
             isolator.create(
                 "../escape",

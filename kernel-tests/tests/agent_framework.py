@@ -180,6 +180,13 @@ def check_telemetry(driver, agent_port, subtree, received, reported):
         fail("user + system %.6f != total %.6f" % (user_system, ebpf_cpu))
     if not stats.get("mem_limit_bytes") == 64 * 1024 * 1024 or not stats.get("mem_total_bytes"):
         fail("busy memory figures: %s" % stats)
+    # Read on demand from cgroupfs: busy is its shell and a sleep now, and
+    # its 2 s busy loop ran under a 1-core quota (100 ms periods).
+    if not (1 <= stats.get("processes", 0) <= 3 and stats.get("threads", 0) == stats.get("processes")):
+        fail("busy process and thread counts: %s" % stats)
+    periods, throttled = stats.get("cpus_nr_periods", 0), stats.get("cpus_nr_throttled", -1)
+    if not (periods >= 15 and 0 <= throttled <= periods and stats.get("cpus_throttled_time_secs", -1) >= 0):
+        fail("busy CPU throttling figures: %s" % stats)
     if not received or received[0] != SEND_BYTES:
         fail("the sink received %s bytes, not %d" % (received, SEND_BYTES))
     # Bytes are IP packets: the payload plus 52 B of IPv4 + TCP (with
