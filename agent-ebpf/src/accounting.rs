@@ -21,7 +21,8 @@ pub const RUNQ_SLOTS: usize = 32;
 /// What the kernel counted for one task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskStats {
-    /// CPU time, nanoseconds (the scheduler's runtime, slice by slice).
+    /// CPU time, nanoseconds: the scheduler's runtime of the task's threads,
+    /// live and exited.
     pub cpu_ns: u64,
     /// The tick-sampled user/system split (task utime/stime), nanoseconds.
     pub user_ns: u64,
@@ -32,8 +33,8 @@ pub struct TaskStats {
     pub runq_slots: [u64; RUNQ_SLOTS],
 }
 
-/// `struct task_stats` of the C side: the counts of ended slices and
-/// exited threads, and the live threads' snapshot of the last flush.
+/// `struct task_stats` of the C side: the counts of exited threads, and the
+/// live threads' snapshot of the last flush.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct RawTaskStats {
@@ -46,12 +47,15 @@ struct RawTaskStats {
     live_cpu_ns: u64,
     live_user_ns: u64,
     live_system_ns: u64,
+    /// Exited since the last flush, which moves it into `cpu_ns`; until then
+    /// the thread may still be in the snapshot, so it is not counted.
+    exited_cpu_ns: u64,
 }
 
 impl RawTaskStats {
     /// The totals, never below what was reported before: a thread that
-    /// switches out or exits while the flush runs can be in the snapshot
-    /// and the ended counts at once until the next flush.
+    /// exits while the flush runs is in neither the snapshot nor the exited
+    /// counts until the next flush.
     fn totals(&self, before: Option<&TaskStats>) -> TaskStats {
         let floor =
             |now: u64, then: fn(&TaskStats) -> u64| before.map_or(now, |b| now.max(then(b)));
@@ -291,9 +295,9 @@ impl Accounting {
             .map_err(|e| crate::insert_failed("task_stats", &e))
     }
 
-    /// Counts the CPU time of threads still on a CPU since they switched in,
-    /// so the next reads are current (runs the `flush` iterator once; the
-    /// first and every SPLIT_EVERY-th time, `split` too).
+    /// Takes a snapshot of the live threads' CPU time, so the next reads are
+    /// current (runs the `flush` iterator once; the first and every
+    /// SPLIT_EVERY-th time, `split` too).
     pub fn flush(&mut self) -> Result<(), FenceError> {
         if self.flushes.is_multiple_of(SPLIT_EVERY) {
             self.run_iterator("split")?;
