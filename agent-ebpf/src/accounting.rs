@@ -53,9 +53,9 @@ struct RawTaskStats {
 }
 
 impl RawTaskStats {
-    /// The totals, never below what was reported before: a thread that
-    /// exits while the flush runs is in neither the snapshot nor the exited
-    /// counts until the next flush.
+    /// The totals, never below what was reported before: a thread that dies
+    /// while the flush runs is in neither the snapshot nor `cpu_ns` until
+    /// the next flush.
     fn totals(&self, before: Option<&TaskStats>) -> TaskStats {
         let floor =
             |now: u64, then: fn(&TaskStats) -> u64| before.map_or(now, |b| now.max(then(b)));

@@ -164,17 +164,17 @@ fn containers(agent: &Agent) -> response::GetContainers {
         let Some(statistics) = container.resource_statistics.as_mut() else {
             continue;
         };
-        match agent.isolator().occupancy(id) {
-            Ok(occupancy) => {
-                statistics.processes = Some(occupancy.processes);
-                statistics.threads = Some(occupancy.threads);
+        match agent.isolator().process_counts(id) {
+            Ok(counts) => {
+                statistics.processes = Some(counts.processes);
+                statistics.threads = Some(counts.threads);
             }
             Err(error) => tracing::debug!(%error, "no process counts for {id}"),
         }
         match agent.isolator().cpu_throttling(id) {
             Ok(throttling) => {
-                statistics.cpus_nr_periods = Some(saturate(throttling.periods));
-                statistics.cpus_nr_throttled = Some(saturate(throttling.throttled));
+                statistics.cpus_nr_periods = Some(saturating_u32(throttling.periods));
+                statistics.cpus_nr_throttled = Some(saturating_u32(throttling.throttled));
                 statistics.cpus_throttled_time_secs = Some(throttling.throttled_ns as f64 / 1e9);
             }
             Err(error) => tracing::debug!(%error, "no CPU throttling figures for {id}"),
@@ -184,7 +184,7 @@ fn containers(agent: &Agent) -> response::GetContainers {
 }
 
 /// Mesos's period counts are 32-bit.
-fn saturate(count: u64) -> u32 {
+fn saturating_u32(count: u64) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)
 }
 

@@ -191,7 +191,7 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
         if let Some(accounting) = fences.accounting.as_mut()
             && let Err(error) = accounting.flush()
         {
-            tracing::debug!(%error, "cannot flush running CPU time; it lags until threads switch out");
+            tracing::warn!(%error, "cannot flush CPU time; every task's CPU figure holds still until a flush succeeds");
         }
         // Each map read whole in a few syscalls, not one lookup per task.
         let cpu = fences.accounting.as_mut().map(|a| a.all_stats());

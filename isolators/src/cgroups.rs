@@ -65,7 +65,7 @@ pub struct MemoryFiles {
 
 /// Processes and threads in a cgroup at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Occupancy {
+pub struct ProcessCounts {
     pub processes: u32,
     pub threads: u32,
 }
@@ -114,9 +114,9 @@ pub trait Isolator: Send + Sync {
     /// Processes and threads in `id` now: the lines of its v2
     /// `cgroup.procs` and `cgroup.threads`, which hold every task on both
     /// layouts.
-    fn occupancy(&self, id: &str) -> Result<Occupancy, CgroupError> {
+    fn process_counts(&self, id: &str) -> Result<ProcessCounts, CgroupError> {
         let dir = self.v2_dir(id);
-        Ok(Occupancy {
+        Ok(ProcessCounts {
             processes: count_lines(&dir.join("cgroup.procs"))?,
             threads: count_lines(&dir.join("cgroup.threads"))?,
         })
@@ -694,8 +694,8 @@ mod tests {
         fs::write(placement.unified.join("cgroup.procs"), "10\n11\n").unwrap();
         fs::write(placement.unified.join("cgroup.threads"), "10\n11\n12\n").unwrap();
         assert_eq!(
-            isolator.occupancy("task-1").unwrap(),
-            Occupancy {
+            isolator.process_counts("task-1").unwrap(),
+            ProcessCounts {
                 processes: 2,
                 threads: 3
             }

@@ -67,10 +67,11 @@ fn cpu_quota_of_half_a_core_holds_a_busy_loop_to_half_a_core_and_books_the_throt
     let child = spawn(&spec).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (start_cpu, start) = (cpu_seconds("butte", &id), Instant::now());
+    let before = isolator.cpu_throttling(&id).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let elapsed = start.elapsed().as_secs_f64();
     let used = (cpu_seconds("butte", &id) - start_cpu) / elapsed;
-    let throttling = isolator.cpu_throttling(&id).unwrap();
+    let after = isolator.cpu_throttling(&id).unwrap();
     butte_isolators::container::signal(&child.pidfd, libc::SIGKILL).unwrap();
     assert_eq!(wait(&child.pidfd).unwrap(), Exit::Signal(libc::SIGKILL));
     isolator.destroy(&id).unwrap();
@@ -79,23 +80,27 @@ fn cpu_quota_of_half_a_core_holds_a_busy_loop_to_half_a_core_and_books_the_throt
         (0.45..=0.55).contains(&used),
         "busy loop under a 0.5 cpu quota used {used:.3} cpu"
     );
-    // 3.3 s of 100 ms periods, the quota spent in every one, and about half
+    // 3 s of 100 ms periods, the quota spent in every one, and about half
     // of each spent waiting for the next.
-    assert!(
-        throttling.periods >= 25 && throttling.throttled >= throttling.periods * 3 / 4,
-        "a busy loop over its quota is throttled in most periods: {throttling:?}"
+    let (periods, throttled) = (
+        after.periods - before.periods,
+        after.throttled - before.throttled,
     );
-    let waited = throttling.throttled_ns as f64 / 1e9;
+    assert!(
+        periods >= 25 && throttled >= periods * 3 / 4,
+        "a busy loop over its quota is throttled in most periods: {before:?} then {after:?}"
+    );
+    let waited = (after.throttled_ns - before.throttled_ns) as f64 / 1e9;
     assert!(
         (0.3 * elapsed..=0.7 * elapsed).contains(&waited),
-        "throttled {waited:.3} s of {elapsed:.3} s: {throttling:?}"
+        "throttled {waited:.3} s of {elapsed:.3} s: {before:?} then {after:?}"
     );
 }
 
 #[test]
-fn occupancy_counts_the_processes_and_threads_in_the_cgroup() {
+fn process_counts_are_the_processes_and_threads_in_the_cgroup() {
     let isolator = isolator();
-    let id = unique("occupancy");
+    let id = unique("counts");
     let placement = isolator.create(&id, &limits(1.0, 128.0, 64)).unwrap();
     let sandbox = sandbox(&id);
     // The shell, a sleep, and python with three threads besides its main one.
@@ -104,15 +109,15 @@ fn occupancy_counts_the_processes_and_threads_in_the_cgroup() {
                   time.sleep(30)' & wait";
     let spec = shell_spec(&id, &placement, &sandbox, script);
     let child = spawn(&spec).unwrap();
-    let wanted = butte_isolators::cgroups::Occupancy {
+    let wanted = butte_isolators::cgroups::ProcessCounts {
         processes: 3,
         threads: 6,
     };
     let started = Instant::now();
-    let mut seen = isolator.occupancy(&id).unwrap();
+    let mut seen = isolator.process_counts(&id).unwrap();
     while seen != wanted && started.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
-        seen = isolator.occupancy(&id).unwrap();
+        seen = isolator.process_counts(&id).unwrap();
     }
     butte_isolators::container::signal(&child.pidfd, libc::SIGKILL).unwrap();
     let _ = wait(&child.pidfd);

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use butte_agent_ebpf::accounting::{Accounting, Event, EventKind, Events};
+use butte_agent_ebpf::accounting::{Accounting, Event, EventKind, Events, TaskStats};
 use butte_agent_ebpf::network::{self, Network};
 use butte_agent_ebpf::ports::cgroup_id;
 use butte_isolators::container::{Exit, spawn, wait};
@@ -33,6 +33,15 @@ fn collect(
     seen
 }
 
+/// The counts once a task's last threads are done: `wait` returns at the
+/// exit, before the thread's last switch banks its runtime, and a flush moves
+/// what died since the one before.
+fn settled(accounting: &mut Accounting, key: u64) -> TaskStats {
+    std::thread::sleep(Duration::from_millis(20));
+    accounting.flush().unwrap();
+    accounting.stats(key).unwrap()
+}
+
 fn within(measured: f64, reference: f64, fraction: f64) -> bool {
     (measured - reference).abs() <= reference * fraction
 }
@@ -55,8 +64,7 @@ fn cpu_time_of_exited_processes_is_counted_to_their_last_slice() {
                   (sleep 0.05; j=0; while [ $j -lt 90000 ]; do j=$((j+1)); done; exit 0)";
     let child = spawn(&shell_spec(&id, &placement, &sandbox, script)).unwrap();
     assert_eq!(wait(&child.pidfd).unwrap(), Exit::Code(0));
-    accounting.flush().unwrap();
-    let counted = accounting.stats(key).unwrap().cpu_ns as f64 / 1e9;
+    let counted = settled(&mut accounting, key).cpu_ns as f64 / 1e9;
     let cpuacct = cpu_seconds(&subtree, &id);
     accounting.forget(key);
     isolator.destroy(&id).unwrap();
@@ -90,8 +98,7 @@ fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
     let running = accounting.stats(key).unwrap();
     let running_cpuacct = cpu_seconds(&subtree, &id);
     assert_eq!(wait(&child.pidfd).unwrap(), Exit::Code(0));
-    accounting.flush().unwrap();
-    let ended = accounting.stats(key).unwrap();
+    let ended = settled(&mut accounting, key);
     let ended_cpuacct = cpu_seconds(&subtree, &id);
     let seen = collect(&mut events, key, Duration::from_secs(2), |seen| {
         seen.iter().filter(|e| e.kind == EventKind::Exit).count() >= 62

@@ -8,16 +8,14 @@
 // line per lookup, 750-900 against 670-680 ns a run at 500 tasks.)
 //
 // - CPU time: the scheduler's own runtime counter, se.sum_exec_runtime,
-//   which only ever grows. A thread's last switch (prev_state TASK_DEAD)
-//   adds its whole runtime to `exited_cpu_ns`; the `flush` iterator, run by
-//   the sampler before each read, sums the live threads' runtime into a
-//   snapshot (`live_cpu_ns`) and moves what exited since the last flush into
-//   `cpu_ns`, so a thread is in the snapshot or in `cpu_ns`, never both.
-//   (Adding slices at switch-out as sum_exec_runtime - prev_sum_exec_runtime
-//   lost time: the kernel resets prev_sum_exec_runtime without a switch
-//   whenever it moves a running thread between groups, as it does on every
-//   exit for the autogroup, so a thread's last slice went uncounted: 47-78 %
-//   of a fork-heavy task's CPU time.)
+//   which only ever grows. A thread's last switch (state TASK_DEAD) adds its
+//   whole runtime to `exited_cpu_ns`; the `flush` iterator, run by the
+//   sampler before each read, sums the runtime of threads not yet dead into
+//   a snapshot (`live_cpu_ns`) and moves what died since the last flush
+//   into `cpu_ns`, so a read counts a thread at most once. Slices counted
+//   at switch-out lost each thread's last one (BENCHMARKS.md). A thread
+//   moved into another cgroup takes its whole runtime along; the agent
+//   never moves one.
 // - Run-queue latency: at switch-in, the scheduler's own enqueue stamp
 //   (sched_info.last_queued, rq clock) against the run queue's clock, as a
 //   log2 histogram. This is the wait /proc/PID/schedstat sums as run_delay.
@@ -60,6 +58,7 @@ struct sched_info {
 } __attribute__((preserve_access_index));
 
 struct task_struct {
+    unsigned int __state;
     unsigned int flags;
     int pid;
     int tgid;
@@ -155,18 +154,19 @@ static __always_inline __u32 log2_slot(__u64 micros)
     return slot;
 }
 
-// sched_switch(bool preempt, prev, next, unsigned int prev_state); it runs
-// after the scheduler updated prev's runtime and its run queue's clock, and
-// before next's arrival is booked (sched_info.last_queued still set).
+// sched_switch(bool preempt, prev, next, ...); it runs after the scheduler
+// updated prev's runtime and its run queue's clock, and before next's
+// arrival is booked (sched_info.last_queued still set). prev's state is read
+// from the task rather than the tracepoint's fourth argument, which only
+// kernels from 5.18 pass.
 SEC("tp_btf/sched_switch")
 int switch_task(__u64 *ctx)
 {
     struct task_struct *prev = (struct task_struct *)ctx[1];
     struct task_struct *next = (struct task_struct *)ctx[2];
-    unsigned int prev_state = (unsigned int)ctx[3];
 
     // A thread's last switch: its runtime is final.
-    if (prev_state == TASK_DEAD) {
+    if (prev->__state == TASK_DEAD) {
         struct task_stats *stats = stats_of(prev);
         if (stats)
             __sync_fetch_and_add(&stats->exited_cpu_ns, prev->se.sum_exec_runtime);
@@ -198,22 +198,22 @@ struct bpf_map;
 // Banks what exited since the last flush and empties the snapshot.
 static long start_flush(struct bpf_map *map, __u64 *key, struct task_stats *stats, void *ctx)
 {
+    stats->live_cpu_ns = 0;
     __u64 exited = __sync_lock_test_and_set(&stats->exited_cpu_ns, 0);
     __sync_fetch_and_add(&stats->cpu_ns, exited);
-    stats->live_cpu_ns = 0;
     return 0;
 }
 
 // Run by the agent before each sample: replaces the live CPU snapshot with
-// the runtime of every live thread. An exiting thread is left to its last
-// switch, which counts it whole.
+// the runtime of every thread not yet dead (a dead one, a zombie leader, was
+// counted at its last switch).
 SEC("iter/task")
 int flush(struct bpf_iter__task *ctx)
 {
     if (ctx->meta->seq_num == 0)
         bpf_for_each_map_elem(&task_stats, start_flush, 0, 0);
     struct task_struct *thread = ctx->task;
-    if (!thread || (thread->flags & PF_EXITING))
+    if (!thread || thread->__state == TASK_DEAD)
         return 0;
     struct task_stats *stats = stats_of(thread);
     if (stats)
