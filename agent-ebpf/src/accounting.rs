@@ -52,17 +52,37 @@ struct RawTaskStats {
     exited_cpu_ns: u64,
 }
 
+/// The times last reported for a task, below which its totals never go.
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    cpu_ns: u64,
+    user_ns: u64,
+    system_ns: u64,
+}
+
+impl From<&TaskStats> for Reported {
+    fn from(stats: &TaskStats) -> Self {
+        Self {
+            cpu_ns: stats.cpu_ns,
+            user_ns: stats.user_ns,
+            system_ns: stats.system_ns,
+        }
+    }
+}
+
 impl RawTaskStats {
     /// The totals, never below what was reported before: a thread that dies
     /// while the flush runs is in neither the snapshot nor `cpu_ns` until
-    /// the next flush.
-    fn totals(&self, before: Option<&TaskStats>) -> TaskStats {
-        let floor =
-            |now: u64, then: fn(&TaskStats) -> u64| before.map_or(now, |b| now.max(then(b)));
+    /// the next flush. (Sums wrap as the kernel's counters do: an exit can
+    /// take a thread out of a snapshot `split` has just emptied.)
+    fn totals(&self, before: Option<&Reported>) -> TaskStats {
+        let floor = |now: u64, then: fn(&Reported) -> u64| before.map_or(now, |b| now.max(then(b)));
         TaskStats {
-            cpu_ns: floor(self.cpu_ns + self.live_cpu_ns, |b| b.cpu_ns),
-            user_ns: floor(self.user_ns + self.live_user_ns, |b| b.user_ns),
-            system_ns: floor(self.system_ns + self.live_system_ns, |b| b.system_ns),
+            cpu_ns: floor(self.cpu_ns.wrapping_add(self.live_cpu_ns), |b| b.cpu_ns),
+            user_ns: floor(self.user_ns.wrapping_add(self.live_user_ns), |b| b.user_ns),
+            system_ns: floor(self.system_ns.wrapping_add(self.live_system_ns), |b| {
+                b.system_ns
+            }),
             runq_count: self.runq_count,
             runq_total_ns: self.runq_total_ns,
             runq_slots: self.runq_slots,
@@ -218,7 +238,7 @@ pub struct Accounting {
     bpf: Ebpf,
     stats: HashMap<MapData, u64, RawTaskStats>,
     /// What was last reported per task, so totals never go back.
-    reported: std::collections::HashMap<u64, TaskStats>,
+    reported: std::collections::HashMap<u64, Reported>,
     /// Flushes so far: every SPLIT_EVERY-th also renews the user/system split.
     flushes: u64,
     events: Option<Events>,
@@ -256,7 +276,7 @@ impl Accounting {
                 .map_err(|e| failed(name, "load into the kernel", &e))?;
             program.attach().map_err(|e| failed(name, "attach", &e))?;
         }
-        for name in ["flush", "split"] {
+        for &name in ITERATORS {
             let iterator: &mut Iter = crate::program_mut(&mut bpf, name)?;
             iterator
                 .load("task", &btf)
@@ -327,7 +347,7 @@ impl Accounting {
     pub fn stats(&mut self, cgroup_id: u64) -> Option<TaskStats> {
         let raw = self.stats.get(&cgroup_id, 0).ok()?;
         let totals = raw.totals(self.reported.get(&cgroup_id));
-        self.reported.insert(cgroup_id, totals);
+        self.reported.insert(cgroup_id, Reported::from(&totals));
         Some(totals)
     }
 
@@ -340,7 +360,10 @@ impl Accounting {
             .iter()
             .map(|(key, raw)| (*key, raw.totals(self.reported.get(key))))
             .collect();
-        self.reported.clone_from(&totals);
+        self.reported = totals
+            .iter()
+            .map(|(key, stats)| (*key, Reported::from(stats)))
+            .collect();
         Ok(totals)
     }
 

@@ -529,7 +529,7 @@ impl Agent {
         self.update(&framework_id, &task_id, TaskState::TaskStarting, None, None);
 
         match self
-            .start_container(&framework, &task, &container_id, &sandbox, &resources)
+            .start_container(&key, &framework, &task, &container_id, &sandbox, &resources)
             .await
         {
             Ok(micros) => {
@@ -941,13 +941,11 @@ impl Agent {
             mem_mb: resources.scalar("mem"),
             pids_max: self.config.task_pids_max,
         };
-        let placement = match self.isolator.create(container_id, &limits) {
-            Ok(placement) => placement,
-            Err(error) => {
-                self.unfence(container_id);
-                return Err(error.to_string());
-            }
-        };
+        // On an error the caller unfences, which also gives the GPUs back.
+        let placement = self
+            .isolator
+            .create(container_id, &limits)
+            .map_err(|e| e.to_string())?;
         let granted = gpus
             .as_ref()
             .map(Assignment::device_rules)
@@ -1045,6 +1043,7 @@ impl Agent {
 
     async fn start_container(
         &self,
+        key: &TaskKey,
         framework: &FrameworkInfo,
         task: &TaskInfo,
         container_id: &str,
@@ -1053,14 +1052,7 @@ impl Agent {
     ) -> Result<u64, String> {
         let (placement, gpus) =
             self.prepare(container_id, sandbox, resources, polices_ingress(task))?;
-        let key = (
-            framework
-                .id
-                .as_ref()
-                .map_or(String::new(), |f| f.value.clone()),
-            task.task_id.value.clone(),
-        );
-        self.set_gpus(&key, &gpus);
+        self.set_gpus(key, &gpus);
         let argv = command_argv(task)?;
         let mut env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
         env.extend(gpus.iter().flat_map(Assignment::env));

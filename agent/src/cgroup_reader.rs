@@ -55,8 +55,12 @@ impl CgroupReader {
     /// or the error, per file, valid until the next read.
     pub fn read_all(&mut self, files: &[&File], size: usize) -> Vec<io::Result<&[u8]>> {
         let size = size.max(1);
-        self.arena.clear();
-        self.arena.resize(files.len() * size, 0);
+        // Reads overwrite their slots and only the bytes read are handed
+        // out, so a grown arena is reused as it is, not zeroed each round.
+        let need = files.len() * size;
+        if self.arena.len() < need {
+            self.arena.resize(need, 0);
+        }
         let mut lengths: Vec<io::Result<usize>> = Vec::with_capacity(files.len());
         for start in (0..files.len()).step_by(RING_ENTRIES as usize) {
             let end = (start + RING_ENTRIES as usize).min(files.len());

@@ -44,12 +44,15 @@ pub fn sample(agent: &Agent) -> HashMap<String, GpuUse> {
     });
     let prefix = format!("0::/{}/", agent.config.cgroup_subtree().display());
     let mut usage: HashMap<String, GpuUse> = HashMap::new();
+    // NVML lists a process once per GPU it uses: read its cgroup once.
+    let mut containers: HashMap<u32, Option<String>> = HashMap::new();
     for process in processes {
-        let Ok(cgroups) = std::fs::read_to_string(format!("/proc/{}/cgroup", process.pid)) else {
-            continue;
-        };
-        if let Some(container) = container_of(&cgroups, &prefix) {
-            let entry = usage.entry(container.to_owned()).or_default();
+        let container = containers.entry(process.pid).or_insert_with(|| {
+            let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", process.pid)).ok()?;
+            container_of(&cgroups, &prefix).map(str::to_owned)
+        });
+        if let Some(container) = container {
+            let entry = usage.entry(container.clone()).or_default();
             entry.memory_bytes += process.memory_used_mib << 20;
             entry.utilization_percent += process.sm_utilization_percent;
         }

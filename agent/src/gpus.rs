@@ -18,8 +18,6 @@ pub struct Assignment {
     pub gpus: Vec<u32>,
     /// Their UUIDs, or the MIG instances' UUIDs, in the same order.
     pub uuids: Vec<String>,
-    /// MIG instances given (their UUIDs are in `uuids` after the GPUs').
-    pub mig: Vec<String>,
     /// The weakest link inside the set (`NV4`, `PIX`, `SYS`, `single`).
     pub interconnect: String,
     pub numa_node: Option<u32>,
@@ -149,16 +147,14 @@ impl GpuBooks {
             return Vec::new();
         };
         let memory = self.inventory.gpus.iter().map(|g| g.memory_mib).min();
-        let mut best = None;
-        for a in &self.inventory.gpus {
-            for b in &self.inventory.gpus {
-                if let Some(link) = self.inventory.link(a.index, b.index)
-                    && best.is_none_or(|l: butte_gpu::Link| link.rank() > l.rank())
-                {
-                    best = Some(link);
-                }
-            }
-        }
+        let best = self
+            .inventory
+            .links
+            .iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .max_by_key(|link| link.rank());
         let mut attributes = vec![text_attribute("gpu_model", &first.model)];
         if let Some(memory) = memory {
             attributes.push(Attribute {
@@ -254,14 +250,13 @@ impl GpuBooks {
         for &index in &gpus {
             self.held.insert(index, container.to_owned());
         }
-        let mig: Vec<String> = instances.iter().map(|i| i.uuid.clone()).collect();
-        for uuid in &mig {
-            self.held_mig.insert(uuid.clone(), container.to_owned());
+        for instance in &instances {
+            self.held_mig
+                .insert(instance.uuid.clone(), container.to_owned());
         }
         Ok(Some(Assignment {
             gpus,
             uuids,
-            mig,
             interconnect,
             numa_node,
             devices,

@@ -166,8 +166,8 @@ fn containers(agent: &Agent) -> response::GetContainers {
         };
         match agent.isolator().process_counts(id) {
             Ok(counts) => {
-                statistics.processes = Some(counts.processes);
-                statistics.threads = Some(counts.threads);
+                statistics.processes = Some(saturating_u32(counts.processes));
+                statistics.threads = Some(saturating_u32(counts.threads));
             }
             Err(error) => tracing::debug!(%error, "no process counts for {id}"),
         }
@@ -183,7 +183,7 @@ fn containers(agent: &Agent) -> response::GetContainers {
     response::GetContainers { containers }
 }
 
-/// Mesos's period counts are 32-bit.
+/// Mesos's process and period counts are 32-bit.
 fn saturating_u32(count: u64) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)
 }

@@ -130,14 +130,10 @@ impl MemorySampler {
             .collect();
         if !due.is_empty() {
             let files: Vec<&File> = due.iter().map(|(id, _)| &self.open[*id].stat).collect();
-            let stats: Vec<Option<String>> = self
-                .reader
-                .read_all(&files, STAT_READ_SIZE)
-                .into_iter()
-                .map(|r| r.ok().map(|b| String::from_utf8_lossy(b).into_owned()))
-                .collect();
+            let stats = self.reader.read_all(&files, STAT_READ_SIZE);
             for ((id, usage), stat) in due.iter().zip(stats) {
-                if let (Some(open), Some(stat)) = (self.open.get_mut(*id), stat) {
+                if let (Some(open), Ok(stat)) = (self.open.get_mut(*id), stat) {
+                    let stat = String::from_utf8_lossy(stat);
                     open.breakdown = Some(Breakdown {
                         rss: counter(&stat, open.files.rss_key),
                         cache: counter(&stat, open.files.file_key),

@@ -66,8 +66,8 @@ pub struct MemoryFiles {
 /// Processes and threads in a cgroup at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProcessCounts {
-    pub processes: u32,
-    pub threads: u32,
+    pub processes: u64,
+    pub threads: u64,
 }
 
 /// What a cgroup's CPU quota did so far: CFS periods in which it had work,
@@ -111,14 +111,13 @@ pub trait Isolator: Send + Sync {
     fn memory_usage(&self, id: &str) -> Result<u64, CgroupError>;
     /// The files a sampler reads for `id`'s memory (it keeps them open).
     fn memory_files(&self, id: &str) -> MemoryFiles;
-    /// Processes and threads in `id` now: the lines of its v2
-    /// `cgroup.procs` and `cgroup.threads`, which hold every task on both
-    /// layouts.
+    /// Processes and threads in `id` now: its `pids` and the lines of its
+    /// v2 `cgroup.threads`, which holds every thread on both layouts.
     fn process_counts(&self, id: &str) -> Result<ProcessCounts, CgroupError> {
-        let dir = self.v2_dir(id);
+        let threads = read_pids(&self.v2_dir(id).join("cgroup.threads"))?;
         Ok(ProcessCounts {
-            processes: count_lines(&dir.join("cgroup.procs"))?,
-            threads: count_lines(&dir.join("cgroup.threads"))?,
+            processes: self.pids(id)?.len() as u64,
+            threads: threads.len() as u64,
         })
     }
     /// What the CPU quota of `id` throttled so far (its `cpu.stat`).
@@ -181,11 +180,6 @@ fn read_u64(path: &Path) -> Result<u64, CgroupError> {
         path: path.to_owned(),
         source: io::Error::from(io::ErrorKind::InvalidData),
     })
-}
-
-fn count_lines(path: &Path) -> Result<u32, CgroupError> {
-    let lines = read(path)?.lines().count();
-    Ok(u32::try_from(lines).unwrap_or(u32::MAX))
 }
 
 fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {

@@ -15,15 +15,7 @@ use common::{Reaped, iperf3_server, mbit_per_s};
 fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
     // A fake GPU node (NVIDIA's major, no driver): ENXIO on the host, EPERM in a task.
     let fake = Path::new("/dev/butte-kt-fake");
-    let _ = std::fs::remove_file(fake);
-    let made = Command::new("mknod")
-        .arg(fake)
-        .args(["c", "195", "77"])
-        .status()
-        .unwrap();
-    assert!(made.success(), "mknod {}", fake.display());
-    let on_host = std::fs::File::open(fake).unwrap_err();
-    assert_eq!(on_host.raw_os_error(), Some(libc::ENXIO), "{on_host}");
+    common::fake_nvidia_node(fake, 77);
     let cluster = Cluster::start("e2e", 15150, 15151, "cpus:8;mem:4096;ports:[31000-32000]");
     let stdout = cluster.run_framework("e2e");
     println!("{stdout}");

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Lines, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -65,19 +65,7 @@ impl FakeGpus {
     /// `mknod DIR/NAME c 195 MINOR`; with no driver, opening it on the host is ENXIO.
     fn node(&self, name: &str, minor: u32) -> String {
         let path = self.dev_dir.join(name);
-        let made = Command::new("mknod")
-            .arg(&path)
-            .args(["c", "195", &minor.to_string()])
-            .status()
-            .unwrap();
-        assert!(made.success(), "mknod {} c 195 {minor}", path.display());
-        let on_host = std::fs::File::open(&path).unwrap_err();
-        assert_eq!(
-            on_host.raw_os_error(),
-            Some(libc::ENXIO),
-            "{}: {on_host}; these tests need a host without an NVIDIA driver",
-            path.display()
-        );
+        common::fake_nvidia_node(&path, minor);
         path.display().to_string()
     }
 
@@ -243,9 +231,7 @@ fn status<'v>(facts: &'v [Value], task: &str, state: &str) -> (usize, &'v Value)
 
 /// The GPUs a task got, from its TASK_RUNNING labels.
 fn gpu_indices(running: &Value) -> Vec<u32> {
-    let indices = running["labels"]["butte.gpu.indices"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no butte.gpu.indices label: {running}"));
+    let indices = label(running, "butte.gpu.indices");
     indices
         .split(',')
         .map(|i| {

@@ -71,10 +71,7 @@ struct task_struct {
     char comm[16];
 } __attribute__((preserve_access_index));
 
-struct seq_file;
 struct bpf_iter_meta {
-    struct seq_file *seq;
-    __u64 session_id;
     __u64 seq_num;
 } __attribute__((preserve_access_index));
 
@@ -138,7 +135,7 @@ static __always_inline __u64 task_cgroup(struct task_struct *task)
 // The counts of the task `thread` belongs to, or 0 if it is not ours.
 static __always_inline struct task_stats *stats_of(struct task_struct *thread)
 {
-    __u64 key = thread->cgroups->dfl_cgrp->kn->id;
+    __u64 key = task_cgroup(thread);
     return bpf_map_lookup_elem(&task_stats, &key);
 }
 
@@ -306,7 +303,8 @@ SEC("tp_btf/sched_process_exit")
 int exit_process(__u64 *ctx)
 {
     struct task_struct *task = (struct task_struct *)ctx[0];
-    struct task_stats *stats = stats_of(task);
+    __u64 cgroup = task_cgroup(task);
+    struct task_stats *stats = bpf_map_lookup_elem(&task_stats, &cgroup);
     if (!stats)
         return 0;
     struct split_seen *seen = bpf_task_storage_get(&split_seen, task, 0, 0);
@@ -317,7 +315,7 @@ int exit_process(__u64 *ctx)
     __sync_fetch_and_add(&stats->user_ns, task->utime);
     __sync_fetch_and_add(&stats->system_ns, task->stime);
     if (task->pid == task->tgid)
-        emit(EVENT_EXIT, task, task_cgroup(task));
+        emit(EVENT_EXIT, task, cgroup);
     return 0;
 }
 

@@ -145,3 +145,22 @@ pub fn mbit_per_s(report: &serde_json::Value) -> f64 {
         .unwrap_or_else(|| panic!("no result in {report}"))
         / 1e6
 }
+
+/// `mknod PATH c 195 MINOR`: a node with NVIDIA's major; with no driver,
+/// opening it on the host is ENXIO (what the GPU fences are tested against).
+pub fn fake_nvidia_node(path: &Path, minor: u32) {
+    let _ = std::fs::remove_file(path);
+    let made = Command::new("mknod")
+        .arg(path)
+        .args(["c", "195", &minor.to_string()])
+        .status()
+        .unwrap();
+    assert!(made.success(), "mknod {} c 195 {minor}", path.display());
+    let on_host = std::fs::File::open(path).unwrap_err();
+    assert_eq!(
+        on_host.raw_os_error(),
+        Some(libc::ENXIO),
+        "{}: {on_host}; these tests need a host without an NVIDIA driver",
+        path.display()
+    );
+}
