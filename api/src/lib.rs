@@ -5,6 +5,8 @@
 pub mod json;
 pub mod recordio;
 pub mod resources;
+pub mod task_state;
+pub mod update_queue;
 
 /// Mesos v1 messages, as `mesos::v1::*`, `mesos::v1::{scheduler,master,agent}::*`.
 pub mod mesos {

@@ -10,7 +10,6 @@ pub mod master;
 pub mod operator_api;
 pub mod registry;
 pub mod scheduler_api;
-pub mod task;
 pub mod telemetry;
 
 use std::net::SocketAddr;

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::allocator::Allocator;
 use crate::config::MasterConfig;
 use crate::registry::{Registry, RegistryError};
-use crate::task::{is_terminal, may_transition};
+use butte_api::task_state::{is_terminal, may_transition};
 
 /// Seconds between heartbeats an agent is told to send.
 pub const AGENT_HEARTBEAT_SECONDS: f64 = 5.0;

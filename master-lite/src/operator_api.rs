@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 
 use crate::http::{HttpError, encoded, json_response, read_body, request_format, response_format};
 use crate::master::{Master, Shared, roles_of};
-use crate::task::is_terminal;
+use butte_api::task_state::is_terminal;
 
 pub async fn handle_api(shared: Shared, request: Request<Body>) -> Response {
     match serve_api(shared, request).await {

@@ -1,7 +1,7 @@
-//! The task state machine, in one place: which states end a task and which
-//! changes the master accepts.
+//! The task state machine, in one place for the agent and the master: which
+//! states end a task and which changes are allowed.
 
-use butte_api::mesos::v1::TaskState;
+use crate::mesos::v1::TaskState;
 
 /// A terminal state ends the task: its resources are free again and no later
 /// state applies.
