@@ -200,14 +200,9 @@ impl DeviceFence {
             .map_err(|e| crate::insert_failed("task_devices", &e))
     }
 
-    /// Device opens the task was refused.
-    /// Every task's refusals (tasks with none have no entry), in a few syscalls.
+    /// Device opens refused: every task's refusals (tasks with none have no entry), in a few syscalls.
     pub fn all_denied(&self) -> Result<std::collections::HashMap<u64, u64>, FenceError> {
         crate::lookup_all(aya::maps::IterableMap::map(&self.denied), "denied_opens")
-    }
-
-    pub fn denied(&self, cgroup_id: u64) -> u64 {
-        self.denied.get(&cgroup_id, 0).unwrap_or(0)
     }
 
     pub fn forget(&mut self, cgroup_id: u64) {

@@ -96,10 +96,6 @@ impl PortFence {
         crate::lookup_all(aya::maps::IterableMap::map(&self.denied), "denied_binds")
     }
 
-    pub fn denied(&self, cgroup_id: u64) -> u64 {
-        self.denied.get(&cgroup_id, 0).unwrap_or(0)
-    }
-
     /// Removes the task's entries (it ended).
     pub fn forget(&mut self, cgroup_id: u64) {
         let _ = self.ports.remove(&cgroup_id);

@@ -1,14 +1,10 @@
 //! GPU telemetry: each round the backend's readings per GPU (a faulty one is
 //! withdrawn) and its per-process figures, mapped to containers through the
-//! processes' v2 cgroups; Prometheus text for the GPUs themselves.
+//! processes' v2 cgroups. Their Prometheus series are in `metrics`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
-
-use butte_gpu::GpuSample;
 
 use crate::agent::Agent;
-use crate::gpus::GpuBooks;
 
 /// What a container's processes use of its GPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -66,67 +62,6 @@ pub fn sample(agent: &Agent) -> HashMap<String, GpuUse> {
 fn container_of<'a>(cgroups: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = cgroups.lines().find_map(|line| line.strip_prefix(prefix))?;
     rest.split('/').next().filter(|c| !c.is_empty())
-}
-
-/// Prometheus text for each GPU: utilisation, memory, power, temperature,
-/// uncorrectable ECC errors, and whether it was withdrawn as faulty.
-pub fn prometheus(books: &GpuBooks) -> String {
-    let mut out = String::new();
-    type Read = fn(&GpuSample) -> f64;
-    let series: &[(&str, &str, &str, Read)] = &[
-        (
-            "butte_gpu_utilization_percent",
-            "gauge",
-            "GPU utilisation",
-            |s| s.utilization_percent,
-        ),
-        (
-            "butte_gpu_memory_used_bytes",
-            "gauge",
-            "GPU memory in use",
-            |s| (s.memory_used_mib << 20) as f64,
-        ),
-        ("butte_gpu_power_watts", "gauge", "Power draw", |s| {
-            s.power_watts
-        }),
-        (
-            "butte_gpu_temperature_celsius",
-            "gauge",
-            "Temperature",
-            |s| s.temperature_c,
-        ),
-        (
-            "butte_gpu_ecc_uncorrectable_errors",
-            "gauge",
-            "Uncorrectable ECC errors since the driver loaded",
-            |s| s.ecc_uncorrectable as f64,
-        ),
-    ];
-    let inventory = books.inventory();
-    let labels = |index: u32| {
-        let gpu = inventory.gpu(index);
-        format!(
-            "gpu=\"{index}\",uuid=\"{}\",model=\"{}\"",
-            gpu.map_or("", |g| g.uuid.as_str()),
-            gpu.map_or("", |g| g.model.as_str()).replace('"', "'")
-        )
-    };
-    for (name, kind, help, read) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for sample in &books.samples {
-            let _ = writeln!(out, "{name}{{{}}} {}", labels(sample.index), read(sample));
-        }
-    }
-    let name = "butte_gpu_faulty";
-    let _ = writeln!(
-        out,
-        "# HELP {name} 1 when the GPU reported uncorrectable ECC or critical XID errors and was withdrawn\n# TYPE {name} gauge"
-    );
-    for gpu in &inventory.gpus {
-        let faulty = u8::from(books.faulty().contains_key(&gpu.index));
-        let _ = writeln!(out, "{name}{{{}}} {faulty}", labels(gpu.index));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -192,25 +192,7 @@ impl GpuBooks {
                 "gpus must be a whole number of devices, not {count}; ask for MIG instances (mig-<profile>) for part of a GPU"
             ));
         }
-        let choice = if count > 0.0 {
-            let free: Vec<u32> = self
-                .inventory
-                .gpus
-                .iter()
-                .filter(|g| g.mig.is_empty())
-                .map(|g| g.index)
-                .filter(|i| !self.held.contains_key(i) && !self.faulty.contains_key(i))
-                .collect();
-            let wanted = count as usize;
-            Some(choose(&self.inventory, &free, wanted).ok_or_else(|| {
-                format!(
-                    "{wanted} GPUs asked, {} free and healthy on this agent",
-                    free.len()
-                )
-            })?)
-        } else {
-            None
-        };
+        let choice = self.free_gpus(count as usize)?;
         let instances = self.free_instances(&mig)?;
         let Choice {
             gpus,
@@ -221,15 +203,61 @@ impl GpuBooks {
             numa_node: None,
             interconnect: "mig".into(),
         });
+        let (uuids, devices) = self.nodes_of(&gpus, &instances);
+        for &index in &gpus {
+            self.held.insert(index, container.to_owned());
+        }
+        for instance in &instances {
+            self.held_mig
+                .insert(instance.uuid.clone(), container.to_owned());
+        }
+        Ok(Some(Assignment {
+            gpus,
+            uuids,
+            interconnect,
+            numa_node,
+            devices,
+        }))
+    }
+
+    /// The best-connected `wanted` free healthy whole GPUs (None: none asked).
+    fn free_gpus(&self, wanted: usize) -> Result<Option<Choice>, String> {
+        if wanted == 0 {
+            return Ok(None);
+        }
+        let free: Vec<u32> = self
+            .inventory
+            .gpus
+            .iter()
+            .filter(|g| g.mig.is_empty())
+            .map(|g| g.index)
+            .filter(|i| !self.held.contains_key(i) && !self.faulty.contains_key(i))
+            .collect();
+        let choice = choose(&self.inventory, &free, wanted).ok_or_else(|| {
+            format!(
+                "{wanted} GPUs asked, {} free and healthy on this agent",
+                free.len()
+            )
+        })?;
+        Ok(Some(choice))
+    }
+
+    /// The uuids and device nodes (major, minor) a container with `gpus`
+    /// and `instances` may open: theirs, MIG parents and the control nodes.
+    fn nodes_of(
+        &self,
+        gpus: &[u32],
+        instances: &[butte_gpu::MigInstance],
+    ) -> (Vec<String>, Vec<(u32, u32)>) {
         let mut uuids = Vec::new();
         let mut devices: Vec<(u32, u32)> = Vec::new();
-        for &index in &gpus {
+        for &index in gpus {
             if let Some(gpu) = self.inventory.gpu(index) {
                 uuids.push(gpu.uuid.clone());
                 devices.push((gpu.major, gpu.minor));
             }
         }
-        for instance in &instances {
+        for instance in instances {
             uuids.push(instance.uuid.clone());
             devices.push((instance.major, instance.minor));
             if let Some(gi) = &instance.gi_device {
@@ -247,20 +275,7 @@ impl GpuBooks {
         );
         devices.sort_unstable();
         devices.dedup();
-        for &index in &gpus {
-            self.held.insert(index, container.to_owned());
-        }
-        for instance in &instances {
-            self.held_mig
-                .insert(instance.uuid.clone(), container.to_owned());
-        }
-        Ok(Some(Assignment {
-            gpus,
-            uuids,
-            interconnect,
-            numa_node,
-            devices,
-        }))
+        (uuids, devices)
     }
 
     /// Free MIG instances on healthy GPUs for each (profile, count) asked.

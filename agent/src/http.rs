@@ -30,17 +30,18 @@ pub fn router(agent: Agent) -> Router {
 }
 
 async fn metrics(axum::extract::State(agent): axum::extract::State<Agent>) -> Response {
-    let (samples, gpus) = {
+    let scrape = {
         let state = agent.lock();
-        let samples: Vec<_> = state.latest.values().cloned().collect();
-        (
-            samples,
-            state.gpus.as_ref().map(crate::gpu_telemetry::prometheus),
-        )
+        crate::metrics::Scrape {
+            tasks: state.latest.values().cloned().collect(),
+            gpus: state.gpus.as_ref().map(crate::metrics::GpuReading::all),
+            container_starts: agent.container_starts.clone(),
+        }
     };
-    let mut text = crate::telemetry::prometheus(&samples);
-    text.push_str(&gpus.unwrap_or_default());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    match crate::metrics::encode(scrape) {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(failure) => error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string()),
+    }
 }
 
 fn error(status: StatusCode, message: String) -> Response {

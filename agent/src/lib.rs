@@ -12,13 +12,8 @@ pub mod http;
 pub mod launcher;
 pub mod launcher_client;
 pub mod link;
+pub mod metrics;
 pub mod resources;
 pub mod telemetry;
 
 pub use config::AgentConfig;
-
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}

@@ -12,6 +12,32 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::agent::Agent;
 
+/// Why a link to the master ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// the master could not be reached or the stream failed
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// the master ended the stream with an error status
+    #[error(transparent)]
+    Status(#[from] tonic::Status),
+    /// the master closed the link before it answered registration
+    #[error("the master closed the link before answering")]
+    ClosedEarly,
+    /// the master's first answer was not Registered
+    #[error("the master answered registration with {0}")]
+    Unexpected(String),
+    /// the link's outbound queue is gone (the session is over)
+    #[error("the link's outbound queue is closed")]
+    Closed,
+}
+
+impl<T> From<mpsc::error::SendError<T>> for LinkError {
+    fn from(_: mpsc::error::SendError<T>) -> Self {
+        LinkError::Closed
+    }
+}
+
 pub async fn run(agent: Agent) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -27,7 +53,7 @@ pub async fn run(agent: Agent) {
     }
 }
 
-async fn session(agent: &Agent) -> anyhow::Result<()> {
+async fn session(agent: &Agent) -> Result<(), LinkError> {
     let mut client = AgentLinkClient::connect(format!("http://{}", agent.config.master)).await?;
     let (outbound, receiver) = mpsc::unbounded_channel();
     outbound.send(agent.register_message(outbound.clone()))?;
@@ -35,12 +61,9 @@ async fn session(agent: &Agent) -> anyhow::Result<()> {
         .session(UnboundedReceiverStream::new(receiver))
         .await?
         .into_inner();
-    let first = inbound
-        .message()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the master closed the link before answering"))?;
+    let first = inbound.message().await?.ok_or(LinkError::ClosedEarly)?;
     let Some(master_message::Kind::Registered(registered)) = first.kind else {
-        anyhow::bail!("the master answered registration with {first:?}");
+        return Err(LinkError::Unexpected(format!("{first:?}")));
     };
     tracing::info!(
         agent_id = registered.agent_id.value,

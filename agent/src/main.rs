@@ -2,25 +2,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use butte_api::daemon::{init_logging, shutdown_signal};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use butte_agent::agent::Agent;
 use butte_agent::launcher_client::LauncherClient;
 use butte_agent::{AgentConfig, http, launcher, link, resources, telemetry};
 use butte_agent_ebpf::accounting::Events;
+use butte_isolators::fences::{Fence, Fences, Unenforced};
 
 fn main() -> anyhow::Result<()> {
     let config = AgentConfig::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match config.log_format.as_str() {
-        "json" => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-        "text" => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        other => anyhow::bail!("--log-format {other:?} is not known; use text or json"),
-    }
+    init_logging(&config.log_format)?;
     if config.work_dir.starts_with("/tmp") {
         anyhow::bail!(
             "--work-dir {} is under /tmp, which each task gets privately; choose another directory",
@@ -35,38 +28,8 @@ fn main() -> anyhow::Result<()> {
         butte_isolators::cgroups::detect(&config.cgroup_root, &config.cgroup_subtree())
             .context("cannot set up task cgroups (is this run as root?)")?,
     );
-    // Every resource offered is enforced: without the port fence, no ports are offered.
-    let ports = match butte_agent_ebpf::ports::PortFence::attach(&isolator.v2_subtree()) {
-        Ok(fence) => Some(fence),
-        Err(error) => {
-            tracing::error!(%error, "ports cannot be enforced on this host; they are not offered");
-            total.remove("ports");
-            None
-        }
-    };
-    let devices = butte_agent_ebpf::devices::DeviceFence::attach(&isolator.v2_subtree())
-        .inspect_err(|error| tracing::error!(%error, "device access cannot be fenced on this host; tasks see the host's devices"))
-        .ok();
-    let network = match butte_agent_ebpf::network::Network::attach(&isolator.v2_subtree()) {
-        Ok(network) => Some(network),
-        Err(error) => {
-            tracing::error!(%error, "network bandwidth cannot be enforced on this host; it is not offered");
-            total.remove("network_bandwidth");
-            None
-        }
-    };
-    let mut accounting = butte_agent_ebpf::accounting::Accounting::attach()
-        .inspect_err(
-            |error| tracing::error!(%error, "per-task CPU, run-queue and event accounting is off"),
-        )
-        .ok();
-    let events = accounting.as_mut().and_then(|a| a.take_events());
-    let fences = butte_agent::agent::Fences {
-        ports,
-        devices,
-        network,
-        accounting,
-    };
+    let mut fences = attach_fences(&isolator.v2_subtree(), &mut total);
+    let events = fences.take_events();
     if !(0.1..=60.0).contains(&config.telemetry_interval) {
         anyhow::bail!(
             "--telemetry-interval {} is out of range; give 0.1 to 60 seconds",
@@ -125,6 +88,31 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// Attaches the eBPF fences at the agent's subtree. Every resource offered
+/// is enforced: what a fence would hold is not offered without it.
+fn attach_fences(subtree: &std::path::Path, total: &mut butte_api::resources::Resources) -> Fences {
+    let (fences, unenforced) = Fences::attach(subtree);
+    for Unenforced { fence, error } in unenforced {
+        match fence {
+            Fence::Ports => {
+                tracing::error!(%error, "ports cannot be enforced on this host; they are not offered");
+                total.remove("ports");
+            }
+            Fence::Network => {
+                tracing::error!(%error, "network bandwidth cannot be enforced on this host; it is not offered");
+                total.remove("network_bandwidth");
+            }
+            Fence::Devices => {
+                tracing::error!(%error, "device access cannot be fenced on this host; tasks see the host's devices")
+            }
+            Fence::Accounting => {
+                tracing::error!(%error, "per-task CPU, run-queue and event accounting is off")
+            }
+        }
+    }
+    fences
+}
+
 /// Hands ring-buffer events to the agent as they arrive.
 async fn read_events(agent: Agent, events: Events) {
     use tokio::io::Interest;
@@ -149,20 +137,6 @@ async fn read_events(agent: Agent, events: Events) {
         if !drained.is_empty() {
             agent.handle_events(drained);
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 

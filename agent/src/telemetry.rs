@@ -5,15 +5,15 @@
 //! sample (GET_CONTAINERS, /metrics) and streamed to the master.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt::Write as _;
 use std::fs::File;
 use std::time::{Duration, Instant};
 
-use butte_agent_ebpf::accounting::{RUNQ_SLOTS, TaskStats};
+use butte_agent_ebpf::accounting::TaskStats;
 use butte_agent_ebpf::network::NetStats;
 use butte_api::mesos::v1::{ContainerId, ExecutorId, FrameworkId, ResourceStatistics, TaskId};
 use butte_api::telemetry::v1::{ExtraStatistics, TaskSample, TelemetryBatch};
 use butte_isolators::cgroups::{Isolator, MemoryFiles, counter};
+use butte_isolators::fences::Counts;
 
 use crate::agent::{Agent, EventCounts, TaskView};
 use crate::cgroup_reader::{CgroupReader, NUMBER_READ_SIZE, STAT_READ_SIZE};
@@ -184,18 +184,13 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
     let mut counted: HashMap<u64, Counted> = HashMap::new();
     {
         let mut fences = agent.fences();
-        if let Some(accounting) = fences.accounting.as_mut()
-            && let Err(error) = accounting.flush()
-        {
-            tracing::warn!(%error, "cannot flush CPU time; every task's CPU figure holds still until a flush succeeds");
-        }
-        // Each map read whole in a few syscalls, not one lookup per task.
-        let cpu = fences.accounting.as_mut().map(|a| a.all_stats());
-        let net = fences.network.as_ref().map(|n| n.all_stats());
-        let binds = fences.ports.as_ref().map(|p| p.all_denied());
-        let opens = fences.devices.as_ref().map(|d| d.all_denied());
-        let (mut cpu, mut net) = (whole(cpu), whole(net));
-        let (binds, opens) = (whole(binds), whole(opens));
+        fences.flush();
+        let Counts {
+            mut cpu,
+            mut net,
+            denied_binds: binds,
+            denied_opens: opens,
+        } = fences.counts();
         for view in &views {
             let key = view.cgroup_key;
             counted.entry(key).or_insert_with(|| Counted {
@@ -206,7 +201,7 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
             });
         }
     }
-    let timestamp = crate::unix_now();
+    let timestamp = butte_api::update_queue::unix_now();
     let samples = views
         .iter()
         .map(|view| {
@@ -231,20 +226,6 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
         })
         .collect();
     TelemetryBatch { timestamp, samples }
-}
-
-/// A map read whole, or empty when its program is not loaded or the read failed.
-fn whole<V>(
-    read: Option<Result<HashMap<u64, V>, butte_agent_ebpf::FenceError>>,
-) -> HashMap<u64, V> {
-    match read {
-        Some(Ok(entries)) => entries,
-        Some(Err(error)) => {
-            tracing::debug!(%error, "cannot read per-task counts this round");
-            HashMap::new()
-        }
-        None => HashMap::new(),
-    }
 }
 
 fn task_sample(
@@ -299,10 +280,10 @@ fn task_sample(
     }
     TaskSample {
         framework_id: FrameworkId {
-            value: view.key.0.clone(),
+            value: view.key.framework_id.clone(),
         },
         task_id: TaskId {
-            value: view.key.1.clone(),
+            value: view.key.task_id.clone(),
         },
         executor_id: Some(ExecutorId {
             value: view.executor_id.clone(),
@@ -333,197 +314,6 @@ pub fn spawn(agent: Agent, interval: Duration) -> std::io::Result<()> {
         .map(|_| ())
 }
 
-/// Prometheus text for the newest samples: one series per task, labelled
-/// with its framework, executor and task ids.
-pub fn prometheus(samples: &[TaskSample]) -> String {
-    let mut out = String::new();
-    type Read = fn(&TaskSample) -> Option<f64>;
-    let series: &[(&str, &str, &str, Read)] = &[
-        (
-            "butte_task_cpu_seconds_total",
-            "counter",
-            "CPU time (scheduler runtime, eBPF)",
-            |s| extra(s).cpus_total_time_secs,
-        ),
-        (
-            "butte_task_cpu_user_seconds_total",
-            "counter",
-            "CPU time in user mode",
-            |s| s.statistics.cpus_user_time_secs,
-        ),
-        (
-            "butte_task_cpu_system_seconds_total",
-            "counter",
-            "CPU time in the kernel",
-            |s| s.statistics.cpus_system_time_secs,
-        ),
-        (
-            "butte_task_cpu_limit",
-            "gauge",
-            "CPUs the task was given",
-            |s| s.statistics.cpus_limit,
-        ),
-        (
-            "butte_task_memory_usage_bytes",
-            "gauge",
-            "Memory charged to the task's cgroup",
-            |s| s.statistics.mem_total_bytes.map(|v| v as f64),
-        ),
-        (
-            "butte_task_memory_rss_bytes",
-            "gauge",
-            "Resident anonymous memory",
-            |s| s.statistics.mem_rss_bytes.map(|v| v as f64),
-        ),
-        (
-            "butte_task_memory_cache_bytes",
-            "gauge",
-            "Page cache",
-            |s| s.statistics.mem_cache_bytes.map(|v| v as f64),
-        ),
-        (
-            "butte_task_memory_limit_bytes",
-            "gauge",
-            "Memory limit",
-            |s| s.statistics.mem_limit_bytes.map(|v| v as f64),
-        ),
-        (
-            "butte_task_network_transmit_bytes_total",
-            "counter",
-            "Bytes sent (IP packets, eBPF)",
-            |s| s.statistics.net_tx_bytes.map(|v| v as f64),
-        ),
-        (
-            "butte_task_network_receive_bytes_total",
-            "counter",
-            "Bytes received",
-            |s| s.statistics.net_rx_bytes.map(|v| v as f64),
-        ),
-        (
-            "butte_task_network_transmit_packets_total",
-            "counter",
-            "Packets sent",
-            |s| s.statistics.net_tx_packets.map(|v| v as f64),
-        ),
-        (
-            "butte_task_network_receive_packets_total",
-            "counter",
-            "Packets received",
-            |s| s.statistics.net_rx_packets.map(|v| v as f64),
-        ),
-        (
-            "butte_task_network_transmit_dropped_total",
-            "counter",
-            "Packets dropped by the bandwidth limit",
-            |s| s.statistics.net_tx_dropped.map(|v| v as f64),
-        ),
-        (
-            "butte_task_network_receive_dropped_total",
-            "counter",
-            "Packets dropped by ingress policing",
-            |s| s.statistics.net_rx_dropped.map(|v| v as f64),
-        ),
-        (
-            "butte_task_network_bandwidth_limit_mbits",
-            "gauge",
-            "Egress limit, Mbit/s",
-            |s| extra(s).network_bandwidth_limit,
-        ),
-        (
-            "butte_task_denied_binds_total",
-            "counter",
-            "Binds refused by the port fence",
-            |s| extra(s).denied_binds.map(|v| v as f64),
-        ),
-        (
-            "butte_task_denied_device_opens_total",
-            "counter",
-            "Device opens refused by the device fence",
-            |s| extra(s).denied_device_opens.map(|v| v as f64),
-        ),
-        (
-            "butte_task_gpu_memory_used_bytes",
-            "gauge",
-            "GPU memory its processes use (NVML per-process figures)",
-            |s| extra(s).gpu_memory_used_bytes.map(|v| v as f64),
-        ),
-        (
-            "butte_task_gpu_utilization_percent",
-            "gauge",
-            "GPU utilisation of its processes, summed over its GPUs",
-            |s| extra(s).gpu_utilization_percent,
-        ),
-        (
-            "butte_task_execs_total",
-            "counter",
-            "Programs executed",
-            |s| extra(s).execs.map(|v| v as f64),
-        ),
-        (
-            "butte_task_oom_kills_total",
-            "counter",
-            "Processes ended by the OOM killer",
-            |s| extra(s).oom_kills.map(|v| v as f64),
-        ),
-    ];
-    for (name, kind, help, read) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for sample in samples {
-            if let Some(value) = read(sample) {
-                let _ = writeln!(out, "{name}{{{}}} {value}", labels(sample));
-            }
-        }
-    }
-    let name = "butte_task_runqueue_latency_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Run-queue wait, wakeup or preemption to switch-in (eBPF)\n# TYPE {name} histogram"
-    );
-    for sample in samples {
-        let extra = extra(sample);
-        if extra.runq_histogram.len() != RUNQ_SLOTS {
-            continue;
-        }
-        let labels = labels(sample);
-        let mut cumulative = 0;
-        for (slot, count) in extra.runq_histogram.iter().enumerate() {
-            cumulative += count;
-            let le = (1u64 << (slot + 1)) as f64 / 1e6;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            extra.runq_total_secs.unwrap_or(0.0)
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
-    }
-    out
-}
-
-fn extra(sample: &TaskSample) -> &ExtraStatistics {
-    static EMPTY: std::sync::LazyLock<ExtraStatistics> = std::sync::LazyLock::new(Default::default);
-    sample.extra.as_ref().unwrap_or(&EMPTY)
-}
-
-fn labels(sample: &TaskSample) -> String {
-    format!(
-        "framework_id=\"{}\",executor_id=\"{}\",task_id=\"{}\"",
-        escape(&sample.framework_id.value),
-        escape(sample.executor_id.as_ref().map_or("", |e| e.value.as_str())),
-        escape(&sample.task_id.value)
-    )
-}
-
-/// Label values escaped as the Prometheus text format asks.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,54 +334,5 @@ mod tests {
         assert!(read.stale(64 * mib, 10 + STAT_MAX_AGE), "old enough");
         let small = Breakdown { usage: mib, ..read };
         assert!(!small.stale(mib + mib / 2, 11), "at least 1 MiB");
-    }
-
-    #[test]
-    fn prometheus_text_labels_each_task_and_builds_a_cumulative_histogram() {
-        let mut histogram = vec![0; RUNQ_SLOTS];
-        histogram[0] = 3;
-        histogram[2] = 1;
-        let sample = TaskSample {
-            framework_id: FrameworkId { value: "fw".into() },
-            task_id: TaskId {
-                value: "t\"1".into(),
-            },
-            executor_id: Some(ExecutorId {
-                value: "t\"1".into(),
-            }),
-            container_id: None,
-            statistics: ResourceStatistics {
-                net_tx_bytes: Some(1234),
-                ..Default::default()
-            },
-            extra: Some(ExtraStatistics {
-                cpus_total_time_secs: Some(1.5),
-                runq_histogram: histogram,
-                runq_total_secs: Some(0.25),
-                ..Default::default()
-            }),
-        };
-        let text = prometheus(&[sample]);
-        let labels = r#"framework_id="fw",executor_id="t\"1",task_id="t\"1""#;
-        assert!(
-            text.contains(&format!("butte_task_cpu_seconds_total{{{labels}}} 1.5")),
-            "{text}"
-        );
-        assert!(text.contains(&format!(
-            "butte_task_network_transmit_bytes_total{{{labels}}} 1234"
-        )));
-        assert!(text.contains(&format!(
-            "butte_task_runqueue_latency_seconds_bucket{{{labels},le=\"0.000002\"}} 3"
-        )));
-        assert!(text.contains(&format!(
-            "butte_task_runqueue_latency_seconds_bucket{{{labels},le=\"0.000008\"}} 4"
-        )));
-        assert!(text.contains(&format!(
-            "butte_task_runqueue_latency_seconds_count{{{labels}}} 4"
-        )));
-        assert!(
-            !text.contains("butte_task_memory_rss_bytes{"),
-            "absent figures are left out"
-        );
     }
 }

@@ -38,6 +38,12 @@ impl Update for TaskStatus {
     }
 }
 
+impl Update for crate::agent_link::v1::StatusUpdate {
+    fn uuid(&self) -> &[u8] {
+        self.status.uuid()
+    }
+}
+
 /// One task's unacknowledged updates, oldest first.
 #[derive(Debug, Clone)]
 pub struct UpdateQueue<U> {
@@ -145,7 +151,10 @@ mod tests {
         queue.push(status(2));
         assert_eq!(queue.due(now).map(|s| s.uuid), Some(Some(vec![1; 16])));
         assert!(queue.due(now).is_none(), "the head waits for its retry");
-        assert!(queue.acknowledge(&[2; 16]).is_none(), "only the head is acked");
+        assert!(
+            queue.acknowledge(&[2; 16]).is_none(),
+            "only the head is acked"
+        );
         assert!(queue.acknowledge(&[1; 16]).is_some());
         assert_eq!(queue.due(now).map(|s| s.uuid), Some(Some(vec![2; 16])));
         assert!(queue.holds(&[2; 16]) && !queue.holds(&[1; 16]));
@@ -168,7 +177,10 @@ mod tests {
         assert!(queue.due(at(5)).is_none(), "then 3 s, not 4");
         assert!(queue.due(at(6)).is_some());
         queue.resend_now();
-        assert!(queue.due(at(6)).is_some(), "a new link gets the head at once");
+        assert!(
+            queue.due(at(6)).is_some(),
+            "a new link gets the head at once"
+        );
     }
 
     #[test]

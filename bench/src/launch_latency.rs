@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use butte_isolators::cgroups::{Isolator, Limits, detect};
 use butte_isolators::container::{ContainerSpec, spawn, wait};
 
-mod ebpf_programs;
-use ebpf_programs::Programs;
+use butte_isolators::fences::{Fences, TaskFence};
 
 const WORK: &str = "/var/lib/butte-bench";
 
@@ -40,16 +39,25 @@ fn spec(
     isolator: &dyn Isolator,
     id: &str,
     argv: &[&str],
-    programs: Option<&mut Programs>,
-) -> (ContainerSpec, Option<u64>) {
+    fences: Option<&mut Fences>,
+) -> ContainerSpec {
     let placement = isolator
         .create(id, &limits())
         .unwrap_or_else(|e| panic!("cgroups for {id}: {e}"));
-    let key = programs.map(|p| p.track(&placement.unified, Some(100.0)));
+    if let Some(fences) = fences {
+        let fence = TaskFence {
+            ports: vec![(31000, 31010)],
+            egress_mbit_per_s: Some(100.0),
+            ..TaskFence::default()
+        };
+        fences
+            .fence(id, &placement.unified, &fence)
+            .unwrap_or_else(|e| panic!("fence {id}: {e}"));
+    }
     let sandbox = PathBuf::from(WORK).join("sandboxes").join(id);
     std::fs::create_dir_all(&sandbox)
         .unwrap_or_else(|e| panic!("sandbox {}: {e}", sandbox.display()));
-    let spec = ContainerSpec {
+    ContainerSpec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         sandbox,
@@ -57,8 +65,7 @@ fn spec(
         cgroup: placement.unified,
         v1_procs: placement.v1_procs,
         tmp_mb: 16,
-    };
-    (spec, key)
+    }
 }
 
 fn stats(name: &str, mut samples: Vec<Duration>) -> Duration {
@@ -76,7 +83,7 @@ fn stats(name: &str, mut samples: Vec<Duration>) -> Duration {
 /// One launch, run and removal; (launch -> execve, whole cycle).
 fn one_launch(isolator: &dyn Isolator, id: &str) -> (Duration, Duration) {
     let started = Instant::now();
-    let (spec, _) = spec(isolator, id, &["/bin/true"], None);
+    let spec = spec(isolator, id, &["/bin/true"], None);
     let child = spawn(&spec).unwrap_or_else(|e| panic!("spawn {id}: {e}"));
     let to_exec = started.elapsed();
     wait(&child.pidfd).unwrap_or_else(|e| panic!("wait {id}: {e}"));
@@ -90,7 +97,7 @@ fn one_launch(isolator: &dyn Isolator, id: &str) -> (Duration, Duration) {
 /// every program is attached and each task gets its map entries,
 /// interleaved so that both meet the same machine state.
 fn butte_launches(plain: &dyn Isolator, fenced: &dyn Isolator, n: usize) -> [Duration; 4] {
-    let mut programs = Programs::attach(&fenced.v2_subtree());
+    let mut fences = Fences::attach_all(&fenced.v2_subtree()).unwrap_or_else(|e| panic!("{e}"));
     let mut samples: [Vec<Duration>; 4] = Default::default();
     for i in 0..n {
         let (to_exec, cycle) = one_launch(plain, &format!("bench-{i}"));
@@ -98,13 +105,11 @@ fn butte_launches(plain: &dyn Isolator, fenced: &dyn Isolator, n: usize) -> [Dur
         samples[1].push(cycle);
         let id = format!("bench-ebpf-{i}");
         let started = Instant::now();
-        let (spec, key) = spec(fenced, &id, &["/bin/true"], Some(&mut programs));
+        let spec = spec(fenced, &id, &["/bin/true"], Some(&mut fences));
         let child = spawn(&spec).unwrap_or_else(|e| panic!("spawn {id}: {e}"));
         samples[2].push(started.elapsed());
         wait(&child.pidfd).unwrap_or_else(|e| panic!("wait {id}: {e}"));
-        if let Some(key) = key {
-            programs.forget(key);
-        }
+        fences.unfence(&id);
         fenced
             .destroy(&id)
             .unwrap_or_else(|e| panic!("destroy {id}: {e}"));
@@ -184,7 +189,7 @@ fn held_launches(isolator: &dyn Isolator, n: usize) {
     let mut children = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("held-{i}");
-        let (spec, _) = spec(isolator, &id, &["/bin/sleep", "60"], None);
+        let spec = spec(isolator, &id, &["/bin/sleep", "60"], None);
         children.push((id, spawn(&spec).unwrap_or_else(|e| panic!("spawn: {e}"))));
     }
     let launched = started.elapsed();

@@ -29,8 +29,7 @@ use butte_agent::telemetry::MemorySampler;
 use butte_isolators::cgroups::{Isolator, Limits, detect};
 use butte_isolators::container::{ContainerSpec, Spawned, signal, spawn, wait};
 
-mod ebpf_programs;
-use ebpf_programs::Programs;
+use butte_isolators::fences::{Fences, TaskFence};
 
 const WORK: &str = "/var/lib/butte-bench/telemetry";
 const SUBTREE: &str = "butte/bench-telemetry";
@@ -58,7 +57,7 @@ fn start_tasks(
     isolator: &dyn Isolator,
     n: usize,
     wakes_per_second: f64,
-    programs: &mut Programs,
+    fences: &mut Fences,
 ) -> Vec<Task> {
     let script = if wakes_per_second > 0.0 {
         format!(
@@ -81,7 +80,9 @@ fn start_tasks(
                     },
                 )
                 .unwrap_or_else(|e| panic!("cgroups for {id}: {e}"));
-            let key = programs.track(&placement.unified, None);
+            let key = fences
+                .fence(&id, &placement.unified, &TaskFence::default())
+                .unwrap_or_else(|e| panic!("fence {id}: {e}"));
             let sandbox = PathBuf::from(WORK).join(&id);
             std::fs::create_dir_all(&sandbox).unwrap_or_else(|e| panic!("sandbox: {e}"));
             let spec = ContainerSpec {
@@ -101,42 +102,28 @@ fn start_tasks(
 
 /// One round of our collection; returns a checksum so nothing is optimised away.
 fn sample_ours(
-    programs: &mut Programs,
+    fences: &mut Fences,
     memory: &mut MemorySampler,
     isolator: &dyn Isolator,
     tasks: &[Task],
     parts: &mut [Duration; 3],
 ) -> u64 {
     let started = process_cpu();
-    programs
-        .accounting
-        .flush()
-        .unwrap_or_else(|e| panic!("{e}"));
+    fences.flush();
     let flushed = process_cpu();
     parts[0] += flushed - started;
     let mut sum = 0;
-    let cpu = programs
-        .accounting
-        .all_stats()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let net = programs
-        .network
-        .all_stats()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let binds = programs
-        .ports
-        .all_denied()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let opens = programs
-        .devices
-        .all_denied()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cpu.len(), tasks.len(), "every task's counts were read");
+    let counts = fences.counts();
+    assert_eq!(
+        counts.cpu.len(),
+        tasks.len(),
+        "every task's counts were read"
+    );
     for task in tasks {
-        sum += cpu.get(&task.key).map_or(0, |s| s.cpu_ns);
-        sum += net.get(&task.key).map_or(0, |s| s.tx_bytes);
-        sum += binds.get(&task.key).copied().unwrap_or(0);
-        sum += opens.get(&task.key).copied().unwrap_or(0);
+        sum += counts.cpu.get(&task.key).map_or(0, |s| s.cpu_ns);
+        sum += counts.net.get(&task.key).map_or(0, |s| s.tx_bytes);
+        sum += counts.denied_binds.get(&task.key).copied().unwrap_or(0);
+        sum += counts.denied_opens.get(&task.key).copied().unwrap_or(0);
     }
     let looked_up = process_cpu();
     parts[1] += looked_up - flushed;
@@ -210,8 +197,8 @@ fn main() {
     );
     let _stats = butte_agent_ebpf::enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
     let subtree = isolator.v2_subtree();
-    let mut programs = Programs::attach(&subtree);
-    let tasks = start_tasks(&*isolator, n, wakes_per_second, &mut programs);
+    let mut fences = Fences::attach_all(&subtree).unwrap_or_else(|e| panic!("{e}"));
+    let tasks = start_tasks(&*isolator, n, wakes_per_second, &mut fences);
     std::thread::sleep(Duration::from_secs(2));
 
     let reader = if std::env::var_os("BUTTE_BENCH_PREAD").is_some() {
@@ -225,21 +212,20 @@ fn main() {
     // every task happen once per task, not every second.
     let mut warm_up = [Duration::ZERO; 3];
     std::hint::black_box(sample_ours(
-        &mut programs,
+        &mut fences,
         &mut memory,
         &*isolator,
         &tasks,
         &mut warm_up,
     ));
     std::hint::black_box(sample_poller(&tasks));
-    let bpf_before = programs.run_time();
-    let runs_before = programs.run_count();
+    let (bpf_before, runs_before) = fences.run_time();
     let mut parts = [Duration::ZERO; 3];
     let collection = every_second(seconds, || {
-        sample_ours(&mut programs, &mut memory, &*isolator, &tasks, &mut parts)
+        sample_ours(&mut fences, &mut memory, &*isolator, &tasks, &mut parts)
     });
-    let bpf = programs.run_time() - bpf_before;
-    let runs = programs.run_count() - runs_before;
+    let (bpf_after, runs_after) = fences.run_time();
+    let (bpf, runs) = (bpf_after - bpf_before, runs_after - runs_before);
     let poller = every_second(seconds, || sample_poller(&tasks));
 
     let per_second = |d: Duration| d.as_secs_f64() * 1e3 / seconds as f64;
@@ -280,7 +266,7 @@ fn main() {
         let _ = wait(&task.child.pidfd);
         let _ = isolator.destroy(&task.id);
     }
-    drop(programs);
+    drop(fences);
     isolator.remove_subtree();
     let _ = std::fs::remove_dir_all(WORK);
 }

@@ -178,75 +178,9 @@ impl SimBackend {
                     format!("`{}` is empty or used twice: give each GPU a unique uuid such as GPU-<hex>", sim.uuid),
                 ));
             }
-            if !(0.0..=100.0).contains(&sim.utilization_percent) {
-                return Err(self.invalid(
-                    format!("{at}.utilization_percent"),
-                    format!("{} is outside 0..=100", sim.utilization_percent),
-                ));
-            }
-            for (name, value) in [
-                ("power_watts", sim.power_watts),
-                ("temperature_c", sim.temperature_c),
-            ] {
-                if !value.is_finite() || value < 0.0 {
-                    return Err(self.invalid(
-                        format!("{at}.{name}"),
-                        format!("{value} is not a finite number >= 0"),
-                    ));
-                }
-            }
-            if !sim.mig.is_empty() && !sim.mig_enabled {
-                return Err(self.invalid(
-                    format!("{at}.mig"),
-                    "instances are listed but mig_enabled is false: set \"mig_enabled\": true or remove them",
-                ));
-            }
-            let (major, minor) = self.device(&format!("{at}.device"), &sim.device)?;
-            let mut mig = Vec::with_capacity(sim.mig.len());
-            for (j, value) in sim.mig.into_iter().enumerate() {
-                let at = format!("{at}.mig[{j}]");
-                let inst: SimMig = self.field(&at, value)?;
-                let (cap_major, cap_minor) = self.device(&format!("{at}.device"), &inst.device)?;
-                let gi_device =
-                    match inst.gi_device {
-                        Some(path) => Some(ControlDevice::stat(&path).map_err(|err| {
-                            self.invalid(format!("{at}.gi_device"), err.to_string())
-                        })?),
-                        None => None,
-                    };
-                mig.push(MigInstance {
-                    gpu_index: sim.index,
-                    profile: inst.profile,
-                    uuid: inst.uuid,
-                    gi_id: inst.gi_id,
-                    ci_id: inst.ci_id,
-                    device: inst.device,
-                    major: cap_major,
-                    minor: cap_minor,
-                    gi_device,
-                });
-            }
-            samples.push(GpuSample {
-                index: sim.index,
-                utilization_percent: sim.utilization_percent,
-                memory_used_mib: sim.memory_used_mib,
-                power_watts: sim.power_watts,
-                temperature_c: sim.temperature_c,
-                ecc_uncorrectable: sim.ecc_uncorrectable,
-                xid_errors: sim.xid_errors,
-            });
-            gpus.push(Gpu {
-                index: sim.index,
-                uuid: sim.uuid,
-                model: sim.model,
-                memory_mib: sim.memory_mib,
-                numa_node: sim.numa_node,
-                pci_bus_id: sim.pci_bus_id,
-                device: sim.device,
-                major,
-                minor,
-                mig,
-            });
+            let (gpu, sample) = self.gpu(&at, sim)?;
+            gpus.push(gpu);
+            samples.push(sample);
         }
         let rows = match file.topology {
             Some(rows) => rows,
@@ -269,32 +203,12 @@ impl SimBackend {
                     .map_err(|err| self.invalid(format!("control_devices[{i}]"), err.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut processes = Vec::with_capacity(file.processes.len());
-        for (i, value) in file.processes.into_iter().enumerate() {
-            let at = format!("processes[{i}]");
-            let sim: SimProcess = self.field(&at, value)?;
-            if !indices.contains(&sim.gpu) {
-                return Err(self.invalid(
-                    format!("{at}.gpu"),
-                    format!(
-                        "no GPU has index {}: use the index of one of `gpus`",
-                        sim.gpu
-                    ),
-                ));
-            }
-            if !(0.0..=100.0).contains(&sim.sm_utilization) {
-                return Err(self.invalid(
-                    format!("{at}.sm_utilization"),
-                    format!("{} is outside 0..=100", sim.sm_utilization),
-                ));
-            }
-            processes.push(GpuProcess {
-                pid: sim.pid,
-                gpu_index: sim.gpu,
-                memory_used_mib: sim.memory_used_mib,
-                sm_utilization_percent: sim.sm_utilization,
-            });
-        }
+        let processes = file
+            .processes
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| self.process(&format!("processes[{i}]"), value, &indices))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Snapshot {
             inventory: Inventory {
                 gpus,
@@ -303,6 +217,117 @@ impl SimBackend {
             },
             samples,
             processes,
+        })
+    }
+
+    /// One GPU of the file (at `at`), its figures checked and its device nodes read.
+    fn gpu(&self, at: &str, sim: SimGpu) -> Result<(Gpu, GpuSample), GpuError> {
+        if !(0.0..=100.0).contains(&sim.utilization_percent) {
+            return Err(self.invalid(
+                format!("{at}.utilization_percent"),
+                format!("{} is outside 0..=100", sim.utilization_percent),
+            ));
+        }
+        for (name, value) in [
+            ("power_watts", sim.power_watts),
+            ("temperature_c", sim.temperature_c),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return Err(self.invalid(
+                    format!("{at}.{name}"),
+                    format!("{value} is not a finite number >= 0"),
+                ));
+            }
+        }
+        if !sim.mig.is_empty() && !sim.mig_enabled {
+            return Err(self.invalid(
+                format!("{at}.mig"),
+                "instances are listed but mig_enabled is false: set \"mig_enabled\": true or remove them",
+            ));
+        }
+        let (major, minor) = self.device(&format!("{at}.device"), &sim.device)?;
+        let mig = sim
+            .mig
+            .into_iter()
+            .enumerate()
+            .map(|(j, value)| self.mig(&format!("{at}.mig[{j}]"), sim.index, value))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sample = GpuSample {
+            index: sim.index,
+            utilization_percent: sim.utilization_percent,
+            memory_used_mib: sim.memory_used_mib,
+            power_watts: sim.power_watts,
+            temperature_c: sim.temperature_c,
+            ecc_uncorrectable: sim.ecc_uncorrectable,
+            xid_errors: sim.xid_errors,
+        };
+        let gpu = Gpu {
+            index: sim.index,
+            uuid: sim.uuid,
+            model: sim.model,
+            memory_mib: sim.memory_mib,
+            numa_node: sim.numa_node,
+            pci_bus_id: sim.pci_bus_id,
+            device: sim.device,
+            major,
+            minor,
+            mig,
+        };
+        Ok((gpu, sample))
+    }
+
+    /// One MIG instance of GPU `gpu_index` (at `at`), with its device nodes read.
+    fn mig(&self, at: &str, gpu_index: u32, value: Value) -> Result<MigInstance, GpuError> {
+        let inst: SimMig = self.field(at, value)?;
+        let (major, minor) = self.device(&format!("{at}.device"), &inst.device)?;
+        let gi_device = match inst.gi_device {
+            Some(path) => Some(
+                ControlDevice::stat(&path)
+                    .map_err(|err| self.invalid(format!("{at}.gi_device"), err.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(MigInstance {
+            gpu_index,
+            profile: inst.profile,
+            uuid: inst.uuid,
+            gi_id: inst.gi_id,
+            ci_id: inst.ci_id,
+            device: inst.device,
+            major,
+            minor,
+            gi_device,
+        })
+    }
+
+    /// One process on a GPU (at `at`), which must be one of `indices`.
+    fn process(
+        &self,
+        at: &str,
+        value: Value,
+        indices: &HashSet<u32>,
+    ) -> Result<GpuProcess, GpuError> {
+        let sim: SimProcess = self.field(at, value)?;
+        if !indices.contains(&sim.gpu) {
+            return Err(self.invalid(
+                format!("{at}.gpu"),
+                format!(
+                    "no GPU has index {}: use the index of one of `gpus`",
+                    sim.gpu
+                ),
+            ));
+        }
+        if !(0.0..=100.0).contains(&sim.sm_utilization) {
+            return Err(self.invalid(
+                format!("{at}.sm_utilization"),
+                format!("{} is outside 0..=100", sim.sm_utilization),
+            ));
+        }
+        Ok(GpuProcess {
+            pid: sim.pid,
+            gpu_index: sim.gpu,
+            memory_used_mib: sim.memory_used_mib,
+            sm_utilization_percent: sim.sm_utilization,
         })
     }
 }

@@ -107,8 +107,6 @@ pub trait Isolator: Send + Sync {
     fn oom_killed(&self, id: &str) -> Result<bool, CgroupError>;
     /// Pids in `id` (host pid namespace).
     fn pids(&self, id: &str) -> Result<Vec<i32>, CgroupError>;
-    /// Memory in use by `id`, in bytes.
-    fn memory_usage(&self, id: &str) -> Result<u64, CgroupError>;
     /// The files a sampler reads for `id`'s memory (it keeps them open).
     fn memory_files(&self, id: &str) -> MemoryFiles;
     /// Processes and threads in `id` now: its `pids` and the lines of its
@@ -172,14 +170,6 @@ fn make_dir(path: &Path) -> Result<(), CgroupError> {
             source: e,
         }),
     }
-}
-
-fn read_u64(path: &Path) -> Result<u64, CgroupError> {
-    read(path)?.trim().parse().map_err(|_| CgroupError::Io {
-        action: "parse",
-        path: path.to_owned(),
-        source: io::Error::from(io::ErrorKind::InvalidData),
-    })
 }
 
 fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
@@ -372,10 +362,6 @@ impl Isolator for Hybrid {
         read_pids(&self.unified(id).join("cgroup.procs"))
     }
 
-    fn memory_usage(&self, id: &str) -> Result<u64, CgroupError> {
-        read_u64(&self.dir("memory", id).join("memory.usage_in_bytes"))
-    }
-
     fn memory_files(&self, id: &str) -> MemoryFiles {
         let dir = self.dir("memory", id);
         MemoryFiles {
@@ -540,10 +526,6 @@ impl Isolator for Unified {
 
     fn pids(&self, id: &str) -> Result<Vec<i32>, CgroupError> {
         read_pids(&self.dir(id).join("cgroup.procs"))
-    }
-
-    fn memory_usage(&self, id: &str) -> Result<u64, CgroupError> {
-        read_u64(&self.dir(id).join("memory.current"))
     }
 
     fn memory_files(&self, id: &str) -> MemoryFiles {

@@ -153,66 +153,133 @@ pub fn join(group_init: &OwnedFd, spec: &ContainerSpec) -> Result<Spawned, Spawn
 }
 
 fn launch(spec: &ContainerSpec, join: Option<RawFd>) -> Result<Spawned, SpawnError> {
-    if spec.sandbox.starts_with("/tmp") || spec.sandbox.is_relative() {
-        return Err(SpawnError::Prepare {
-            step: "place the sandbox",
-            source: io::Error::other(format!(
-                "sandbox {} must be an absolute path outside /tmp (the task gets a private /tmp that would hide it); move the work dir",
-                spec.sandbox.display()
-            )),
-        });
+    let prepared = Prepared::new(spec)?;
+    let (error_read, error_write) = error_pipe()?;
+    let (pid, pidfd) = clone_into(&prepared.cgroup, join)?;
+    if pid == 0 {
+        let child = prepared.child(join, error_write.as_raw_fd());
+        // SAFETY: we are the freshly cloned child; child_main ends in exec or _exit.
+        unsafe { child_main(&child) }
     }
-    // Everything the child touches is prepared here, before the clone.
-    let argv: Vec<CString> = spec
-        .argv
-        .iter()
-        .map(|a| cstring("an argument", a.as_str()))
-        .collect::<Result<_, _>>()?;
-    let env: Vec<CString> = spec
-        .env
-        .iter()
-        .map(|(k, v)| cstring("an environment variable", format!("{k}={v}")))
-        .collect::<Result<_, _>>()?;
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    env_ptrs.push(std::ptr::null());
-    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map_or(
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        |(_, v)| v.as_str(),
-    );
-    // execvpe uses the caller's PATH; resolve the program here, where allocating is safe.
-    let program = resolve(spec.argv.first().map_or("/", String::as_str), path_var);
-    let program = path_cstring("the program", &program)?;
-    let v1_procs: Vec<CString> = spec
-        .v1_procs
-        .iter()
-        .map(|p| path_cstring("a cgroup path", p))
-        .collect::<Result<_, _>>()?;
-    let sandbox = path_cstring("the sandbox", &spec.sandbox)?;
-    let hostname = spec.hostname.as_bytes();
-    let hostname = &hostname[..hostname.len().min(64)];
-    let tmp_options = cstring(
-        "tmp options",
-        format!("size={}m,mode=1777", spec.tmp_mb.max(1)),
-    )?;
-    let (root, tmp, proc_) = (c"/", c"/tmp", c"/proc");
-    let stdout = open_fd(
-        &spec.sandbox.join("stdout"),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
-        "open the sandbox's stdout",
-    )?;
-    let stderr = open_fd(
-        &spec.sandbox.join("stderr"),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
-        "open the sandbox's stderr",
-    )?;
-    let devnull = open_fd(Path::new("/dev/null"), libc::O_RDONLY, "open /dev/null")?;
-    let cgroup = open_fd(
-        &spec.cgroup,
-        libc::O_RDONLY | libc::O_DIRECTORY,
-        "open the task's v2 cgroup",
-    )?;
+    drop(error_write);
+    // SAFETY: clone3 stored an owned pidfd for the child.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    await_exec(&error_read, Spawned { pid, pidfd })
+}
+
+/// Everything the child touches, made before the clone: the child may not
+/// allocate or take a lock. `argv_ptrs` and `env_ptrs` point into `argv`
+/// and `env`, whose heap buffers stay put while this lives.
+struct Prepared {
+    argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    env_ptrs: Vec<*const libc::c_char>,
+    _env: Vec<CString>,
+    program: CString,
+    v1_procs: Vec<CString>,
+    sandbox: CString,
+    hostname: Vec<u8>,
+    tmp_options: CString,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    devnull: OwnedFd,
+    cgroup: OwnedFd,
+}
+
+impl Prepared {
+    fn new(spec: &ContainerSpec) -> Result<Self, SpawnError> {
+        if spec.sandbox.starts_with("/tmp") || spec.sandbox.is_relative() {
+            return Err(SpawnError::Prepare {
+                step: "place the sandbox",
+                source: io::Error::other(format!(
+                    "sandbox {} must be an absolute path outside /tmp (the task gets a private /tmp that would hide it); move the work dir",
+                    spec.sandbox.display()
+                )),
+            });
+        }
+        let argv: Vec<CString> = spec
+            .argv
+            .iter()
+            .map(|a| cstring("an argument", a.as_str()))
+            .collect::<Result<_, _>>()?;
+        let env: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstring("an environment variable", format!("{k}={v}")))
+            .collect::<Result<_, _>>()?;
+        let null_terminated = |strings: &[CString]| {
+            let mut ptrs: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+            ptrs.push(std::ptr::null());
+            ptrs
+        };
+        let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map_or(
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            |(_, v)| v.as_str(),
+        );
+        // execvpe uses the caller's PATH; resolve the program here, where allocating is safe.
+        let program = resolve(spec.argv.first().map_or("/", String::as_str), path_var);
+        let hostname = spec.hostname.as_bytes();
+        let append = libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND;
+        Ok(Self {
+            argv_ptrs: null_terminated(&argv),
+            env_ptrs: null_terminated(&env),
+            argv,
+            _env: env,
+            program: path_cstring("the program", &program)?,
+            v1_procs: spec
+                .v1_procs
+                .iter()
+                .map(|p| path_cstring("a cgroup path", p))
+                .collect::<Result<_, _>>()?,
+            sandbox: path_cstring("the sandbox", &spec.sandbox)?,
+            hostname: hostname[..hostname.len().min(64)].to_vec(),
+            tmp_options: cstring(
+                "tmp options",
+                format!("size={}m,mode=1777", spec.tmp_mb.max(1)),
+            )?,
+            stdout: open_fd(
+                &spec.sandbox.join("stdout"),
+                append,
+                "open the sandbox's stdout",
+            )?,
+            stderr: open_fd(
+                &spec.sandbox.join("stderr"),
+                append,
+                "open the sandbox's stderr",
+            )?,
+            devnull: open_fd(Path::new("/dev/null"), libc::O_RDONLY, "open /dev/null")?,
+            cgroup: open_fd(
+                &spec.cgroup,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                "open the task's v2 cgroup",
+            )?,
+        })
+    }
+
+    fn child(&self, join: Option<RawFd>, error_pipe: RawFd) -> Child<'_> {
+        Child {
+            v1_procs: &self.v1_procs,
+            root: c"/",
+            sandbox: &self.sandbox,
+            tmp: c"/tmp",
+            tmp_options: &self.tmp_options,
+            proc_: c"/proc",
+            hostname: &self.hostname,
+            stdout: self.stdout.as_raw_fd(),
+            stderr: self.stderr.as_raw_fd(),
+            devnull: self.devnull.as_raw_fd(),
+            error_pipe,
+            program: &self.program,
+            argv: &self.argv_ptrs,
+            env: &self.env_ptrs,
+            join: join.unwrap_or(-1),
+            init: self.argv.is_empty(),
+        }
+    }
+}
+
+/// The pipe the child reports a failed step on; it closes on exec.
+fn error_pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     let mut pipe = [0 as RawFd; 2];
     // SAFETY: `pipe` has room for two fds.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -222,21 +289,21 @@ fn launch(spec: &ContainerSpec, join: Option<RawFd>) -> Result<Spawned, SpawnErr
         });
     }
     // SAFETY: both fds were just created and are owned here.
-    let (error_read, error_write) =
-        unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) })
+}
 
+/// clone3 straight into the v2 cgroup `cgroup`: into new pid/mount/uts/ipc
+/// namespaces, or (joining a group) into none, the child entering the
+/// group's itself. (pid, pidfd) in the parent; pid 0 in the child.
+fn clone_into(cgroup: &OwnedFd, join: Option<RawFd>) -> Result<(i32, RawFd), SpawnError> {
     let mut pidfd: RawFd = -1;
+    let namespaces = if join.is_some() {
+        0
+    } else {
+        libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC
+    };
     let mut args = CloneArgs {
-        flags: if join.is_some() {
-            libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP
-        } else {
-            (libc::CLONE_NEWPID
-                | libc::CLONE_NEWNS
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_PIDFD) as u64
-                | CLONE_INTO_CGROUP
-        },
+        flags: (namespaces | libc::CLONE_PIDFD) as u64 | CLONE_INTO_CGROUP,
         pidfd: &mut pidfd as *mut RawFd as u64,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup.as_raw_fd() as u64,
@@ -257,37 +324,12 @@ fn launch(spec: &ContainerSpec, join: Option<RawFd>) -> Result<Spawned, SpawnErr
             source: io::Error::last_os_error(),
         });
     }
-    if pid == 0 {
-        let child = Child {
-            v1_procs: &v1_procs,
-            root,
-            sandbox: &sandbox,
-            tmp,
-            tmp_options: &tmp_options,
-            proc_,
-            hostname,
-            stdout: stdout.as_raw_fd(),
-            stderr: stderr.as_raw_fd(),
-            devnull: devnull.as_raw_fd(),
-            error_pipe: error_write.as_raw_fd(),
-            program: &program,
-            argv: &argv_ptrs,
-            env: &env_ptrs,
-            join: join.unwrap_or(-1),
-            init: argv.is_empty(),
-        };
-        // SAFETY: we are the freshly cloned child; child_main ends in exec or _exit.
-        unsafe { child_main(&child) }
-    }
-    drop(error_write);
-    // SAFETY: clone3 stored an owned pidfd for the child.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let spawned = Spawned {
-        pid: pid as i32,
-        pidfd,
-    };
+    Ok((pid as i32, pidfd))
+}
 
-    // The pipe closes on exec (success) or carries [step, errno] (failure).
+/// Waits for the child's exec: the pipe closes on success, or carries
+/// [step, errno] when a step failed (the failed child is reaped).
+fn await_exec(error_read: &OwnedFd, spawned: Spawned) -> Result<Spawned, SpawnError> {
     let mut report = [0u8; 8];
     let read = loop {
         // SAFETY: reading into a local buffer of the given size.
@@ -306,7 +348,6 @@ fn launch(spec: &ContainerSpec, join: Option<RawFd>) -> Result<Spawned, SpawnErr
     if read == 8 {
         let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]) as usize;
         let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-        // The child has _exit'ed; reap it so no zombie is left.
         // SAFETY: waiting for our own child by pid.
         unsafe { libc::waitpid(spawned.pid, std::ptr::null_mut(), 0) };
         return Err(SpawnError::Child {

@@ -494,10 +494,10 @@ fn per_task_gpu_memory_comes_from_the_backends_process_figures() {
         let memory = series(&metrics, "butte_task_gpu_memory_used_bytes", &task);
         let utilization = series(
             &metrics,
-            "butte_gpu_utilization_percent",
+            "butte_gpu_utilization_ratio",
             &[("gpu", &gpu_label)],
         );
-        if memory == [536870912.0] && utilization == [40.0] {
+        if memory == [536870912.0] && utilization == [0.4] {
             break metrics;
         }
         assert!(

@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod config;
 pub mod http;
 pub mod master;
+pub mod metrics;
 pub mod operator_api;
 pub mod registry;
 pub mod scheduler_api;

@@ -1,7 +1,7 @@
 //! What operators read: `POST /api/v1` (GET_HEALTH, GET_VERSION, GET_STATE,
 //! GET_AGENTS, GET_FRAMEWORKS, GET_TASKS, GET_METRICS, GET_ROLES), the v0 JSON
 //! views (`/state`, `/slaves`, `/frameworks`, `/tasks`, `/roles`),
-//! `/metrics/snapshot` and Prometheus text at `/metrics`.
+//! `/metrics/snapshot` and Prometheus text at `/metrics` (from `metrics`).
 
 use std::collections::BTreeMap;
 
@@ -174,7 +174,7 @@ fn get_agents(master: &Master) -> response::GetAgents {
 }
 
 /// What tasks use on an agent: neither free nor offered.
-fn used_on(master: &Master, agent: &crate::master::Agent) -> Resources {
+pub(crate) fn used_on(master: &Master, agent: &crate::master::Agent) -> Resources {
     let mut held = agent.total.clone();
     if let Some(free) = master.allocator.free(agent.id()) {
         held.subtract_contained(free);
@@ -213,8 +213,8 @@ fn get_frameworks(master: &Master) -> response::GetFrameworks {
         .values()
         .map(|f| response::get_frameworks::Framework {
             framework_info: f.info.clone(),
-            active: f.connection.is_some(),
-            connected: f.connection.is_some(),
+            active: f.connected(),
+            connected: f.connected(),
             recovered: false,
             registered_time: Some(time_info(f.registered_time)),
             reregistered_time: f.reregistered_time.map(time_info),
@@ -333,13 +333,9 @@ pub fn metrics_snapshot(master: &Master) -> BTreeMap<String, f64> {
     );
     put(
         "slaves_unreachable",
-        master.agents.values().filter(|a| a.unreachable).count() as f64,
+        master.agents.values().filter(|a| a.unreachable()).count() as f64,
     );
-    let active = master
-        .frameworks
-        .values()
-        .filter(|f| f.connection.is_some())
-        .count();
+    let active = master.frameworks.values().filter(|f| f.connected()).count();
     put("frameworks_active", active as f64);
     put("frameworks_connected", active as f64);
     put(
@@ -395,7 +391,7 @@ pub fn metrics_snapshot(master: &Master) -> BTreeMap<String, f64> {
     }
     let total = master.allocator.total().clone();
     let mut used = Resources::new();
-    for agent in master.agents.values().filter(|a| !a.unreachable) {
+    for agent in master.agents.values().filter(|a| !a.unreachable()) {
         used.add(&used_on(master, agent));
     }
     for name in ["cpus", "mem", "disk", "gpus", "network_bandwidth"] {
@@ -423,25 +419,6 @@ pub fn metrics_snapshot(master: &Master) -> BTreeMap<String, f64> {
         c.allocation_runs as f64,
     );
     m
-}
-
-/// Prometheus text exposition of the snapshot: `master/x_y` becomes `butte_master_x_y`.
-pub fn prometheus(master: &Master) -> String {
-    let mut out = String::new();
-    for (name, value) in metrics_snapshot(master) {
-        let name: String = format!("butte_{name}")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        out.push_str(&format!("# TYPE {name} gauge\n{name} {value}\n"));
-    }
-    out
 }
 
 fn resources_json(resources: &Resources) -> Value {
@@ -506,8 +483,8 @@ fn frameworks_json(master: &Master) -> (Vec<Value>, Vec<Value>) {
                 "role": roles_of(&f.info).first().cloned().unwrap_or_default(),
                 "roles": roles_of(&f.info),
                 "capabilities": f.info.capabilities.iter().map(|c| c.r#type().as_str_name()).collect::<Vec<_>>(),
-                "active": f.connection.is_some(),
-                "connected": f.connection.is_some(),
+                "active": f.connected(),
+                "connected": f.connected(),
                 "registered_time": f.registered_time,
                 "reregistered_time": f.reregistered_time,
                 "used_resources": resources_json(&used),
@@ -594,11 +571,12 @@ pub fn view(master: &Master, route: &str) -> Response {
             json_response(&json!({"roles": roles}))
         }
         "/metrics/snapshot" => json_response(&json!(metrics_snapshot(master))),
-        "/metrics" => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            prometheus(master),
-        )
-            .into_response(),
+        "/metrics" => match crate::metrics::prometheus(master) {
+            Ok(text) => {
+                ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+            }
+            Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+        },
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }

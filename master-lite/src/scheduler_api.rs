@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::http::{
     Format, HttpError, STREAM_ID_HEADER, read_body, request_format, response_format,
 };
-use crate::master::Shared;
+use crate::master::{Shared, check_launch_resources};
 
 pub async fn handle(shared: Shared, request: Request<Body>) -> Response {
     match serve(shared, request).await {
@@ -166,26 +166,7 @@ fn validate(call: &Call) -> Result<(), HttpError> {
                 .map(|a| (&a.operations, a.filters.as_ref()));
             if let Some((operations, filters)) = accept {
                 check_filters(filters)?;
-                for operation in operations {
-                    let mut tasks = operation
-                        .launch
-                        .iter()
-                        .flat_map(|l| l.task_infos.iter())
-                        .collect::<Vec<_>>();
-                    if let Some(group) = operation.launch_group.as_ref() {
-                        tasks.extend(group.task_group.tasks.iter());
-                        check_resources("the task group's executor", &group.executor.resources)?;
-                    }
-                    for task in tasks {
-                        check_resources(&format!("task {}", task.task_id.value), &task.resources)?;
-                        if let Some(executor) = &task.executor {
-                            check_resources(
-                                &format!("task {}'s executor", task.task_id.value),
-                                &executor.resources,
-                            )?;
-                        }
-                    }
-                }
+                check_launch_resources(operations).map_err(HttpError::bad_request)?;
             }
         }
         call::Type::Decline => {

@@ -112,11 +112,18 @@ async fn operator_calls_and_views_report_agents_frameworks_tasks_and_metrics() {
     assert_eq!(snapshot["master/tasks_running"], 1.0);
     assert_eq!(snapshot["master/frameworks_active"], 1.0);
     let prometheus = get("/metrics").await.text().await.unwrap();
-    assert!(
-        prometheus.contains("butte_master_tasks_running 1\n"),
-        "{prometheus}"
-    );
-    assert!(prometheus.contains("# TYPE butte_master_cpus_total gauge"));
+    for line in [
+        "# TYPE butte_master_tasks gauge",
+        "butte_master_tasks{state=\"running\"} 1",
+        "# TYPE butte_master_resources gauge",
+        "butte_master_resources{resource=\"cpus\",unit=\"cores\"} 4.0",
+        "# TYPE butte_master_tasks_launched_total counter",
+    ] {
+        assert!(
+            prometheus.lines().any(|l| l == line),
+            "no line {line:?} in:\n{prometheus}"
+        );
+    }
     let version: Value = get("/version").await.json().await.unwrap();
     assert_eq!(version["version"], "1.11.0");
     let redirect = reqwest::Client::builder()

@@ -1,0 +1,301 @@
+//! How tasks end: their container's first process exits, a kill is asked
+//! for, the OOM killer strikes, or a GPU they hold turns faulty.
+
+use std::time::{Duration, Instant};
+
+use butte_agent_ebpf::accounting::{Event, EventKind};
+use butte_api::agent_link::v1::{self as link, agent_message};
+use butte_api::mesos::v1::{TaskState, task_status};
+
+use super::Agent;
+use super::tasks::TaskKey;
+use crate::gpus::{Fault, label};
+use crate::launcher_client::ContainerExit;
+
+/// How a container's end is reported: state, message and reason.
+type Outcome = (TaskState, String, Option<task_status::Reason>);
+
+impl Agent {
+    /// A container's first process ended: the task's last state, then cleanup.
+    pub fn container_exited(&self, container_id: &str, exit: ContainerExit) {
+        // A group's init ended (killed once its last task ended): remove the group's cgroups.
+        if self.lock().tasks.remove_group(container_id) {
+            self.release(container_id);
+            if let Err(error) = self.isolator.destroy(container_id) {
+                tracing::error!(container_id, %error, "cannot remove the task group's cgroups");
+            }
+            return;
+        }
+        let found = {
+            let state = self.lock();
+            state
+                .tasks
+                .by_container(container_id)
+                .and_then(|key| Some((key.clone(), state.tasks.get(key)?)))
+                .map(|(key, r)| (key, r.is_killing(), r.cgroup_id.clone(), r.group.clone()))
+        };
+        let Some((key, killing, cgroup_id, group)) = found else {
+            return;
+        };
+        let oom = self.lock().oom_struck.remove(&cgroup_id)
+            || (exit.signal == Some(libc::SIGKILL)
+                && self.isolator.oom_killed(&cgroup_id).unwrap_or(false));
+        let (state, message, reason) = outcome(exit, oom, killing);
+        let failed = state != TaskState::TaskFinished;
+        self.finish(&key, state, message, reason);
+        if let Some(group) = group {
+            self.group_task_ended(&group, &key, failed);
+        }
+    }
+
+    /// One task of a group ended. Like Mesos's default executor, a task that
+    /// fails or is killed takes the rest of its group down; when none is
+    /// left, the group's init goes, and with it the group's namespaces.
+    pub(super) fn group_task_ended(&self, group: &str, key: &TaskKey, failed: bool) {
+        let Some(left) = self.lock().tasks.leave_group(group, key) else {
+            return;
+        };
+        if failed && left > 0 {
+            self.kill_group(group, Duration::ZERO);
+        } else if left == 0 {
+            let launcher = self.launcher.clone();
+            let group = group.to_owned();
+            tokio::runtime::Handle::current().spawn(async move {
+                let _ = launcher.signal(&group, libc::SIGKILL).await;
+            });
+        }
+    }
+
+    /// Ends a task: removes its container and reports its terminal state.
+    pub(super) fn finish(
+        &self,
+        key: &TaskKey,
+        state: TaskState,
+        message: String,
+        reason: Option<task_status::Reason>,
+    ) {
+        let own_container = self
+            .lock()
+            .tasks
+            .get(key)
+            .filter(|r| r.group.is_none())
+            .map(|r| r.container_id.clone());
+        // A group task's cgroup is the group's: it goes with the group's init.
+        if let Some(container_id) = own_container {
+            self.release(&container_id);
+            if let Err(error) = self.isolator.destroy(&container_id) {
+                tracing::error!(container_id, %error, "cannot remove the task's cgroups");
+            }
+        }
+        self.update(key, state, Some(message), reason);
+        let mut guard = self.lock();
+        guard.tasks.remove(key);
+        guard.latest.remove(key);
+    }
+
+    /// SIGTERM to every process of the task, SIGKILL when `grace` runs out.
+    pub fn kill(&self, key: &TaskKey, grace: Duration) {
+        let container_id = {
+            let mut state = self.lock();
+            let Some(record) = state.tasks.get_mut(key) else {
+                drop(state);
+                tracing::info!(%key, "kill for a task not running here");
+                return;
+            };
+            if let Some(group) = record.group.clone() {
+                drop(state);
+                self.kill_group(&group, grace);
+                return;
+            }
+            record.mark_killing();
+            record.container_id.clone()
+        };
+        if !grace.is_zero() {
+            self.terminate_all(&container_id);
+        }
+        let launcher = self.launcher.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            // Killing the pid namespace's init takes down every process in it.
+            let _ = launcher.signal(&container_id, libc::SIGKILL).await;
+        });
+    }
+
+    /// Kills every task of a group: SIGTERM to all its processes, then
+    /// SIGKILL to each task and to the group's init when `grace` runs out.
+    fn kill_group(&self, group: &str, grace: Duration) {
+        let containers: Vec<String> = {
+            let mut state = self.lock();
+            let members = state.tasks.group_members(group);
+            members
+                .iter()
+                .filter_map(|key| {
+                    let record = state.tasks.get_mut(key)?;
+                    record.mark_killing();
+                    Some(record.container_id.clone())
+                })
+                .collect()
+        };
+        if !grace.is_zero() {
+            self.terminate_all(group);
+        }
+        let launcher = self.launcher.clone();
+        let group = group.to_owned();
+        tokio::runtime::Handle::current().spawn(async move {
+            tokio::time::sleep(grace).await;
+            for container_id in containers {
+                let _ = launcher.signal(&container_id, libc::SIGKILL).await;
+            }
+            let _ = launcher.signal(&group, libc::SIGKILL).await;
+        });
+    }
+
+    /// SIGTERM to every process in a cgroup, so each can end cleanly.
+    fn terminate_all(&self, cgroup_id: &str) {
+        for pid in self.isolator.pids(cgroup_id).unwrap_or_default() {
+            // SAFETY: kill(2) has no memory effects; the pids come from our own cgroup.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+
+    /// Kills every task (the agent is stopping) and waits for their cleanup.
+    pub async fn shutdown(&self) {
+        let keys = self.lock().tasks.keys();
+        for key in &keys {
+            self.kill(key, Duration::ZERO);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.lock().tasks.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Process events from the ring buffer: counted per container; an OOM
+    /// kill fails the task with the memory reason at once (Mesos's memory
+    /// limitation: the container is destroyed).
+    pub fn handle_events(&self, events: Vec<Event>) {
+        let containers = self.fences().containers_by_key();
+        let mut struck = Vec::new();
+        {
+            let mut state = self.lock();
+            for event in events {
+                let Some(container_id) = containers.get(&event.cgroup) else {
+                    continue;
+                };
+                let counts = state.event_counts.entry(event.cgroup).or_default();
+                match event.kind {
+                    EventKind::Exec => counts.execs += 1,
+                    EventKind::Exit => counts.exits += 1,
+                    EventKind::OomKill => {
+                        counts.oom_kills += 1;
+                        tracing::warn!(
+                            container_id,
+                            pid = event.pid,
+                            comm = event.comm,
+                            "the OOM killer ended a process of the task"
+                        );
+                        if state.oom_struck.insert(container_id.clone()) {
+                            struck.push(container_id.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for container_id in struck {
+            let tasks: Vec<TaskKey> = self
+                .lock()
+                .tasks
+                .in_cgroup(&container_id)
+                .filter(|(_, r)| !r.is_killing())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &tasks {
+                self.kill(key, Duration::ZERO);
+            }
+        }
+    }
+
+    /// A GPU turned faulty: it is withdrawn from what the agent offers (the
+    /// master hears the new total) and a task holding it is told.
+    pub fn gpu_faulted(&self, fault: &Fault) {
+        tracing::error!(
+            gpu = fault.index,
+            uuid = fault.uuid,
+            reason = fault.reason,
+            "GPU withdrawn"
+        );
+        let (total, holders) = {
+            let mut state = self.lock();
+            if let Some(offered) = state.gpus.as_ref().and_then(|b| b.resources().ok()) {
+                state.total.remove_gpus();
+                state.total.add(&offered);
+            }
+            let holders: Vec<TaskKey> = match fault.holder.as_deref() {
+                Some(holder) => state
+                    .tasks
+                    .in_cgroup(holder)
+                    .filter(|(_, r)| r.state() == TaskState::TaskRunning)
+                    .map(|(key, _)| key.clone())
+                    .collect(),
+                None => Vec::new(),
+            };
+            (state.total.to_proto(None), holders)
+        };
+        self.status.send(agent_message::Kind::ResourcesChanged(
+            link::ResourcesChanged {
+                total_resources: total,
+            },
+        ));
+        for key in &holders {
+            self.update_with(
+                key,
+                TaskState::TaskRunning,
+                Some(format!(
+                    "GPU {} ({}) is faulty: {}",
+                    fault.index, fault.uuid, fault.reason
+                )),
+                None,
+                vec![label("butte.gpu.faulty", &fault.index.to_string())],
+            );
+        }
+    }
+}
+
+/// What a container's exit means for its task.
+fn outcome(exit: ContainerExit, oom: bool, killing: bool) -> Outcome {
+    if oom {
+        return (
+            TaskState::TaskFailed,
+            "the task used more memory than its 'mem' and the OOM killer ended it".to_owned(),
+            Some(task_status::Reason::ContainerLimitationMemory),
+        );
+    }
+    if killing {
+        return (TaskState::TaskKilled, "killed as asked".to_owned(), None);
+    }
+    match (exit.code, exit.signal) {
+        (Some(0), _) => (
+            TaskState::TaskFinished,
+            "Command exited with status 0".to_owned(),
+            None,
+        ),
+        (Some(code), _) => (
+            TaskState::TaskFailed,
+            format!("Command exited with status {code}"),
+            Some(task_status::Reason::CommandExecutorFailed),
+        ),
+        (None, Some(signal)) => (
+            TaskState::TaskFailed,
+            format!("Command terminated by signal {signal}"),
+            Some(task_status::Reason::CommandExecutorFailed),
+        ),
+        (None, None) => (
+            TaskState::TaskFailed,
+            "Command ended for an unknown reason".to_owned(),
+            None,
+        ),
+    }
+}

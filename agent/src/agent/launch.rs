@@ -1,0 +1,536 @@
+//! Launching: a task alone in its container, or a task group in one shared
+//! container. Both stage the same way (book, check the fit, checkpoint,
+//! TASK_STARTING), then prepare the container (sandbox, GPUs, cgroups,
+//! fences) and hand it to the launcher.
+
+use std::path::{Path, PathBuf};
+
+use butte_agent_ebpf::FenceError;
+use butte_agent_ebpf::devices::v1_rule;
+use butte_api::mesos::v1::{ExecutorInfo, FrameworkInfo, TaskInfo, TaskState, task_status};
+use butte_api::resources::Resources;
+use butte_isolators::cgroups::{CgroupError, Limits, Placement};
+use butte_isolators::fences::TaskFence;
+
+use super::Agent;
+use super::tasks::{Placing, TaskKey};
+use crate::gpus::Assignment;
+use crate::launcher::LaunchRequest;
+use crate::launcher_client::LauncherError;
+
+/// Task label asking for ingress to be policed to the task's `network_bandwidth` too.
+pub const POLICE_INGRESS_LABEL: &str = "butte.network_bandwidth.police_ingress";
+
+/// Why a task could not be launched (its TASK_FAILED message).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// the agent has less free than the task asks
+    #[error("the task's resources are more than this agent has free")]
+    DoesNotFit,
+    /// the sandbox directory could not be made
+    #[error("cannot create the sandbox {path}: {source}")]
+    Sandbox {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// GPUs asked of an agent without any
+    #[error("the task asks for gpus and this agent has none")]
+    NoGpus,
+    /// the GPUs asked for cannot be given
+    #[error("{0}")]
+    Gpus(String),
+    /// a port range beyond what a port can be
+    #[error("port range [{begin}-{end}] is outside 0-65535")]
+    PortRange { begin: u64, end: u64 },
+    /// a task without a command (custom executors are not run here)
+    #[error("the task has no command (custom executors are not supported yet)")]
+    NoCommand,
+    /// the task's cgroups could not be made or limited
+    #[error(transparent)]
+    Cgroups(#[from] CgroupError),
+    /// the task's eBPF fence entries could not be written
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+    /// the launcher could not start the container (`what` says which)
+    #[error("{what} failed: {source}")]
+    Launcher {
+        what: &'static str,
+        source: LauncherError,
+    },
+}
+
+/// A task about to be staged: where it runs and under which executor.
+struct Staging {
+    key: TaskKey,
+    task: TaskInfo,
+    resources: Resources,
+    container_id: String,
+    executor_id: String,
+    sandbox: PathBuf,
+}
+
+impl Agent {
+    /// A fresh container id under this agent's prefix.
+    fn new_container_id(&self) -> String {
+        format!(
+            "{}{}",
+            self.config.container_prefix(),
+            uuid::Uuid::new_v4().simple()
+        )
+    }
+
+    fn sandbox_root(&self, framework_id: &str, executor_id: &str, container_id: &str) -> PathBuf {
+        self.config
+            .work_dir
+            .join("sandboxes")
+            .join(framework_id)
+            .join(executor_id)
+            .join(container_id)
+    }
+
+    /// Stages one launch (a task alone, or a group in `group`'s cgroup):
+    /// books the framework and the tasks, refuses what does not fit,
+    /// checkpoints the framework and reports TASK_STARTING. The tasks
+    /// staged; none when it does not fit (they are reported failed).
+    fn stage(
+        &self,
+        framework: &FrameworkInfo,
+        staging: Vec<Staging>,
+        group: Option<&str>,
+        executor_resources: &Resources,
+    ) -> Option<Vec<TaskKey>> {
+        let mut members = Vec::new();
+        let fits = {
+            let mut state = self.lock();
+            let mut used = state.tasks.used();
+            used.add(executor_resources);
+            if let Some(id) = framework.id.as_ref() {
+                state.frameworks.insert(id.value.clone(), framework.clone());
+            }
+            for staged in staging {
+                if state.tasks.contains(&staged.key) {
+                    tracing::warn!(key = %staged.key, "launch of a task that already runs here; ignored");
+                    continue;
+                }
+                used.add(&staged.resources);
+                let placing = Placing {
+                    container_id: &staged.container_id,
+                    cgroup_id: group.unwrap_or(&staged.container_id),
+                    group,
+                    executor_id: &staged.executor_id,
+                    sandbox: staged.sandbox,
+                };
+                state
+                    .tasks
+                    .stage(&staged.key, &staged.task, staged.resources, placing);
+                members.push(staged.key);
+            }
+            if let Some(group) = group.filter(|_| !members.is_empty()) {
+                state.tasks.add_group(group, members.clone());
+            }
+            state.total.contains(&used)
+        };
+        if !fits {
+            if let Some(group) = group {
+                self.lock().tasks.remove_group(group);
+            }
+            for key in &members {
+                self.fail_launch(key, &LaunchError::DoesNotFit);
+            }
+            return None;
+        }
+        if members.is_empty() {
+            return None;
+        }
+        if let Err(error) = self.checkpoint.framework(framework) {
+            tracing::error!(%error, "cannot checkpoint the framework");
+        }
+        for key in &members {
+            self.update(key, TaskState::TaskStarting, None, None);
+        }
+        Some(members)
+    }
+
+    fn fail_launch(&self, key: &TaskKey, error: &LaunchError) {
+        tracing::warn!(%key, %error, "launch failed");
+        self.finish(
+            key,
+            TaskState::TaskFailed,
+            error.to_string(),
+            Some(task_status::Reason::ContainerLaunchFailed),
+        );
+    }
+
+    pub(super) async fn launch(&self, framework: FrameworkInfo, task: TaskInfo) {
+        let framework_id = framework.id.as_ref().map_or("", |f| f.value.as_str());
+        let key = TaskKey::new(framework_id, &task.task_id.value);
+        let container_id = self.new_container_id();
+        let staging = Staging {
+            sandbox: self.sandbox_root(framework_id, &key.task_id, &container_id),
+            resources: Resources::from_proto(&task.resources).unwrap_or_default(),
+            executor_id: key.task_id.clone(),
+            container_id,
+            key: key.clone(),
+            task,
+        };
+        let (container_id, sandbox, resources) = (
+            staging.container_id.clone(),
+            staging.sandbox.clone(),
+            staging.resources.clone(),
+        );
+        let task = staging.task.clone();
+        if self
+            .stage(&framework, vec![staging], None, &Resources::new())
+            .is_none()
+        {
+            return;
+        }
+        let started = self
+            .start_container(&key, &framework, &task, &container_id, &sandbox, &resources)
+            .await;
+        match started {
+            Ok(micros) => {
+                self.record_launch(micros);
+                let killed_meanwhile = self.lock().tasks.get(&key).is_some_and(|r| r.is_killing());
+                if !killed_meanwhile {
+                    self.update(&key, TaskState::TaskRunning, None, None);
+                }
+            }
+            Err(error) => self.fail_launch(&key, &error),
+        }
+    }
+
+    /// Launches a task group: one container (cgroup sized for all its tasks
+    /// and its executor, pid/mount/uts/ipc namespaces held by an init), each
+    /// task joining it with its own sandbox under the group's.
+    pub(super) async fn launch_group(
+        &self,
+        framework: FrameworkInfo,
+        executor: ExecutorInfo,
+        tasks: Vec<TaskInfo>,
+    ) {
+        let framework_id = framework.id.as_ref().map_or("", |f| f.value.as_str());
+        let group_id = self.new_container_id();
+        let executor_id = if executor.executor_id.value.is_empty() {
+            group_id.clone()
+        } else {
+            executor.executor_id.value.clone()
+        };
+        let group_sandbox = self.sandbox_root(framework_id, &executor_id, &group_id);
+        let executor_resources = Resources::from_proto(&executor.resources).unwrap_or_default();
+        let mut total = executor_resources.clone();
+        let staging: Vec<Staging> = tasks
+            .iter()
+            .map(|task| {
+                let resources = Resources::from_proto(&task.resources).unwrap_or_default();
+                total.add(&resources);
+                Staging {
+                    key: TaskKey::new(framework_id, &task.task_id.value),
+                    task: task.clone(),
+                    resources,
+                    container_id: self.new_container_id(),
+                    executor_id: executor_id.clone(),
+                    sandbox: group_sandbox.join("tasks").join(&task.task_id.value),
+                }
+            })
+            .collect();
+        let Some(members) = self.stage(&framework, staging, Some(&group_id), &executor_resources)
+        else {
+            return;
+        };
+        let police_ingress = tasks.iter().any(polices_ingress);
+        let started = self
+            .start_group_init(
+                &group_id,
+                &executor_id,
+                &group_sandbox,
+                &total,
+                police_ingress,
+            )
+            .await;
+        let (placement, gpus) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                self.lock().tasks.remove_group(&group_id);
+                self.release(&group_id);
+                let _ = self.isolator.destroy(&group_id);
+                for key in &members {
+                    self.fail_launch(key, &error);
+                }
+                return;
+            }
+        };
+        for key in &members {
+            let joined = self
+                .join_group(key, &framework, &group_id, &executor_id, &placement, &gpus)
+                .await;
+            match joined {
+                Ok(Some(micros)) => {
+                    self.record_launch(micros);
+                    self.update(key, TaskState::TaskRunning, None, None);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    self.fail_launch(key, &error);
+                    self.group_task_ended(&group_id, key, true);
+                }
+            }
+        }
+    }
+
+    /// Starts one group task in the group's container; its clone-to-exec
+    /// microseconds (None: the task is gone already).
+    async fn join_group(
+        &self,
+        key: &TaskKey,
+        framework: &FrameworkInfo,
+        group_id: &str,
+        executor_id: &str,
+        placement: &Placement,
+        gpus: &Option<Assignment>,
+    ) -> Result<Option<u64>, LaunchError> {
+        let Some((task, container_id, sandbox)) = self
+            .lock()
+            .tasks
+            .get(key)
+            .map(|r| (r.info.clone(), r.container_id.clone(), r.sandbox.clone()))
+        else {
+            return Ok(None);
+        };
+        self.set_gpus(key, gpus);
+        create_sandbox(&sandbox)?;
+        let mut env = self.task_env(framework, &task, &container_id, &sandbox, executor_id);
+        env.extend(gpus.iter().flat_map(Assignment::env));
+        let request = LaunchRequest {
+            container_id,
+            argv: command_argv(&task)?,
+            env,
+            sandbox,
+            hostname: executor_id.to_owned(),
+            cgroup: placement.unified.clone(),
+            v1_procs: placement.v1_procs.clone(),
+            tmp_mb: 1,
+            join: Some(group_id.to_owned()),
+        };
+        let micros = self.start(request, "joining the task group").await?;
+        Ok(Some(micros))
+    }
+
+    async fn start_group_init(
+        &self,
+        group_id: &str,
+        executor_id: &str,
+        sandbox: &Path,
+        total: &Resources,
+        police_ingress: bool,
+    ) -> Result<(Placement, Option<Assignment>), LaunchError> {
+        let (placement, gpus) = self.prepare(group_id, sandbox, total, police_ingress)?;
+        let request = LaunchRequest {
+            container_id: group_id.to_owned(),
+            argv: Vec::new(),
+            env: Vec::new(),
+            sandbox: sandbox.to_owned(),
+            hostname: executor_id.to_owned(),
+            cgroup: placement.unified.clone(),
+            v1_procs: placement.v1_procs.clone(),
+            tmp_mb: tmp_mb(total),
+            join: None,
+        };
+        self.start(request, "task group container launch").await?;
+        Ok((placement, gpus))
+    }
+
+    /// Prepares and starts a task's own container; its clone-to-exec
+    /// microseconds. On an error the caller's `finish` removes what was made.
+    async fn start_container(
+        &self,
+        key: &TaskKey,
+        framework: &FrameworkInfo,
+        task: &TaskInfo,
+        container_id: &str,
+        sandbox: &Path,
+        resources: &Resources,
+    ) -> Result<u64, LaunchError> {
+        let (placement, gpus) =
+            self.prepare(container_id, sandbox, resources, polices_ingress(task))?;
+        self.set_gpus(key, &gpus);
+        let argv = command_argv(task)?;
+        let mut env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
+        env.extend(gpus.iter().flat_map(Assignment::env));
+        let request = LaunchRequest {
+            container_id: container_id.to_owned(),
+            argv,
+            env,
+            sandbox: sandbox.to_owned(),
+            hostname: task.task_id.value.clone(),
+            cgroup: placement.unified,
+            v1_procs: placement.v1_procs,
+            tmp_mb: tmp_mb(resources),
+            join: None,
+        };
+        self.start(request, "container launch").await
+    }
+
+    /// Has the launcher start a container; its clone-to-exec microseconds.
+    async fn start(&self, request: LaunchRequest, what: &'static str) -> Result<u64, LaunchError> {
+        let (_, micros) = self
+            .launcher
+            .launch(request)
+            .await
+            .map_err(|source| LaunchError::Launcher { what, source })?;
+        Ok(micros)
+    }
+
+    /// The sandbox, the GPUs, the cgroups sized from `resources`, and the
+    /// fences: all a container needs before the launcher starts it. On an
+    /// error the caller releases and destroys the container.
+    fn prepare(
+        &self,
+        container_id: &str,
+        sandbox: &Path,
+        resources: &Resources,
+        police_ingress: bool,
+    ) -> Result<(Placement, Option<Assignment>), LaunchError> {
+        create_sandbox(sandbox)?;
+        let gpus = match self.lock().gpus.as_mut() {
+            Some(books) => books
+                .assign(container_id, resources)
+                .map_err(LaunchError::Gpus)?,
+            None if resources.has_gpus() => return Err(LaunchError::NoGpus),
+            None => None,
+        };
+        let limits = Limits {
+            cpus: resources.scalar("cpus"),
+            mem_mb: resources.scalar("mem"),
+            pids_max: self.config.task_pids_max,
+        };
+        let placement = self.isolator.create(container_id, &limits)?;
+        let fence = task_fence(resources, police_ingress, gpus.as_ref())?;
+        // The v1 devices controller enforces on its own; eBPF on v2 too.
+        let v1_rules: Vec<String> = fence.device_rules().iter().map(v1_rule).collect();
+        self.isolator.restrict_devices(container_id, &v1_rules)?;
+        self.fences()
+            .fence(container_id, &placement.unified, &fence)?;
+        Ok((placement, gpus))
+    }
+
+    /// Records the GPUs a task's container was given (its status shows them).
+    fn set_gpus(&self, key: &TaskKey, gpus: &Option<Assignment>) {
+        if let Some(record) = self.lock().tasks.get_mut(key) {
+            record.gpus.clone_from(gpus);
+        }
+    }
+
+    /// The task's environment: the Mesos variables, then the command's own.
+    fn task_env(
+        &self,
+        framework: &FrameworkInfo,
+        task: &TaskInfo,
+        container_id: &str,
+        sandbox: &Path,
+        executor_id: &str,
+    ) -> Vec<(String, String)> {
+        let agent_id = self.lock().agent_id.clone().unwrap_or_default();
+        let sandbox = sandbox.display().to_string();
+        let framework_id = framework.id.as_ref().map_or("", |f| f.value.as_str());
+        let mut env: Vec<(String, String)> = [
+            (
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            ),
+            ("HOME", &sandbox),
+            ("MESOS_SANDBOX", &sandbox),
+            ("MESOS_DIRECTORY", &sandbox),
+            ("MESOS_TASK_ID", &task.task_id.value),
+            ("MESOS_EXECUTOR_ID", executor_id),
+            ("MESOS_FRAMEWORK_ID", framework_id),
+            ("MESOS_AGENT_ID", &agent_id),
+            ("MESOS_SLAVE_ID", &agent_id),
+            (
+                "MESOS_AGENT_ENDPOINT",
+                &format!("{}:{}", self.config.ip, self.config.port),
+            ),
+            ("MESOS_CONTAINER_ID", container_id),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        if let Some(environment) = task.command.as_ref().and_then(|c| c.environment.as_ref()) {
+            for variable in &environment.variables {
+                env.retain(|(k, _)| *k != variable.name);
+                env.push((
+                    variable.name.clone(),
+                    variable.value.clone().unwrap_or_default(),
+                ));
+            }
+        }
+        env
+    }
+}
+
+/// The private /tmp's size: the task's memory, 1 MiB to 1 GiB (it is
+/// charged to the task's memory anyway).
+fn tmp_mb(resources: &Resources) -> u64 {
+    resources.scalar("mem").clamp(1.0, 1024.0) as u64
+}
+
+fn create_sandbox(sandbox: &Path) -> Result<(), LaunchError> {
+    std::fs::create_dir_all(sandbox).map_err(|source| LaunchError::Sandbox {
+        path: sandbox.to_owned(),
+        source,
+    })
+}
+
+/// What a container is fenced to: its port ranges (none: only port 0), its
+/// egress limit, and its GPUs' device nodes beyond the defaults.
+fn task_fence(
+    resources: &Resources,
+    police_ingress: bool,
+    gpus: Option<&Assignment>,
+) -> Result<TaskFence, LaunchError> {
+    let mut ports = Vec::new();
+    for &(begin, end) in resources
+        .ranges("ports")
+        .map(|r| r.ranges())
+        .unwrap_or_default()
+    {
+        let (Ok(low), Ok(high)) = (u16::try_from(begin), u16::try_from(end)) else {
+            return Err(LaunchError::PortRange { begin, end });
+        };
+        ports.push((low, high));
+    }
+    let bandwidth = resources.scalar("network_bandwidth");
+    Ok(TaskFence {
+        ports,
+        granted_devices: gpus.map(Assignment::device_rules).unwrap_or_default(),
+        egress_mbit_per_s: (bandwidth > 0.0).then_some(bandwidth),
+        police_ingress,
+    })
+}
+
+/// The argv of a command task: `sh -c VALUE` for shell commands (the
+/// default), else VALUE with `arguments` as argv.
+fn command_argv(task: &TaskInfo) -> Result<Vec<String>, LaunchError> {
+    let command = task.command.as_ref().ok_or(LaunchError::NoCommand)?;
+    let value = command.value.clone().unwrap_or_default();
+    if command.shell.unwrap_or(true) {
+        return Ok(vec!["/bin/sh".into(), "-c".into(), value]);
+    }
+    let mut argv = command.arguments.clone();
+    if argv.is_empty() {
+        argv.push(value.clone());
+    }
+    // `value` is the program; arguments[0] is what it sees as argv[0].
+    argv[0] = value;
+    Ok(argv)
+}
+
+/// Whether the task asks for its ingress to be policed (label `POLICE_INGRESS_LABEL` = `true`).
+fn polices_ingress(task: &TaskInfo) -> bool {
+    task.labels.as_ref().is_some_and(|labels| {
+        labels
+            .labels
+            .iter()
+            .any(|l| l.key == POLICE_INGRESS_LABEL && l.value.as_deref() == Some("true"))
+    })
+}

@@ -1,0 +1,321 @@
+//! The agent's tasks and what happens to them: launch into a container
+//! (`launch`), supervise, kill and clean up (`exit`), report (`status`), all
+//! booked in one `TaskTable` (`tasks`). State sits behind one lock that is
+//! never held across an await; slow work (cgroups, the launcher) runs outside.
+
+mod exit;
+mod launch;
+mod status;
+mod tasks;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use butte_api::agent_link::v1::{self as link, agent_message};
+use butte_api::mesos::v1::{AgentId, FrameworkInfo, Task};
+use butte_api::resources::Resources;
+use butte_api::telemetry::v1::{TaskSample, TelemetryBatch};
+use butte_isolators::cgroups::Isolator;
+use butte_isolators::fences::Fences;
+use tokio::sync::mpsc;
+
+pub use launch::{LaunchError, POLICE_INGRESS_LABEL};
+use status::StatusStream;
+pub use tasks::{TaskKey, TaskRecord, TaskTable};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::AgentConfig;
+use crate::gpus::{GpuBooks, Gpus};
+use crate::launcher_client::LauncherClient;
+use crate::metrics::ContainerStarts;
+
+/// Grace period between SIGTERM and SIGKILL when the kill policy names none
+/// (Mesos's command executor default).
+const DEFAULT_GRACE: Duration = Duration::from_secs(3);
+
+pub struct AgentState {
+    pub agent_id: Option<String>,
+    pub total: Resources,
+    pub tasks: TaskTable,
+    frameworks: HashMap<String, FrameworkInfo>,
+    /// Process events counted per container (by eBPF key).
+    pub(crate) event_counts: HashMap<u64, EventCounts>,
+    /// Containers the OOM killer struck (from the event; their tasks fail with the memory reason).
+    oom_struck: HashSet<String>,
+    /// The last telemetry sample of each running task.
+    pub latest: HashMap<TaskKey, TaskSample>,
+    /// The GPUs, when the backend found any.
+    pub gpus: Option<GpuBooks>,
+}
+
+/// A running task as the telemetry sampler sees it.
+pub struct TaskView {
+    pub key: TaskKey,
+    pub executor_id: String,
+    /// The container whose cgroup holds it (a group's, for a group task).
+    pub container_id: String,
+    /// Its cgroup's eBPF key.
+    pub cgroup_key: u64,
+    pub resources: Resources,
+}
+
+/// Process events seen in one container.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventCounts {
+    pub execs: u64,
+    pub exits: u64,
+    pub oom_kills: u64,
+}
+
+#[derive(Clone)]
+pub struct Agent {
+    state: Arc<Mutex<AgentState>>,
+    pub config: Arc<AgentConfig>,
+    isolator: Arc<dyn Isolator>,
+    launcher: LauncherClient,
+    checkpoint: Arc<Checkpoint>,
+    status: Arc<StatusStream>,
+    /// The eBPF fences that loaded (none offers what it cannot enforce).
+    fences: Arc<Mutex<Fences>>,
+    /// Where GPU readings come from (NVML or the simulated file).
+    pub gpu_backend: Option<Arc<dyn butte_gpu::GpuBackend>>,
+    /// Clone-to-exec times, for `/metrics`.
+    pub container_starts: ContainerStarts,
+}
+
+impl Agent {
+    pub fn new(
+        config: AgentConfig,
+        total: Resources,
+        isolator: Arc<dyn Isolator>,
+        launcher: LauncherClient,
+        fences: Fences,
+        gpus: Option<Gpus>,
+    ) -> Self {
+        let (gpu_backend, gpus) = match gpus {
+            Some(Gpus { backend, books }) => (Some(backend), Some(books)),
+            None => (None, None),
+        };
+        let checkpoint = Arc::new(Checkpoint::new(&config.work_dir));
+        let retry = Duration::from_secs_f64(config.status_update_retry.max(0.1));
+        let state = AgentState {
+            agent_id: checkpoint.agent_id(),
+            total,
+            tasks: TaskTable::default(),
+            frameworks: HashMap::new(),
+            event_counts: HashMap::new(),
+            oom_struck: HashSet::new(),
+            latest: HashMap::new(),
+            gpus,
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            config: Arc::new(config),
+            isolator,
+            launcher,
+            status: Arc::new(StatusStream::new(retry, checkpoint.clone())),
+            checkpoint,
+            fences: Arc::new(Mutex::new(fences)),
+            gpu_backend,
+            container_starts: ContainerStarts::default(),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The eBPF fences (the telemetry sampler reads their maps).
+    pub fn fences(&self) -> MutexGuard<'_, Fences> {
+        self.fences.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn isolator(&self) -> &dyn Isolator {
+        &*self.isolator
+    }
+
+    /// Removes containers a previous run left behind (it died without cleaning up).
+    pub fn remove_leftovers(&self) {
+        match self.isolator.list() {
+            Ok(ids) => {
+                let prefix = self.config.container_prefix();
+                for id in ids.into_iter().filter(|id| id.starts_with(&prefix)) {
+                    tracing::warn!(
+                        container_id = id,
+                        "removing a container left by a previous agent run"
+                    );
+                    if let Err(error) = self.isolator.destroy(&id) {
+                        tracing::error!(container_id = id, %error, "cannot remove leftover container");
+                    }
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot list leftover containers"),
+        }
+    }
+
+    // ---- the link -------------------------------------------------------------------
+
+    /// A new link to the master: what to register with.
+    pub fn register_message(
+        &self,
+        outbound: mpsc::UnboundedSender<link::AgentMessage>,
+    ) -> link::AgentMessage {
+        self.status.connect(outbound);
+        let state = self.lock();
+        let running: Vec<Task> = state
+            .tasks
+            .iter()
+            .map(|(_, r)| r.to_proto(state.agent_id.as_deref()))
+            .collect();
+        link::AgentMessage {
+            kind: Some(agent_message::Kind::Register(link::Register {
+                agent_info: butte_api::mesos::v1::AgentInfo {
+                    hostname: self.config.hostname(),
+                    port: Some(i32::from(self.config.port)),
+                    id: state.agent_id.clone().map(|value| AgentId { value }),
+                    attributes: state
+                        .gpus
+                        .as_ref()
+                        .map(GpuBooks::attributes)
+                        .unwrap_or_default(),
+                    ..Default::default()
+                },
+                total_resources: state.total.to_proto(None),
+                running_tasks: running,
+                frameworks: state.frameworks.values().cloned().collect(),
+                version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            })),
+        }
+    }
+
+    pub fn registered(&self, agent_id: String) {
+        if let Err(error) = self.checkpoint.set_agent_id(&agent_id) {
+            tracing::error!(%error, "cannot checkpoint the agent id");
+        }
+        self.lock().agent_id = Some(agent_id);
+        self.status.registered();
+    }
+
+    pub fn disconnected(&self) {
+        self.status.disconnect();
+    }
+
+    /// Sends each task's oldest unacknowledged update when due.
+    pub fn flush_updates(&self) {
+        self.status.flush();
+    }
+
+    pub fn handle(&self, message: link::master_message::Kind) {
+        use link::master_message::Kind;
+        match message {
+            Kind::LaunchTasks(launch) => {
+                if let Some(group) = launch.task_group {
+                    let agent = self.clone();
+                    let executor = launch.executor.unwrap_or_default();
+                    tokio::spawn(async move {
+                        agent
+                            .launch_group(launch.framework_info, executor, group.tasks)
+                            .await
+                    });
+                    return;
+                }
+                for task in launch.tasks {
+                    let agent = self.clone();
+                    let framework = launch.framework_info.clone();
+                    tokio::spawn(async move { agent.launch(framework, task).await });
+                }
+            }
+            Kind::KillTask(kill) => {
+                let grace = kill
+                    .kill_policy
+                    .and_then(|p| p.grace_period)
+                    .map(|d| Duration::from_nanos(d.nanoseconds.max(0) as u64))
+                    .unwrap_or(DEFAULT_GRACE);
+                let key = TaskKey::new(&kill.framework_id.value, &kill.task_id.value);
+                self.kill(&key, grace);
+            }
+            Kind::ShutdownFramework(shutdown) => {
+                let keys: Vec<TaskKey> = self
+                    .lock()
+                    .tasks
+                    .keys()
+                    .into_iter()
+                    .filter(|key| key.framework_id == shutdown.framework_id.value)
+                    .collect();
+                for key in &keys {
+                    self.kill(key, Duration::ZERO);
+                }
+            }
+            Kind::StatusAck(ack) => {
+                let key = TaskKey::new(&ack.framework_id.value, &ack.task_id.value);
+                self.status.acknowledge(&key, &ack.uuid);
+            }
+            Kind::Refused(refused) => {
+                tracing::error!(message = refused.message, "the master refused this agent")
+            }
+            Kind::FrameworkMessage(_) | Kind::ShutdownExecutor(_) => {
+                tracing::debug!("no custom executors run here yet; message dropped");
+            }
+            Kind::Registered(_) | Kind::Heartbeat(_) => {}
+        }
+    }
+
+    // ---- telemetry ------------------------------------------------------------------------
+
+    /// What the telemetry sampler needs of each running task.
+    pub fn task_views(&self) -> Vec<TaskView> {
+        let mut views: Vec<TaskView> = self
+            .lock()
+            .tasks
+            .iter()
+            .map(|(key, record)| TaskView {
+                key: key.clone(),
+                executor_id: record.executor_id.clone(),
+                container_id: record.cgroup_id.clone(),
+                cgroup_key: 0,
+                resources: record.resources.clone(),
+            })
+            .collect();
+        let fences = self.fences();
+        views.retain_mut(|view| match fences.key(&view.container_id) {
+            Some(key) => {
+                view.cgroup_key = key;
+                true
+            }
+            None => false,
+        });
+        views
+    }
+
+    /// Keeps each task's newest sample and streams the batch to the master.
+    pub fn publish(&self, batch: TelemetryBatch) {
+        {
+            let mut state = self.lock();
+            for sample in &batch.samples {
+                let key = TaskKey::new(&sample.framework_id.value, &sample.task_id.value);
+                if state.tasks.contains(&key) {
+                    state.latest.insert(key, sample.clone());
+                }
+            }
+        }
+        self.status.send(agent_message::Kind::Telemetry(batch));
+    }
+
+    /// A launch reached exec in `micros` (clone to exec, in the launcher).
+    fn record_launch(&self, micros: u64) {
+        self.container_starts.observe(micros as f64 / 1e6);
+    }
+
+    /// Drops the container's fence entries and event counts, and gives back
+    /// its GPUs (it is going away).
+    fn release(&self, container_id: &str) {
+        if let Some(gpus) = self.lock().gpus.as_mut() {
+            gpus.release(container_id);
+        }
+        let Some(key) = self.fences().unfence(container_id) else {
+            return;
+        };
+        self.lock().event_counts.remove(&key);
+    }
+}

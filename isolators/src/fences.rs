@@ -1,0 +1,244 @@
+//! The eBPF fences over every task of one agent: ports, devices, network
+//! bandwidth and accounting, attached once at the agent's v2 subtree. A task
+//! is fenced by writing its entries in each program's maps, keyed by its v2
+//! cgroup id; its container id is all a caller needs to remove them again.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use butte_agent_ebpf::FenceError;
+use butte_agent_ebpf::accounting::{Accounting, Events, TaskStats};
+use butte_agent_ebpf::devices::{DeviceFence, DeviceRule, default_rules};
+use butte_agent_ebpf::network::{self, NetStats, Network};
+use butte_agent_ebpf::ports::{PortFence, cgroup_id};
+
+/// What one task's container is fenced to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskFence {
+    /// Port ranges it may bind (none: only port 0).
+    pub ports: Vec<(u16, u16)>,
+    /// Devices it was granted beyond the defaults every container gets.
+    pub granted_devices: Vec<DeviceRule>,
+    /// Egress limit in Mbit/s (None: unlimited).
+    pub egress_mbit_per_s: Option<f64>,
+    /// Whether ingress is policed to the egress limit too.
+    pub police_ingress: bool,
+}
+
+impl TaskFence {
+    /// Every device the container may open: the defaults, then what it was granted.
+    pub fn device_rules(&self) -> Vec<DeviceRule> {
+        let mut rules = default_rules();
+        rules.extend_from_slice(&self.granted_devices);
+        rules
+    }
+}
+
+/// A fence whose program could not load: what it would have enforced is not.
+#[derive(Debug)]
+pub struct Unenforced {
+    pub fence: Fence,
+    pub error: FenceError,
+}
+
+/// The four fences, by what they enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// binds outside the task's port ranges
+    Ports,
+    /// opens of devices the task was not granted
+    Devices,
+    /// egress beyond the task's `network_bandwidth`, and network accounting
+    Network,
+    /// per-task CPU time, run-queue latency and process events
+    Accounting,
+}
+
+/// What the kernel counted for every fenced container, read whole this round.
+#[derive(Default)]
+pub struct Counts {
+    pub cpu: HashMap<u64, TaskStats>,
+    pub net: HashMap<u64, NetStats>,
+    pub denied_binds: HashMap<u64, u64>,
+    pub denied_opens: HashMap<u64, u64>,
+}
+
+/// The loaded fences and the key of every container fenced.
+#[derive(Default)]
+pub struct Fences {
+    ports: Option<PortFence>,
+    devices: Option<DeviceFence>,
+    network: Option<Network>,
+    accounting: Option<Accounting>,
+    /// eBPF map keys (v2 cgroup ids) by container id.
+    keys: HashMap<String, u64>,
+}
+
+impl Fences {
+    /// Loads every program and attaches the cgroup ones at `subtree` (a v2
+    /// cgroup directory). A fence that cannot load is left out and named in
+    /// the second value: the caller must not offer what it would enforce.
+    pub fn attach(subtree: &Path) -> (Self, Vec<Unenforced>) {
+        let mut unenforced = Vec::new();
+        let mut keep =
+            |fence: Fence, error: FenceError| unenforced.push(Unenforced { fence, error });
+        let fences = Self {
+            ports: PortFence::attach(subtree)
+                .map_err(|e| keep(Fence::Ports, e))
+                .ok(),
+            devices: DeviceFence::attach(subtree)
+                .map_err(|e| keep(Fence::Devices, e))
+                .ok(),
+            network: Network::attach(subtree)
+                .map_err(|e| keep(Fence::Network, e))
+                .ok(),
+            accounting: Accounting::attach()
+                .map_err(|e| keep(Fence::Accounting, e))
+                .ok(),
+            keys: HashMap::new(),
+        };
+        (fences, unenforced)
+    }
+
+    /// Every fence, or the first that cannot load (benchmarks and tests,
+    /// which measure all of them).
+    pub fn attach_all(subtree: &Path) -> Result<Self, FenceError> {
+        let (fences, unenforced) = Self::attach(subtree);
+        match unenforced.into_iter().next() {
+            Some(missing) => Err(missing.error),
+            None => Ok(fences),
+        }
+    }
+
+    /// Whether a fence loaded.
+    pub fn enforces(&self, fence: Fence) -> bool {
+        match fence {
+            Fence::Ports => self.ports.is_some(),
+            Fence::Devices => self.devices.is_some(),
+            Fence::Network => self.network.is_some(),
+            Fence::Accounting => self.accounting.is_some(),
+        }
+    }
+
+    /// The ring buffer of process events (once; None without accounting).
+    pub fn take_events(&mut self) -> Option<Events> {
+        self.accounting.as_mut().and_then(Accounting::take_events)
+    }
+
+    /// Writes the entries of `container_id`, whose v2 cgroup is `cgroup`, in
+    /// every loaded fence; its map key. On failure nothing of it is left.
+    pub fn fence(
+        &mut self,
+        container_id: &str,
+        cgroup: &Path,
+        fence: &TaskFence,
+    ) -> Result<u64, FenceError> {
+        let key = cgroup_id(cgroup)?;
+        // Recorded before any entry is written, so that a failure below
+        // removes whatever was written.
+        self.keys.insert(container_id.to_owned(), key);
+        let written = self.write(key, fence);
+        if written.is_err() {
+            self.unfence(container_id);
+        }
+        written.map(|()| key)
+    }
+
+    fn write(&mut self, key: u64, fence: &TaskFence) -> Result<(), FenceError> {
+        if let Some(ports) = self.ports.as_mut() {
+            ports.allow(key, &fence.ports)?;
+        }
+        if let Some(devices) = self.devices.as_mut() {
+            devices.allow(key, &fence.device_rules())?;
+        }
+        if let Some(network) = self.network.as_mut() {
+            let limits = network::Limits {
+                egress_mbit_per_s: fence.egress_mbit_per_s,
+                police_ingress: fence.police_ingress,
+            };
+            network.track(key, limits)?;
+        }
+        if let Some(accounting) = self.accounting.as_mut() {
+            accounting.track(key)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the container's entries from every fence; its key, if it was fenced.
+    pub fn unfence(&mut self, container_id: &str) -> Option<u64> {
+        let key = self.keys.remove(container_id)?;
+        if let Some(ports) = self.ports.as_mut() {
+            ports.forget(key);
+        }
+        if let Some(devices) = self.devices.as_mut() {
+            devices.forget(key);
+        }
+        if let Some(network) = self.network.as_mut() {
+            network.forget(key);
+        }
+        if let Some(accounting) = self.accounting.as_mut() {
+            accounting.forget(key);
+        }
+        Some(key)
+    }
+
+    /// The map key of a fenced container.
+    pub fn key(&self, container_id: &str) -> Option<u64> {
+        self.keys.get(container_id).copied()
+    }
+
+    /// Container ids by map key, for events that carry only the key.
+    pub fn containers_by_key(&self) -> HashMap<u64, String> {
+        self.keys
+            .iter()
+            .map(|(id, &key)| (key, id.clone()))
+            .collect()
+    }
+
+    /// Brings every task's CPU time up to now (before `counts`).
+    pub fn flush(&mut self) {
+        if let Some(accounting) = self.accounting.as_mut()
+            && let Err(error) = accounting.flush()
+        {
+            tracing::warn!(%error, "cannot flush CPU time; every task's CPU figure holds still until a flush succeeds");
+        }
+    }
+
+    /// Every fenced container's counts, each map read whole in a few
+    /// syscalls rather than one lookup per task; a map that cannot be read
+    /// this round is empty (and logged).
+    pub fn counts(&mut self) -> Counts {
+        Counts {
+            cpu: whole(self.accounting.as_mut().map(|a| a.all_stats())),
+            net: whole(self.network.as_ref().map(Network::all_stats)),
+            denied_binds: whole(self.ports.as_ref().map(PortFence::all_denied)),
+            denied_opens: whole(self.devices.as_ref().map(DeviceFence::all_denied)),
+        }
+    }
+
+    /// Kernel time the programs with run-time stats ran, and how many runs.
+    pub fn run_time(&self) -> (Duration, u64) {
+        let accounting = self
+            .accounting
+            .as_ref()
+            .map_or((Duration::ZERO, 0), |a| (a.run_time(), a.run_count()));
+        let network = self
+            .network
+            .as_ref()
+            .map_or((Duration::ZERO, 0), |n| (n.run_time(), n.run_count()));
+        (accounting.0 + network.0, accounting.1 + network.1)
+    }
+}
+
+/// A map read whole, or empty when its program is not loaded or the read failed.
+fn whole<V>(read: Option<Result<HashMap<u64, V>, FenceError>>) -> HashMap<u64, V> {
+    match read {
+        Some(Ok(entries)) => entries,
+        Some(Err(error)) => {
+            tracing::debug!(%error, "cannot read per-task counts this round");
+            HashMap::new()
+        }
+        None => HashMap::new(),
+    }
+}

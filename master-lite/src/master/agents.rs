@@ -1,0 +1,492 @@
+//! Agents: registration on the gRPC link (and re-registration with the
+//! tasks they still run), heartbeats, resource changes, and what happens
+//! when a link closes or an agent stays away past its re-register timeout.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use butte_api::agent_link::v1 as link;
+use butte_api::mesos::v1::{
+    AgentId, AgentInfo, Task, TaskId, TaskState, TaskStatus, framework_info::capability,
+    task_status,
+};
+use butte_api::resources::{ResourceError, Resources};
+use butte_api::task_state::is_terminal;
+use butte_api::update_queue::{new_uuid, unix_now};
+use tokio::sync::mpsc;
+
+use super::updates::master_status;
+use super::{AGENT_HEARTBEAT_SECONDS, Master, TaskEntry};
+use crate::registry::RegistryError;
+
+/// The master's link to an agent, or how long the agent has been without one.
+pub enum AgentLink {
+    /// Registered on a live link; `epoch` tells this link from the agent's earlier ones.
+    Connected {
+        epoch: u64,
+        messages: mpsc::UnboundedSender<link::MasterMessage>,
+    },
+    /// The link closed at `since`; the agent has its re-register timeout to come back.
+    Disconnected { since: Instant },
+    /// Away past its re-register timeout (since `since`): its tasks were
+    /// reported unreachable or lost and its resources left the cluster.
+    Unreachable { since: Instant },
+}
+
+impl AgentLink {
+    pub fn is_connected(&self) -> bool {
+        matches!(self, AgentLink::Connected { .. })
+    }
+
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            AgentLink::Connected { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    /// Queues `message` on the link; false when there is no live link.
+    pub(super) fn send(&self, message: link::master_message::Kind) -> bool {
+        match self {
+            AgentLink::Connected { messages, .. } => messages
+                .send(link::MasterMessage {
+                    kind: Some(message),
+                })
+                .is_ok(),
+            _ => false,
+        }
+    }
+
+    /// The link of `epoch` closed; true when it was the current one (a
+    /// replaced link's close changes nothing).
+    fn disconnect(&mut self, epoch: u64, now: Instant) -> bool {
+        let current = self.epoch() == Some(epoch);
+        if current {
+            *self = AgentLink::Disconnected { since: now };
+        }
+        current
+    }
+
+    /// The master ends the link itself (it is stopping).
+    pub(super) fn close(&mut self, now: Instant) {
+        if self.is_connected() {
+            *self = AgentLink::Disconnected { since: now };
+        }
+    }
+
+    /// Whether the agent has been disconnected (and not yet marked
+    /// unreachable) for `timeout` or longer.
+    fn overdue(&self, timeout: Duration, now: Instant) -> bool {
+        match self {
+            AgentLink::Disconnected { since } => now.duration_since(*since) >= timeout,
+            _ => false,
+        }
+    }
+
+    fn mark_unreachable(&mut self, now: Instant) {
+        *self = AgentLink::Unreachable { since: now };
+    }
+}
+
+pub struct Agent {
+    pub info: AgentInfo,
+    pub total: Resources,
+    pub version: String,
+    pub link: AgentLink,
+    pub last_seen: Instant,
+    pub registered_time: f64,
+    pub reregistered_time: Option<f64>,
+}
+
+impl Agent {
+    /// An agent read back from the registry: disconnected until it re-registers.
+    pub(super) fn restored(info: AgentInfo, registered_time: f64, now: Instant) -> Self {
+        let total = Resources::from_proto(&info.resources).unwrap_or_default();
+        Self {
+            info,
+            total,
+            version: String::new(),
+            link: AgentLink::Disconnected { since: now },
+            last_seen: now,
+            registered_time,
+            reregistered_time: None,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        self.info.id.as_ref().map_or("", |a| a.value.as_str())
+    }
+
+    pub fn connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
+    pub fn unreachable(&self) -> bool {
+        matches!(self.link, AgentLink::Unreachable { .. })
+    }
+}
+
+/// Why an agent's registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The resources the agent declares do not parse.
+    #[error("invalid agent resources: {0}")]
+    Resources(#[from] ResourceError),
+    /// The agent names no host.
+    #[error("agent_info.hostname is empty; set the agent's --hostname or --ip")]
+    NoHostname,
+    /// The registry could not record the agent.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl Master {
+    /// An agent opened its link and registered (or re-registered with its id).
+    pub fn register_agent(
+        &mut self,
+        register: link::Register,
+        messages: mpsc::UnboundedSender<link::MasterMessage>,
+    ) -> Result<(String, u64), RegisterError> {
+        let total = Resources::from_proto(&register.total_resources)?;
+        if register.agent_info.hostname.is_empty() {
+            return Err(RegisterError::NoHostname);
+        }
+        let mut info = register.agent_info;
+        let now = Instant::now();
+        let (agent_id, reregister) = self.agent_id_of(&info);
+        info.id = Some(AgentId {
+            value: agent_id.clone(),
+        });
+        info.resources = total.to_proto(None);
+        self.registry.put_agent(&info)?;
+
+        // A previous link of this agent is replaced; its offers are void.
+        self.rescind_agent_offers(&agent_id);
+        self.allocator.add_agent(&agent_id, total.clone());
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        let registered_time = unix_now();
+        let previous = self.agents.remove(&agent_id);
+        let agent = Agent {
+            info,
+            total,
+            version: register.version.unwrap_or_default(),
+            link: AgentLink::Connected { epoch, messages },
+            last_seen: now,
+            registered_time: previous.map_or(registered_time, |p| p.registered_time),
+            reregistered_time: reregister.then_some(registered_time),
+        };
+        self.agents.insert(agent_id.clone(), agent);
+        self.reconcile_agent_tasks(&agent_id, &register.running_tasks);
+        let _ = self.send_to_agent(
+            &agent_id,
+            link::master_message::Kind::Registered(link::Registered {
+                agent_id: AgentId {
+                    value: agent_id.clone(),
+                },
+                heartbeat_interval_seconds: AGENT_HEARTBEAT_SECONDS,
+                master_info: self.info.clone(),
+            }),
+        );
+        tracing::info!(agent_id, reregister, "agent registered");
+        self.want_allocation();
+        Ok((agent_id, epoch))
+    }
+
+    /// The agent's id, and whether it is re-registering; a new agent gets the next id.
+    fn agent_id_of(&mut self, info: &AgentInfo) -> (String, bool) {
+        if let Some(id) = info.id.as_ref().filter(|a| !a.value.is_empty()) {
+            return (id.value.clone(), true);
+        }
+        let id = format!("{}-S{}", self.master_id(), self.next_agent);
+        self.next_agent += 1;
+        let counter = self.next_agent.to_string();
+        let result = self.registry.put_meta("next_agent", &counter);
+        self.persist(result);
+        (id, false)
+    }
+
+    /// Brings the master's view of an agent's tasks in line with what the agent runs.
+    fn reconcile_agent_tasks(&mut self, agent_id: &str, running: &[Task]) {
+        self.book_running_tasks(agent_id, running);
+        let reported: HashSet<(&str, &str)> = running
+            .iter()
+            .map(|t| (t.framework_id.value.as_str(), t.task_id.value.as_str()))
+            .collect();
+        // Tasks the master placed here that the agent does not know are gone.
+        let mut gone = Vec::new();
+        for (framework_id, framework) in &self.frameworks {
+            for (task_id, entry) in &framework.tasks {
+                if entry.task.agent_id.value == agent_id
+                    && !is_terminal(entry.state())
+                    && entry.state() != TaskState::TaskStaging
+                    && !reported.contains(&(framework_id.as_str(), task_id.as_str()))
+                {
+                    gone.push((framework_id.clone(), entry.task.task_id.clone()));
+                }
+            }
+        }
+        for (framework_id, task_id) in gone {
+            let status = lost_on(
+                agent_id,
+                &task_id,
+                TaskState::TaskLost,
+                task_status::Reason::AgentRestarted,
+                "the agent re-registered without this task",
+            );
+            self.apply_update(&framework_id, status, false);
+        }
+    }
+
+    /// Tasks a re-registering agent runs: their resources are booked and
+    /// unreachable ones come back; a removed framework's are shut down.
+    fn book_running_tasks(&mut self, agent_id: &str, running: &[Task]) {
+        let retry = self.update_retry();
+        for task in running {
+            let framework_id = task.framework_id.value.as_str();
+            let Some(framework) = self.frameworks.get_mut(framework_id) else {
+                self.send_to_agent(
+                    agent_id,
+                    link::master_message::Kind::ShutdownFramework(link::ShutdownFramework {
+                        framework_id: task.framework_id.clone(),
+                    }),
+                );
+                continue;
+            };
+            let entry = framework
+                .tasks
+                .entry(task.task_id.value.clone())
+                .or_insert_with(|| TaskEntry::restored(task.clone(), retry));
+            if entry.state() == TaskState::TaskUnreachable || is_terminal(entry.state()) {
+                entry.task.state = task.state;
+            }
+            // Already given back and now over: nothing to book.
+            if entry.resources_recovered && is_terminal(task.state()) {
+                continue;
+            }
+            entry.resources_recovered = false;
+            self.allocator
+                .mark_allocated(framework_id, agent_id, &entry.role, &entry.resources);
+        }
+    }
+
+    pub fn agent_heartbeat(&mut self, agent_id: &str) {
+        if let Some(agent) = self.agents.get_mut(agent_id) {
+            agent.last_seen = Instant::now();
+        }
+    }
+
+    /// The agent's total changed (e.g. a faulty GPU withdrawn): its
+    /// outstanding offers are rescinded, since they may hold what is gone,
+    /// and the next offers come from the new total.
+    pub fn agent_resources_changed(&mut self, agent_id: &str, changed: link::ResourcesChanged) {
+        self.agent_heartbeat(agent_id);
+        let total = match Resources::from_proto(&changed.total_resources) {
+            Ok(total) => total,
+            Err(error) => {
+                tracing::warn!(agent_id, %error, "invalid resource change from the agent; ignored");
+                return;
+            }
+        };
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        agent.total = total.clone();
+        agent.info.resources = total.to_proto(None);
+        let info = agent.info.clone();
+        let result = self.registry.put_agent(&info);
+        self.persist(result);
+        self.rescind_agent_offers(agent_id);
+        self.allocator.set_agent_total(agent_id, total.clone());
+        tracing::info!(agent_id, resources = %total, "agent resources changed");
+        self.want_allocation();
+    }
+
+    /// The agent's link closed.
+    pub fn agent_disconnected(&mut self, agent_id: &str, epoch: u64) {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        if !agent.link.disconnect(epoch, Instant::now()) {
+            return;
+        }
+        self.allocator.set_agent_active(agent_id, false);
+        self.rescind_agent_offers(agent_id);
+        tracing::info!(agent_id, "agent disconnected; its offers are rescinded");
+    }
+
+    /// Drops the links of agents gone silent past the ping timeout, and
+    /// marks unreachable those disconnected past the re-register timeout.
+    pub(super) fn check_agents(&mut self, now: Instant) {
+        let silent: Vec<(String, u64)> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| now.duration_since(a.last_seen) >= self.config.agent_ping_timeout)
+            .filter_map(|(id, a)| a.link.epoch().map(|epoch| (id.clone(), epoch)))
+            .collect();
+        for (id, epoch) in silent {
+            tracing::warn!(
+                agent_id = id,
+                "no word from the agent within the ping timeout; dropping its link"
+            );
+            self.agent_disconnected(&id, epoch);
+        }
+        let timeout = self.config.agent_reregister_timeout;
+        let overdue: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.link.overdue(timeout, now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in overdue {
+            self.mark_agent_unreachable(&id);
+        }
+    }
+
+    /// An agent gone past its re-register timeout: its tasks are unreachable
+    /// (TASK_LOST for frameworks that are not partition-aware) and its
+    /// resources leave the cluster until it comes back.
+    fn mark_agent_unreachable(&mut self, agent_id: &str) {
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        agent.link.mark_unreachable(Instant::now());
+        let mut updates = Vec::new();
+        for (framework_id, framework) in &self.frameworks {
+            let state = if framework.has_capability(capability::Type::PartitionAware) {
+                TaskState::TaskUnreachable
+            } else {
+                TaskState::TaskLost
+            };
+            for entry in framework.tasks.values() {
+                if entry.task.agent_id.value == agent_id && !is_terminal(entry.state()) {
+                    updates.push((framework_id.clone(), entry.task.task_id.clone(), state));
+                }
+            }
+        }
+        for (framework_id, task_id, state) in updates {
+            // Unreachable is not terminal: release its resources by hand.
+            if state == TaskState::TaskUnreachable {
+                self.release_task(&framework_id, &task_id.value);
+            }
+            let reason = task_status::Reason::AgentRemoved;
+            let status = lost_on(
+                agent_id,
+                &task_id,
+                state,
+                reason,
+                "the agent is unreachable",
+            );
+            self.apply_update(&framework_id, status, false);
+        }
+        self.allocator.remove_agent(agent_id);
+        tracing::warn!(
+            agent_id,
+            "agent unreachable; its tasks are reported unreachable or lost"
+        );
+    }
+
+    /// Gives a task's resources back to the allocator, if they are booked.
+    fn release_task(&mut self, framework_id: &str, task_id: &str) {
+        let Some(entry) = self
+            .frameworks
+            .get_mut(framework_id)
+            .and_then(|f| f.tasks.get_mut(task_id))
+        else {
+            return;
+        };
+        if entry.release() {
+            let agent_id = &entry.task.agent_id.value;
+            self.allocator.recover(
+                framework_id,
+                agent_id,
+                &entry.role,
+                &entry.resources,
+                None,
+                Instant::now(),
+            );
+        }
+    }
+
+    /// Removes an agent for good (operator action or tests).
+    pub fn remove_agent(&mut self, agent_id: &str) {
+        self.mark_agent_unreachable(agent_id);
+        self.agents.remove(agent_id);
+        let result = self.registry.remove_agent(agent_id);
+        self.persist(result);
+    }
+}
+
+/// The master's own update for a task on `agent_id` that the agent cannot report.
+fn lost_on(
+    agent_id: &str,
+    task_id: &TaskId,
+    state: TaskState,
+    reason: task_status::Reason,
+    message: &str,
+) -> TaskStatus {
+    let agent_id = AgentId {
+        value: agent_id.to_owned(),
+    };
+    TaskStatus {
+        uuid: Some(new_uuid()),
+        ..master_status(task_id, Some(&agent_id), state, reason, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::AgentLink;
+    use crate::master::{Master, fixture};
+
+    fn link_of<'a>(master: &'a Master, agent_id: &str) -> &'a AgentLink {
+        &master
+            .agents
+            .get(agent_id)
+            .unwrap_or_else(|| panic!("agent {agent_id} is known"))
+            .link
+    }
+
+    #[test]
+    fn agent_link_goes_disconnected_then_unreachable_and_back_on_reregistration() {
+        let mut master = fixture::master("agent-link", |config| {
+            config.agent_reregister_timeout = Duration::ZERO;
+        });
+        let (agent_id, epoch, _messages) = fixture::agent(&mut master, None, "cpus:4;mem:4096");
+        assert_eq!(link_of(&master, &agent_id).epoch(), Some(epoch));
+
+        master.agent_disconnected(&agent_id, epoch + 1);
+        assert!(
+            link_of(&master, &agent_id).is_connected(),
+            "the close of a link that is not the current one changes nothing"
+        );
+
+        master.agent_disconnected(&agent_id, epoch);
+        assert!(matches!(
+            link_of(&master, &agent_id),
+            AgentLink::Disconnected { .. }
+        ));
+        assert!(master.allocator.free(&agent_id).is_some());
+
+        master.tick();
+        assert!(matches!(
+            link_of(&master, &agent_id),
+            AgentLink::Unreachable { .. }
+        ));
+        assert!(master.agents[&agent_id].unreachable());
+        assert!(
+            master.allocator.free(&agent_id).is_none(),
+            "an unreachable agent's resources leave the cluster"
+        );
+
+        let (again, new_epoch, _messages) =
+            fixture::agent(&mut master, Some(&agent_id), "cpus:4;mem:4096");
+        assert_eq!(again, agent_id);
+        assert!(new_epoch > epoch);
+        assert_eq!(link_of(&master, &agent_id).epoch(), Some(new_epoch));
+        assert!(master.agents[&agent_id].reregistered_time.is_some());
+        assert!(master.allocator.free(&agent_id).is_some());
+    }
+}
