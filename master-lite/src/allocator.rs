@@ -305,40 +305,10 @@ impl Allocator {
     /// resources goes to the eligible framework of the lowest-share role,
     /// lowest share first within the role.
     pub fn allocate(&mut self, now: Instant) -> Vec<Allocation> {
-        let total = &self.total;
-        let frameworks = &mut self.frameworks;
-        let weights = &self.weights;
-
-        // Queues of (share key, name), lowest first, holding only what can receive offers.
-        let mut role_queue: BTreeSet<(u64, String)> = BTreeSet::new();
-        let mut framework_queues: HashMap<String, BTreeSet<(u64, String)>> = HashMap::new();
-        for (role, slot) in &self.roles {
-            let queue: BTreeSet<(u64, String)> = slot
-                .frameworks
-                .iter()
-                .filter_map(|id| {
-                    let framework = frameworks.get(id)?;
-                    let wants = framework.active && !framework.suppressed.contains(role);
-                    let held = framework
-                        .allocated
-                        .get(role)
-                        .map(|r| dominant_share(r, total));
-                    wants.then(|| (share_key(held.unwrap_or(0.0)), id.clone()))
-                })
-                .collect();
-            if !queue.is_empty() {
-                let weight = weights.get(role).copied().unwrap_or(1.0);
-                role_queue.insert((
-                    share_key(dominant_share(&slot.allocated, total) / weight),
-                    role.clone(),
-                ));
-                framework_queues.insert(role.clone(), queue);
-            }
-        }
-        if role_queue.is_empty() {
+        let mut queues = Queues::new(&self.roles, &self.frameworks, &self.weights, &self.total);
+        if queues.roles.is_empty() {
             return Vec::new();
         }
-
         let mut order: Vec<&String> = self
             .agents
             .iter()
@@ -354,58 +324,119 @@ impl Allocator {
             let Some(agent) = self.agents.get_mut(&agent_id) else {
                 continue;
             };
-            let mut choice = None;
-            'roles: for (role_key, role) in &role_queue {
-                let Some(queue) = framework_queues.get(role) else {
-                    continue;
-                };
-                for (framework_key, framework_id) in queue {
-                    if frameworks
-                        .get(framework_id)
-                        .is_some_and(|f| f.accepts(&agent_id, agent, now))
-                    {
-                        choice = Some((
-                            *role_key,
-                            role.clone(),
-                            *framework_key,
-                            framework_id.clone(),
-                        ));
-                        break 'roles;
-                    }
-                }
-            }
-            let Some((role_key, role, framework_key, framework_id)) = choice else {
+            let frameworks = &self.frameworks;
+            let Some(pick) = queues.pick(|framework_id| {
+                frameworks
+                    .get(framework_id)
+                    .is_some_and(|f| f.accepts(&agent_id, agent, now))
+            }) else {
                 continue;
             };
             let resources = std::mem::take(&mut agent.free);
-
-            let (Some(framework), Some(role_slot), Some(queue)) = (
-                frameworks.get_mut(&framework_id),
-                self.roles.get_mut(&role),
-                framework_queues.get_mut(&role),
+            let (Some(framework), Some(role_slot)) = (
+                self.frameworks.get_mut(&pick.framework_id),
+                self.roles.get_mut(&pick.role),
             ) else {
                 continue;
             };
-            let held = framework.allocated.entry(role.clone()).or_default();
+            let held = framework.allocated.entry(pick.role.clone()).or_default();
             held.add(&resources);
-            let framework_share = dominant_share(held, total);
+            let framework_share = dominant_share(held, &self.total);
             role_slot.allocated.add(&resources);
-            let weight = weights.get(&role).copied().unwrap_or(1.0);
-            let role_share = dominant_share(&role_slot.allocated, total) / weight;
-
-            queue.remove(&(framework_key, framework_id.clone()));
-            queue.insert((share_key(framework_share), framework_id.clone()));
-            role_queue.remove(&(role_key, role.clone()));
-            role_queue.insert((share_key(role_share), role.clone()));
-
+            let weight = self.weights.get(&pick.role).copied().unwrap_or(1.0);
+            let role_share = dominant_share(&role_slot.allocated, &self.total) / weight;
+            queues.requeue(&pick, framework_share, role_share);
             allocations.push(Allocation {
-                framework_id,
+                framework_id: pick.framework_id,
                 agent_id,
-                role,
+                role: pick.role,
                 resources,
             });
         }
         allocations
+    }
+}
+
+/// One cycle's DRF queues of (share key, name), lowest share first: the
+/// roles by weighted dominant share, and each role's frameworks by theirs,
+/// holding only what can receive offers.
+struct Queues {
+    roles: BTreeSet<(u64, String)>,
+    frameworks: HashMap<String, BTreeSet<(u64, String)>>,
+}
+
+/// The role and framework an agent goes to, with the keys they were queued under.
+struct Pick {
+    role_key: u64,
+    role: String,
+    framework_key: u64,
+    framework_id: String,
+}
+
+impl Queues {
+    fn new(
+        roles: &HashMap<String, RoleSlot>,
+        frameworks: &HashMap<String, FrameworkSlot>,
+        weights: &HashMap<String, f64>,
+        total: &Resources,
+    ) -> Self {
+        let mut queues = Queues {
+            roles: BTreeSet::new(),
+            frameworks: HashMap::new(),
+        };
+        for (role, slot) in roles {
+            let queue: BTreeSet<(u64, String)> = slot
+                .frameworks
+                .iter()
+                .filter_map(|id| {
+                    let framework = frameworks.get(id)?;
+                    let wants = framework.active && !framework.suppressed.contains(role);
+                    let held = framework
+                        .allocated
+                        .get(role)
+                        .map(|r| dominant_share(r, total));
+                    wants.then(|| (share_key(held.unwrap_or(0.0)), id.clone()))
+                })
+                .collect();
+            if !queue.is_empty() {
+                let weight = weights.get(role).copied().unwrap_or(1.0);
+                queues.roles.insert((
+                    share_key(dominant_share(&slot.allocated, total) / weight),
+                    role.clone(),
+                ));
+                queues.frameworks.insert(role.clone(), queue);
+            }
+        }
+        queues
+    }
+
+    /// The lowest-share framework of the lowest-share role that `accepts`.
+    fn pick(&self, accepts: impl Fn(&str) -> bool) -> Option<Pick> {
+        for (role_key, role) in &self.roles {
+            let Some(queue) = self.frameworks.get(role) else {
+                continue;
+            };
+            if let Some((framework_key, framework_id)) = queue.iter().find(|(_, id)| accepts(id)) {
+                return Some(Pick {
+                    role_key: *role_key,
+                    role: role.clone(),
+                    framework_key: *framework_key,
+                    framework_id: framework_id.clone(),
+                });
+            }
+        }
+        None
+    }
+
+    /// Moves the picked framework and role to their shares after the offer.
+    fn requeue(&mut self, pick: &Pick, framework_share: f64, role_share: f64) {
+        if let Some(queue) = self.frameworks.get_mut(&pick.role) {
+            queue.remove(&(pick.framework_key, pick.framework_id.clone()));
+            queue.insert((share_key(framework_share), pick.framework_id.clone()));
+        }
+        self.roles.remove(&(pick.role_key, pick.role.clone()));
+        self.roles
+            .insert((share_key(role_share), pick.role.clone()));
     }
 }
 

@@ -3,7 +3,7 @@
 //! longest registered path prefix.
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use prost::{Message, Name};
@@ -139,6 +139,33 @@ pub fn response_format(headers: &HeaderMap) -> Result<Format, HttpError> {
             "Expecting 'Accept' to allow application/json or application/x-protobuf, got '{accept}'"
         ),
     ))
+}
+
+/// A call POSTed to one of the APIs, as it arrived.
+pub struct Posted {
+    pub headers: HeaderMap,
+    /// How the body is encoded (its Content-Type).
+    pub format: Format,
+    pub body: Vec<u8>,
+}
+
+/// What every API call goes through first: POST only, a Content-Type we
+/// read, and a body of at most `limit` bytes.
+pub async fn read_post(request: Request<Body>, limit: usize) -> Result<Posted, HttpError> {
+    if request.method() != Method::POST {
+        return Err(HttpError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Expecting 'POST', received '{}'", request.method()),
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    let format = request_format(&parts.headers)?;
+    let body = read_body(&parts.headers, body, limit).await?;
+    Ok(Posted {
+        headers: parts.headers,
+        format,
+        body,
+    })
 }
 
 /// Reads a body of at most `limit` bytes; more is a 413.

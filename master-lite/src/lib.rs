@@ -53,23 +53,36 @@ impl RunningMaster {
     }
 }
 
+/// Why the master could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// a registry backend other than the embedded one was asked for
+    #[error(
+        "--registry {0:?} is not supported yet; leave it out to use the embedded registry under --work-dir"
+    )]
+    Registry(String),
+    /// the port is taken or the address is not ours
+    #[error("cannot listen on {address}: {source}; is another master running there?")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    /// the embedded registry could not be opened
+    #[error(transparent)]
+    Open(#[from] registry::RegistryError),
+}
+
 /// Binds, opens the registry and starts serving.
-pub async fn start(config: MasterConfig) -> anyhow::Result<RunningMaster> {
+pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
     if let Some(registry) = &config.registry {
-        anyhow::bail!(
-            "--registry {registry:?} is not supported yet; leave it out to use the embedded registry under --work-dir"
-        );
+        return Err(StartError::Registry(registry.clone()));
     }
-    let listener = tokio::net::TcpListener::bind((config.ip, config.port))
+    let address = SocketAddr::new(config.ip, config.port);
+    let listen_failed = |source| StartError::Listen { address, source };
+    let listener = tokio::net::TcpListener::bind(address)
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {}:{}: {e}; is another master running there?",
-                config.ip,
-                config.port
-            )
-        })?;
-    let addr = listener.local_addr()?;
+        .map_err(listen_failed)?;
+    let addr = listener.local_addr().map_err(listen_failed)?;
     let master = Master::open(config, addr)?;
     let shared = Shared::new(master);
 
@@ -133,8 +146,10 @@ async fn allocation_loop(shared: Shared) {
 async fn dispatch(shared: Shared, request: Request<Body>) -> Response {
     let path = request.uri().path().to_owned();
     match http::route(&path) {
-        Some("/api/v1/scheduler") => scheduler_api::handle(shared, request).await,
-        Some("/api/v1") => operator_api::handle_api(shared, request).await,
+        Some("/api/v1/scheduler") => scheduler_api::handle(shared, request).await.into_response(),
+        Some("/api/v1") => operator_api::handle_api(shared, request)
+            .await
+            .into_response(),
         Some("/version") => http::json_response(&serde_json::json!({
             "version": butte_api::MESOS_VERSION,
             "build_user": "butte",

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode, header};
+use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use butte_api::mesos::v1::master::{Call, Response as ApiResponse, call, response};
 use butte_api::mesos::v1::{Metric, Resource, Role, Task, TaskState, VersionInfo};
@@ -14,29 +14,15 @@ use butte_api::resources::Resources;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
-use crate::http::{HttpError, encoded, json_response, read_body, request_format, response_format};
+use crate::http::{HttpError, encoded, json_response, read_post, response_format};
 use crate::master::{Master, Shared, roles_of};
 use butte_api::task_state::is_terminal;
 
-pub async fn handle_api(shared: Shared, request: Request<Body>) -> Response {
-    match serve_api(shared, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
-}
-
-async fn serve_api(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
-    if request.method() != Method::POST {
-        return Err(HttpError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("Expecting 'POST', received '{}'", request.method()),
-        ));
-    }
-    let (parts, body) = request.into_parts();
-    let format = request_format(&parts.headers)?;
-    let accept = response_format(&parts.headers)?;
+pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
     let limit = shared.lock().config.max_request_bytes;
-    let call: Call = format.decode(&read_body(&parts.headers, body, limit).await?)?;
+    let posted = read_post(request, limit).await?;
+    let accept = response_format(&posted.headers)?;
+    let call: Call = posted.format.decode(&posted.body)?;
     let kind = call
         .r#type
         .and_then(|t| call::Type::try_from(t).ok())
@@ -347,47 +333,8 @@ pub fn metrics_snapshot(master: &Master) -> BTreeMap<String, f64> {
         (master.frameworks.len() - active) as f64,
     );
     put("outstanding_offers", master.offers.len() as f64);
-    for state in [
-        TaskState::TaskStaging,
-        TaskState::TaskStarting,
-        TaskState::TaskRunning,
-        TaskState::TaskKilling,
-        TaskState::TaskUnreachable,
-    ] {
-        let count = active_tasks(master).filter(|t| t.state() == state).count();
-        put(
-            &state
-                .as_str_name()
-                .to_ascii_lowercase()
-                .replace("task_", "tasks_"),
-            count as f64,
-        );
-    }
-    for state in [
-        TaskState::TaskFinished,
-        TaskState::TaskFailed,
-        TaskState::TaskKilled,
-        TaskState::TaskLost,
-        TaskState::TaskError,
-        TaskState::TaskDropped,
-    ] {
-        let count = master
-            .frameworks
-            .values()
-            .flat_map(|f| {
-                f.completed_tasks
-                    .iter()
-                    .chain(f.tasks.values().map(|e| &e.task))
-            })
-            .filter(|t| t.state() == state)
-            .count();
-        put(
-            &state
-                .as_str_name()
-                .to_ascii_lowercase()
-                .replace("task_", "tasks_"),
-            count as f64,
-        );
+    for (name, count) in task_counts(master) {
+        put(&name, count as f64);
     }
     let total = master.allocator.total().clone();
     let mut used = Resources::new();
@@ -404,21 +351,72 @@ pub fn metrics_snapshot(master: &Master) -> BTreeMap<String, f64> {
         );
     }
     let c = &master.counters;
-    put("offers_sent", c.offers_sent as f64);
-    put("offers_declined", c.offers_declined as f64);
-    put("offers_rescinded", c.offers_rescinded as f64);
-    put("offers_accepted", c.offers_accepted as f64);
-    put("tasks_launched", c.tasks_launched as f64);
-    put("invalid_tasks", c.tasks_invalid as f64);
-    put("valid_status_updates", c.status_updates as f64);
-    put("allocation_runs", c.allocation_runs as f64);
+    for (name, value) in [
+        ("offers_sent", c.offers_sent),
+        ("offers_declined", c.offers_declined),
+        ("offers_rescinded", c.offers_rescinded),
+        ("offers_accepted", c.offers_accepted),
+        ("tasks_launched", c.tasks_launched),
+        ("invalid_tasks", c.tasks_invalid),
+        ("valid_status_updates", c.status_updates),
+        ("allocation_runs", c.allocation_runs),
+        ("registry_write_errors", c.registry_errors),
+    ] {
+        put(name, value as f64);
+    }
     put("allocation_run_ms", c.allocation_last_ms);
-    put("registry_write_errors", c.registry_errors as f64);
     m.insert(
         "allocator/mesos/allocation_runs".into(),
         c.allocation_runs as f64,
     );
     m
+}
+
+/// Mesos's task gauges (`tasks_running`...): the active states count the
+/// tasks in flight, the terminal ones also the completed tasks kept.
+fn task_counts(master: &Master) -> Vec<(String, usize)> {
+    let mut active: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut completed: BTreeMap<i32, usize> = BTreeMap::new();
+    for framework in master.frameworks.values() {
+        for entry in framework.tasks.values() {
+            *active.entry(entry.task.state).or_default() += 1;
+        }
+        for task in &framework.completed_tasks {
+            *completed.entry(task.state).or_default() += 1;
+        }
+    }
+    let name = |state: TaskState| {
+        state
+            .as_str_name()
+            .to_ascii_lowercase()
+            .replace("task_", "tasks_")
+    };
+    let count = |counts: &BTreeMap<i32, usize>, state: TaskState| {
+        counts.get(&(state as i32)).copied().unwrap_or(0)
+    };
+    let in_flight = [
+        TaskState::TaskStaging,
+        TaskState::TaskStarting,
+        TaskState::TaskRunning,
+        TaskState::TaskKilling,
+        TaskState::TaskUnreachable,
+    ]
+    .map(|state| (name(state), count(&active, state)));
+    let ended = [
+        TaskState::TaskFinished,
+        TaskState::TaskFailed,
+        TaskState::TaskKilled,
+        TaskState::TaskLost,
+        TaskState::TaskError,
+        TaskState::TaskDropped,
+    ]
+    .map(|state| {
+        (
+            name(state),
+            count(&active, state) + count(&completed, state),
+        )
+    });
+    in_flight.into_iter().chain(ended).collect()
 }
 
 fn resources_json(resources: &Resources) -> Value {

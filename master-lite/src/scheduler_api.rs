@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Method, Request, StatusCode, header};
+use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use butte_api::mesos::v1::scheduler::{Call, Event, call, event};
 use butte_api::recordio;
@@ -13,29 +13,16 @@ use butte_api::resources::Resources;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::http::{
-    Format, HttpError, STREAM_ID_HEADER, read_body, request_format, response_format,
-};
+use crate::http::{Format, HttpError, Posted, STREAM_ID_HEADER, read_post, response_format};
 use crate::master::{Shared, check_launch_resources};
 
-pub async fn handle(shared: Shared, request: Request<Body>) -> Response {
-    match serve(shared, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
-}
-
-async fn serve(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
-    if request.method() != Method::POST {
-        return Err(HttpError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("Expecting 'POST', received '{}'", request.method()),
-        ));
-    }
-    let (parts, body) = request.into_parts();
-    let format = request_format(&parts.headers)?;
+pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
     let limit = shared.lock().config.max_request_bytes;
-    let bytes = read_body(&parts.headers, body, limit).await?;
+    let Posted {
+        headers,
+        format,
+        body: bytes,
+    } = read_post(request, limit).await?;
     let call: Call = format.decode(&bytes)?;
     if call.r#type.is_none() && format == Format::Json {
         // Unknown enum names are dropped like unknown fields; say which one it was.
@@ -49,8 +36,7 @@ async fn serve(shared: Shared, request: Request<Body>) -> Result<Response, HttpE
         }
     }
     validate(&call)?;
-    let stream_id = parts
-        .headers
+    let stream_id = headers
         .get(STREAM_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
@@ -61,7 +47,7 @@ async fn serve(shared: Shared, request: Request<Body>) -> Result<Response, HttpE
                 "SUBSCRIBE calls must not carry the '{STREAM_ID_HEADER}' header; the master assigns one"
             )));
         }
-        let accept = response_format(&parts.headers)?;
+        let accept = response_format(&headers)?;
         let subscribe = call.subscribe.unwrap_or_default();
         let subscription = shared
             .lock()

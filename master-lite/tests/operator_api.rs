@@ -118,12 +118,19 @@ async fn operator_calls_and_views_report_agents_frameworks_tasks_and_metrics() {
         "# TYPE butte_master_resources gauge",
         "butte_master_resources{resource=\"cpus\",unit=\"cores\"} 4.0",
         "# TYPE butte_master_tasks_launched_total counter",
+        "# TYPE butte_master_allocation_run_duration_seconds histogram",
     ] {
         assert!(
             prometheus.lines().any(|l| l == line),
             "no line {line:?} in:\n{prometheus}"
         );
     }
+    let cycles: u64 = prometheus
+        .lines()
+        .find_map(|l| l.strip_prefix("butte_master_allocation_run_duration_seconds_count "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(cycles > 0, "every allocation cycle is timed:\n{prometheus}");
     let version: Value = get("/version").await.json().await.unwrap();
     assert_eq!(version["version"], "1.11.0");
     let redirect = reqwest::Client::builder()

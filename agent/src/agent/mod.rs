@@ -49,6 +49,21 @@ pub struct AgentState {
     pub gpus: Option<GpuBooks>,
 }
 
+impl AgentState {
+    fn new(agent_id: Option<String>, total: Resources, gpus: Option<GpuBooks>) -> Self {
+        Self {
+            agent_id,
+            total,
+            tasks: TaskTable::default(),
+            frameworks: HashMap::new(),
+            event_counts: HashMap::new(),
+            oom_struck: HashSet::new(),
+            latest: HashMap::new(),
+            gpus,
+        }
+    }
+}
+
 /// A running task as the telemetry sampler sees it.
 pub struct TaskView {
     pub key: TaskKey,
@@ -99,16 +114,7 @@ impl Agent {
         };
         let checkpoint = Arc::new(Checkpoint::new(&config.work_dir));
         let retry = Duration::from_secs_f64(config.status_update_retry.max(0.1));
-        let state = AgentState {
-            agent_id: checkpoint.agent_id(),
-            total,
-            tasks: TaskTable::default(),
-            frameworks: HashMap::new(),
-            event_counts: HashMap::new(),
-            oom_struck: HashSet::new(),
-            latest: HashMap::new(),
-            gpus,
-        };
+        let state = AgentState::new(checkpoint.agent_id(), total, gpus);
         Self {
             state: Arc::new(Mutex::new(state)),
             config: Arc::new(config),

@@ -2,7 +2,7 @@
 //! delivered at least once and in order over the link (the shared
 //! `UpdateQueue`), until the master acknowledges them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,8 @@ use butte_api::task_state::is_terminal;
 use butte_api::update_queue::{Retry, UpdateQueue, new_uuid, unix_now};
 use tokio::sync::mpsc;
 
-use super::Agent;
 use super::tasks::TaskKey;
+use super::{Agent, AgentState};
 use crate::checkpoint::Checkpoint;
 
 /// The agent's side of the link for status updates (and the channel every
@@ -29,7 +29,33 @@ pub struct StatusStream {
 #[derive(Default)]
 struct Streams {
     queues: BTreeMap<TaskKey, UpdateQueue<link::StatusUpdate>>,
+    /// Per task with a checkpoint: writes and the final removal take its
+    /// lock, and a write after the removal (true) is skipped, so a slow
+    /// write never brings back the checkpoint of a task that has ended.
+    checkpoints: HashMap<TaskKey, Arc<Mutex<bool>>>,
     outbound: Option<mpsc::UnboundedSender<link::AgentMessage>>,
+}
+
+/// A queued update's checkpoint, written once the agent's lock is released.
+#[must_use = "write() checkpoints the task and sends the update"]
+pub struct Queued<'a> {
+    stream: &'a StatusStream,
+    key: TaskKey,
+    task: Option<(Task, Arc<Mutex<bool>>)>,
+}
+
+impl Queued<'_> {
+    /// Checkpoints the task as it was when its update was queued, then
+    /// sends what is due.
+    pub fn write(self) {
+        if let Some((task, slot)) = self.task {
+            let removed = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if !*removed && let Err(error) = self.stream.checkpoint.task(&task) {
+                tracing::error!(%error, task_id = self.key.task_id, "cannot checkpoint the task");
+            }
+        }
+        self.stream.flush();
+    }
 }
 
 impl StatusStream {
@@ -75,20 +101,33 @@ impl StatusStream {
             .is_ok()
     }
 
-    /// Queues an update; `task` (the task as it is now) is checkpointed
-    /// before the update can leave.
-    pub fn push(&self, key: &TaskKey, update: link::StatusUpdate, task: Option<&Task>) {
-        self.lock()
+    /// Queues an update. It takes the agent's locked state (`_held`) to be
+    /// called where the task's state changed, so that its updates queue in
+    /// the order of its states; `write()` the returned checkpoint (`task`,
+    /// the task as it is now) once the lock is released, where slow I/O
+    /// stalls nobody.
+    pub fn queue(
+        &self,
+        _held: &AgentState,
+        key: &TaskKey,
+        update: link::StatusUpdate,
+        task: Option<Task>,
+    ) -> Queued<'_> {
+        let mut streams = self.lock();
+        streams
             .queues
             .entry(key.clone())
             .or_insert_with(|| UpdateQueue::new(self.retry))
             .push(update);
-        if let Some(task) = task
-            && let Err(error) = self.checkpoint.task(task)
-        {
-            tracing::error!(%error, task_id = key.task_id, "cannot checkpoint the task");
+        let task = task.map(|task| {
+            let slot = streams.checkpoints.entry(key.clone()).or_default();
+            (task, slot.clone())
+        });
+        Queued {
+            stream: self,
+            key: key.clone(),
+            task,
         }
-        self.flush();
     }
 
     /// Sends each task's oldest unacknowledged update when due.
@@ -122,10 +161,19 @@ impl StatusStream {
             if drained {
                 streams.queues.remove(key);
             }
-            drained && is_terminal(acked.status.state())
+            (drained && is_terminal(acked.status.state())).then(|| streams.checkpoints.remove(key))
         };
-        if ended && let Err(error) = self.checkpoint.remove_task(&key.framework_id, &key.task_id) {
-            tracing::error!(%error, task_id = key.task_id, "cannot remove the task's checkpoint");
+        if let Some(slot) = ended {
+            // Held across the removal: a write still in flight waits, then skips.
+            let mut removed = slot
+                .as_ref()
+                .map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()));
+            if let Some(removed) = removed.as_mut() {
+                **removed = true;
+            }
+            if let Err(error) = self.checkpoint.remove_task(&key.framework_id, &key.task_id) {
+                tracing::error!(%error, task_id = key.task_id, "cannot remove the task's checkpoint");
+            }
         }
         self.flush();
     }
@@ -144,7 +192,9 @@ impl Agent {
 
     /// A status update; a running task's carries the labels of its GPUs
     /// (which it was given and how they are linked) and `extra_labels`.
-    /// One that the task state machine does not allow is dropped.
+    /// One that the task state machine does not allow is dropped. It is
+    /// queued under the agent's lock, where the task's state changes, so a
+    /// task's updates leave in the order of its states.
     pub(super) fn update_with(
         &self,
         key: &TaskKey,
@@ -170,7 +220,6 @@ impl Agent {
             }
             task = Some(record.to_proto(agent_id.as_deref()));
         }
-        drop(guard);
         labels.extend(extra_labels);
         let status = TaskStatus {
             task_id: TaskId {
@@ -192,6 +241,93 @@ impl Agent {
             },
             status,
         };
-        self.status.push(key, update, task.as_ref());
+        let queued = self.status.queue(&guard, key, update, task);
+        drop(guard);
+        queued.write();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(key: &TaskKey, state: TaskState) -> (link::StatusUpdate, Task) {
+        let status = TaskStatus {
+            task_id: TaskId {
+                value: key.task_id.clone(),
+            },
+            state: state as i32,
+            uuid: Some(new_uuid()),
+            ..Default::default()
+        };
+        let task = Task {
+            task_id: status.task_id.clone(),
+            framework_id: FrameworkId {
+                value: key.framework_id.clone(),
+            },
+            state: state as i32,
+            ..Default::default()
+        };
+        let framework_id = task.framework_id.clone();
+        (
+            link::StatusUpdate {
+                framework_id,
+                status,
+            },
+            task,
+        )
+    }
+
+    fn held() -> AgentState {
+        AgentState::new(None, butte_api::resources::Resources::new(), None)
+    }
+
+    fn sent(outbound: &mut mpsc::UnboundedReceiver<link::AgentMessage>) -> Vec<TaskStatus> {
+        let mut sent = Vec::new();
+        while let Ok(message) = outbound.try_recv() {
+            if let Some(agent_message::Kind::StatusUpdate(update)) = message.kind {
+                sent.push(update.status);
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn a_late_checkpoint_write_never_brings_back_an_ended_task() {
+        let work_dir =
+            std::env::temp_dir().join(format!("butte-status-stream-{}", std::process::id()));
+        let checkpoint = Arc::new(Checkpoint::new(&work_dir));
+        let stream = StatusStream::new(Duration::from_secs(10), checkpoint);
+        let (sender, mut outbound) = mpsc::unbounded_channel();
+        stream.connect(sender);
+        let key = TaskKey::new("f", "t");
+        let task_dir = work_dir.join("meta/frameworks/f/tasks/t");
+
+        // RUNNING is queued first but its checkpoint write is slow.
+        let (running, running_task) = update(&key, TaskState::TaskRunning);
+        let held = held();
+        let late = stream.queue(&held, &key, running, Some(running_task));
+        let (finished, finished_task) = update(&key, TaskState::TaskFinished);
+        stream
+            .queue(&held, &key, finished, Some(finished_task))
+            .write();
+        assert!(task_dir.exists(), "the task is checkpointed");
+
+        let first = sent(&mut outbound);
+        assert_eq!(first.len(), 1, "only the oldest update is in flight");
+        assert_eq!(first[0].state(), TaskState::TaskRunning);
+        stream.acknowledge(&key, first[0].uuid.as_deref().unwrap_or_default());
+        let second = sent(&mut outbound);
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].state(), TaskState::TaskFinished);
+        stream.acknowledge(&key, second[0].uuid.as_deref().unwrap_or_default());
+        assert!(!task_dir.exists(), "the acknowledged end removes it");
+
+        late.write();
+        assert!(
+            !task_dir.exists(),
+            "the slow write of RUNNING does not bring the checkpoint back"
+        );
+        let _ = std::fs::remove_dir_all(&work_dir);
     }
 }

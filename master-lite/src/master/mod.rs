@@ -166,6 +166,7 @@ pub struct Counters {
     pub status_updates: u64,
     pub allocation_runs: u64,
     pub allocation_last_ms: f64,
+    pub allocation_durations: crate::metrics::AllocationDurations,
     pub registry_errors: u64,
 }
 

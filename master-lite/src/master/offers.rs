@@ -97,7 +97,9 @@ impl Master {
             );
         }
         self.counters.allocation_runs += 1;
-        self.counters.allocation_last_ms = started.elapsed().as_secs_f64() * 1e3;
+        let took = started.elapsed().as_secs_f64();
+        self.counters.allocation_last_ms = took * 1e3;
+        self.counters.allocation_durations.observe(took);
     }
 
     /// Takes an offer out of the outstanding ones; its resources stay booked.
