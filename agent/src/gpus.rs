@@ -76,6 +76,29 @@ pub fn label(key: &str, value: &str) -> Label {
 }
 
 /// The agent's GPU backend and its books.
+/// Why a container cannot have the GPUs it asks for.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AssignError {
+    /// part of a whole GPU asked for
+    #[error(
+        "gpus must be a whole number of devices, not {0}; ask for MIG instances (mig-<profile>) for part of a GPU"
+    )]
+    FractionalGpus(f64),
+    /// more whole GPUs than are free and healthy
+    #[error("{wanted} GPUs asked, {free} free and healthy on this agent")]
+    TooFewGpus { wanted: usize, free: usize },
+    /// part of a MIG instance asked for
+    #[error("mig-{profile} must be a whole number of instances, not {count}")]
+    FractionalMig { profile: String, count: f64 },
+    /// more MIG instances of a profile than are free and healthy
+    #[error("{wanted} MIG instances of {profile} asked, {free} free and healthy")]
+    TooFewMig {
+        profile: String,
+        wanted: f64,
+        free: usize,
+    },
+}
+
 pub struct Gpus {
     pub backend: std::sync::Arc<dyn butte_gpu::GpuBackend>,
     pub books: GpuBooks,
@@ -178,7 +201,7 @@ impl GpuBooks {
         &mut self,
         container: &str,
         resources: &Resources,
-    ) -> Result<Option<Assignment>, String> {
+    ) -> Result<Option<Assignment>, AssignError> {
         let count = resources.scalar("gpus");
         let mig: Vec<(String, f64)> = resources
             .scalars()
@@ -188,9 +211,7 @@ impl GpuBooks {
             return Ok(None);
         }
         if count.fract() != 0.0 {
-            return Err(format!(
-                "gpus must be a whole number of devices, not {count}; ask for MIG instances (mig-<profile>) for part of a GPU"
-            ));
+            return Err(AssignError::FractionalGpus(count));
         }
         let choice = self.free_gpus(count as usize)?;
         let instances = self.free_instances(&mig)?;
@@ -221,7 +242,7 @@ impl GpuBooks {
     }
 
     /// The best-connected `wanted` free healthy whole GPUs (None: none asked).
-    fn free_gpus(&self, wanted: usize) -> Result<Option<Choice>, String> {
+    fn free_gpus(&self, wanted: usize) -> Result<Option<Choice>, AssignError> {
         if wanted == 0 {
             return Ok(None);
         }
@@ -233,11 +254,9 @@ impl GpuBooks {
             .map(|g| g.index)
             .filter(|i| !self.held.contains_key(i) && !self.faulty.contains_key(i))
             .collect();
-        let choice = choose(&self.inventory, &free, wanted).ok_or_else(|| {
-            format!(
-                "{wanted} GPUs asked, {} free and healthy on this agent",
-                free.len()
-            )
+        let choice = choose(&self.inventory, &free, wanted).ok_or(AssignError::TooFewGpus {
+            wanted,
+            free: free.len(),
         })?;
         Ok(Some(choice))
     }
@@ -282,13 +301,14 @@ impl GpuBooks {
     fn free_instances(
         &self,
         asked: &[(String, f64)],
-    ) -> Result<Vec<butte_gpu::MigInstance>, String> {
+    ) -> Result<Vec<butte_gpu::MigInstance>, AssignError> {
         let mut chosen = Vec::new();
         for (profile, count) in asked {
             if count.fract() != 0.0 || *count < 0.0 {
-                return Err(format!(
-                    "{MIG_PREFIX}{profile} must be a whole number of instances, not {count}"
-                ));
+                return Err(AssignError::FractionalMig {
+                    profile: profile.clone(),
+                    count: *count,
+                });
             }
             let free: Vec<_> = self
                 .inventory
@@ -301,10 +321,11 @@ impl GpuBooks {
                 .cloned()
                 .collect();
             if free.len() < *count as usize {
-                return Err(format!(
-                    "{count} MIG instances of {profile} asked, {} free and healthy",
-                    free.len()
-                ));
+                return Err(AssignError::TooFewMig {
+                    profile: profile.clone(),
+                    wanted: *count,
+                    free: free.len(),
+                });
             }
             chosen.extend(free);
         }
@@ -464,9 +485,9 @@ mod tests {
     #[test]
     fn too_many_or_fractional_gpus_are_refused_with_a_reason() {
         let mut books = GpuBooks::new(node());
-        let error = books.assign("c", &gpus(9.0)).unwrap_err();
+        let error = books.assign("c", &gpus(9.0)).unwrap_err().to_string();
         assert!(error.contains("9 GPUs asked, 8 free"), "{error}");
-        let error = books.assign("c", &gpus(0.5)).unwrap_err();
+        let error = books.assign("c", &gpus(0.5)).unwrap_err().to_string();
         assert!(error.contains("whole number"), "{error}");
         assert_eq!(books.assign("c", &Resources::new()).unwrap(), None);
     }

@@ -56,6 +56,9 @@ fn wants_protobuf(headers: &HeaderMap, name: header::HeaderName) -> bool {
         .is_some_and(|v| v.to_ascii_lowercase().contains(PROTOBUF))
 }
 
+/// A call refused: the status and the message the client reads.
+type Refusal = (StatusCode, String);
+
 async fn api(
     axum::extract::State(agent): axum::extract::State<Agent>,
     headers: HeaderMap,
@@ -66,36 +69,56 @@ async fn api(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
+    let answered = match decode_call(&content_type, &body) {
+        Ok(call) => answer(agent, &call).await,
+        Err(refused) => Err(refused),
+    };
+    match answered {
+        Ok(answer) => {
+            let protobuf = if headers.contains_key(header::ACCEPT) {
+                wants_protobuf(&headers, header::ACCEPT)
+            } else {
+                content_type.starts_with(PROTOBUF)
+            };
+            encode(&answer, protobuf)
+        }
+        Err((status, message)) => error(status, message),
+    }
+}
+
+/// The call in the body, as its Content-Type says it is encoded.
+fn decode_call(content_type: &str, body: &[u8]) -> Result<Call, Refusal> {
     let decoded = if content_type.starts_with(PROTOBUF) {
-        butte_api::json::from_protobuf::<Call>(&body)
+        butte_api::json::from_protobuf::<Call>(body)
     } else if content_type.starts_with(JSON) {
-        butte_api::json::from_json::<Call>(&body)
+        butte_api::json::from_json::<Call>(body)
     } else {
-        return error(
+        return Err((
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("Expecting 'Content-Type' of {JSON} or {PROTOBUF}, got '{content_type}'"),
-        );
+        ));
     };
-    let call = match decoded {
-        Ok(call) => call,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("Failed to parse body: {e}"),
-            );
-        }
-    };
+    decoded.map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("Failed to parse body: {e}"),
+        )
+    })
+}
+
+/// The answer to a call this agent serves, or the refusal of one it does not.
+async fn answer(agent: Agent, call: &Call) -> Result<ApiResponse, Refusal> {
     let kind = call
         .r#type
         .and_then(|t| call::Type::try_from(t).ok())
         .unwrap_or(call::Type::Unknown);
-    let answer = match kind {
-        call::Type::GetHealth => ApiResponse {
+    match kind {
+        call::Type::GetHealth => Ok(ApiResponse {
             r#type: Some(response::Type::GetHealth as i32),
             get_health: Some(response::GetHealth { healthy: true }),
             ..Default::default()
-        },
-        call::Type::GetVersion => ApiResponse {
+        }),
+        call::Type::GetVersion => Ok(ApiResponse {
             r#type: Some(response::Type::GetVersion as i32),
             get_version: Some(response::GetVersion {
                 version_info: VersionInfo {
@@ -105,40 +128,31 @@ async fn api(
                 },
             }),
             ..Default::default()
-        },
+        }),
         call::Type::GetContainers => {
             // The cgroup reads block: off the runtime threads.
-            let containers = match tokio::task::spawn_blocking(move || containers(&agent)).await {
-                Ok(containers) => containers,
-                Err(e) => {
-                    return error(
+            let containers = tokio::task::spawn_blocking(move || containers(&agent))
+                .await
+                .map_err(|e| {
+                    (
                         StatusCode::INTERNAL_SERVER_ERROR,
                         format!("cannot list the containers: {e}"),
-                    );
-                }
-            };
-            ApiResponse {
+                    )
+                })?;
+            Ok(ApiResponse {
                 r#type: Some(response::Type::GetContainers as i32),
                 get_containers: Some(containers),
                 ..Default::default()
-            }
+            })
         }
-        other => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "call {} is not served by this agent; it serves GET_HEALTH, GET_VERSION and GET_CONTAINERS",
-                    other.as_str_name()
-                ),
-            );
-        }
-    };
-    let protobuf = if headers.contains_key(header::ACCEPT) {
-        wants_protobuf(&headers, header::ACCEPT)
-    } else {
-        content_type.starts_with(PROTOBUF)
-    };
-    encode(&answer, protobuf)
+        other => Err((
+            StatusCode::BAD_REQUEST,
+            format!(
+                "call {} is not served by this agent; it serves GET_HEALTH, GET_VERSION and GET_CONTAINERS",
+                other.as_str_name()
+            ),
+        )),
+    }
 }
 
 fn encode<M: Message + Name>(message: &M, protobuf: bool) -> Response {

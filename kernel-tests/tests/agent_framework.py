@@ -314,9 +314,12 @@ def main():
 
         final = {}
         kill_sent = {}
+        running = set()
         while len(final) < len(tasks):
             status = next_event("UPDATE")["status"]
             task_id, state = status["task_id"]["value"], status["state"]
+            if state == "TASK_RUNNING":
+                running.add(task_id)
             if state == "TASK_RUNNING" and (task_id == "sleeper" or MODE == "churn") and task_id not in kill_sent:
                 kill_sent[task_id] = time.monotonic()
                 driver.kill(agent_id["value"], task_id)
@@ -346,6 +349,11 @@ def main():
             for g in "abc":
                 if final["group-" + g]["state"] != "TASK_FINISHED":
                     problems.append("group-%s: %s" % (g, final["group-" + g]))
+            # A task that ran to its end was RUNNING first, however short it was.
+            ran = [t for t, r in final.items() if r["state"] == "TASK_FINISHED" or t == "exit3"]
+            never_running = sorted(t for t in ran if t not in running)
+            if never_running:
+                problems.append("ended without TASK_RUNNING first: %s" % ", ".join(never_running))
         else:
             for task_id, result in final.items():
                 if result["state"] != "TASK_KILLED":

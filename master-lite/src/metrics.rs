@@ -75,8 +75,11 @@ const RESOURCES: &[(&str, &str, f64)] = &[
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Task states always shown, zero when no task is in them.
-const TASK_STATES: [TaskState; 11] = [
+/// How many of `TASK_STATES` come before a task ends.
+pub(crate) const IN_FLIGHT: usize = 5;
+/// Task states always shown, zero when no task is in them: the first
+/// `IN_FLIGHT` before a task ends, then the terminal ones.
+pub(crate) const TASK_STATES: [TaskState; 11] = [
     TaskState::TaskStaging,
     TaskState::TaskStarting,
     TaskState::TaskRunning,

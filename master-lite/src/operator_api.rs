@@ -16,6 +16,7 @@ use tokio_stream::StreamExt;
 
 use crate::http::{HttpError, encoded, json_response, read_post, response_format};
 use crate::master::{Master, Shared, roles_of};
+use crate::metrics::{IN_FLIGHT, TASK_STATES};
 use butte_api::task_state::is_terminal;
 
 pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
@@ -394,29 +395,15 @@ fn task_counts(master: &Master) -> Vec<(String, usize)> {
     let count = |counts: &BTreeMap<i32, usize>, state: TaskState| {
         counts.get(&(state as i32)).copied().unwrap_or(0)
     };
-    let in_flight = [
-        TaskState::TaskStaging,
-        TaskState::TaskStarting,
-        TaskState::TaskRunning,
-        TaskState::TaskKilling,
-        TaskState::TaskUnreachable,
-    ]
-    .map(|state| (name(state), count(&active, state)));
-    let ended = [
-        TaskState::TaskFinished,
-        TaskState::TaskFailed,
-        TaskState::TaskKilled,
-        TaskState::TaskLost,
-        TaskState::TaskError,
-        TaskState::TaskDropped,
-    ]
-    .map(|state| {
-        (
-            name(state),
-            count(&active, state) + count(&completed, state),
-        )
+    let (in_flight, ended) = TASK_STATES.split_at(IN_FLIGHT);
+    let in_flight = in_flight
+        .iter()
+        .map(|&state| (name(state), count(&active, state)));
+    let ended = ended.iter().map(|&state| {
+        let both = count(&active, state) + count(&completed, state);
+        (name(state), both)
     });
-    in_flight.into_iter().chain(ended).collect()
+    in_flight.chain(ended).collect()
 }
 
 fn resources_json(resources: &Resources) -> Value {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::http::{Format, HttpError, Posted, STREAM_ID_HEADER, read_post, response_format};
-use crate::master::{Shared, check_launch_resources};
+use crate::master::{Master, Shared, check_launch_resources};
 
 pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
     let limit = shared.lock().config.max_request_bytes;
@@ -25,15 +25,7 @@ pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, 
     } = read_post(request, limit).await?;
     let call: Call = format.decode(&bytes)?;
     if call.r#type.is_none() && format == Format::Json {
-        // Unknown enum names are dropped like unknown fields; say which one it was.
-        let given = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("type").cloned());
-        if let Some(given) = given {
-            return Err(HttpError::bad_request(format!(
-                "call type {given} is not known; use SUBSCRIBE, ACCEPT, DECLINE, REVIVE, SUPPRESS, KILL, SHUTDOWN, ACKNOWLEDGE, RECONCILE, MESSAGE, REQUEST or TEARDOWN"
-            )));
-        }
+        refuse_unknown_type(&bytes)?;
     }
     validate(&call)?;
     let stream_id = headers
@@ -62,6 +54,27 @@ pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, 
         .unwrap_or_default();
     let mut master = shared.lock();
     master.check_stream(&framework_id, stream_id.as_deref())?;
+    apply(&mut master, &framework_id, call)?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// A JSON call whose `type` decoded to nothing: unknown enum names are
+/// dropped like unknown fields, so say which one it was.
+fn refuse_unknown_type(bytes: &[u8]) -> Result<(), HttpError> {
+    let given = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("type").cloned());
+    match given {
+        Some(given) => Err(HttpError::bad_request(format!(
+            "call type {given} is not known; use SUBSCRIBE, ACCEPT, DECLINE, REVIVE, SUPPRESS, KILL, SHUTDOWN, ACKNOWLEDGE, RECONCILE, MESSAGE, REQUEST or TEARDOWN"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Applies a call of a subscribed framework (any but SUBSCRIBE).
+fn apply(master: &mut Master, framework_id: &str, call: Call) -> Result<(), HttpError> {
+    let framework_id = framework_id.to_owned();
     match call.r#type() {
         call::Type::Teardown => {
             master.remove_framework(&framework_id, "the scheduler sent TEARDOWN")
@@ -95,7 +108,7 @@ pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, 
             ));
         }
     }
-    Ok(StatusCode::ACCEPTED.into_response())
+    Ok(())
 }
 
 /// Checks what Mesos checks before applying a call: its type, the body its

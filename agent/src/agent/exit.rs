@@ -41,6 +41,10 @@ impl Agent {
             || (exit.signal == Some(libc::SIGKILL)
                 && self.isolator.oom_killed(&cgroup_id).unwrap_or(false));
         let (state, message, reason) = outcome(exit, oom, killing);
+        if !killing {
+            // An exit follows exec: the task ran, even if its launch is not answered yet.
+            self.report_running(&key);
+        }
         let failed = state != TaskState::TaskFinished;
         self.finish(&key, state, message, reason);
         if let Some(group) = group {

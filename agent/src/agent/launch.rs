@@ -14,7 +14,7 @@ use butte_isolators::fences::TaskFence;
 
 use super::Agent;
 use super::tasks::{Placing, TaskKey};
-use crate::gpus::Assignment;
+use crate::gpus::{AssignError, Assignment};
 use crate::launcher::LaunchRequest;
 use crate::launcher_client::LauncherError;
 
@@ -37,8 +37,8 @@ pub enum LaunchError {
     #[error("the task asks for gpus and this agent has none")]
     NoGpus,
     /// the GPUs asked for cannot be given
-    #[error("{0}")]
-    Gpus(String),
+    #[error(transparent)]
+    Gpus(#[from] AssignError),
     /// a port range beyond what a port can be
     #[error("port range [{begin}-{end}] is outside 0-65535")]
     PortRange { begin: u64, end: u64 },
@@ -193,7 +193,7 @@ impl Agent {
                 self.record_launch(micros);
                 let killed_meanwhile = self.lock().tasks.get(&key).is_some_and(|r| r.is_killing());
                 if !killed_meanwhile {
-                    self.update(&key, TaskState::TaskRunning, None, None);
+                    self.report_running(&key);
                 }
             }
             Err(error) => self.fail_launch(&key, &error),
@@ -267,7 +267,7 @@ impl Agent {
             match joined {
                 Ok(Some(micros)) => {
                     self.record_launch(micros);
-                    self.update(key, TaskState::TaskRunning, None, None);
+                    self.report_running(key);
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -393,9 +393,7 @@ impl Agent {
     ) -> Result<(Placement, Option<Assignment>), LaunchError> {
         create_sandbox(sandbox)?;
         let gpus = match self.lock().gpus.as_mut() {
-            Some(books) => books
-                .assign(container_id, resources)
-                .map_err(LaunchError::Gpus)?,
+            Some(books) => books.assign(container_id, resources)?,
             None if resources.has_gpus() => return Err(LaunchError::NoGpus),
             None => None,
         };

@@ -190,11 +190,16 @@ impl Agent {
         self.update_with(key, state, message, reason, Vec::new());
     }
 
+    /// TASK_RUNNING, once: from the launch that reached exec or from the
+    /// task's exit, whichever the agent sees first (a short task can exit
+    /// before its launch is answered; without this its framework would see
+    /// STARTING, then FINISHED, and never RUNNING).
+    pub(super) fn report_running(&self, key: &TaskKey) {
+        self.queue_update(key, TaskState::TaskRunning, None, None, Vec::new(), true);
+    }
+
     /// A status update; a running task's carries the labels of its GPUs
     /// (which it was given and how they are linked) and `extra_labels`.
-    /// One that the task state machine does not allow is dropped. It is
-    /// queued under the agent's lock, where the task's state changes, so a
-    /// task's updates leave in the order of its states.
     pub(super) fn update_with(
         &self,
         key: &TaskKey,
@@ -203,23 +208,42 @@ impl Agent {
         reason: Option<task_status::Reason>,
         extra_labels: Vec<Label>,
     ) {
+        self.queue_update(key, state, message, reason, extra_labels, false);
+    }
+
+    /// Moves the task to `state` and queues its update; `once`: not when
+    /// the task is in that state already. An update for a task no longer
+    /// here, or one the task state machine does not allow, is dropped. It is
+    /// queued under the agent's lock, where the task's state changes, so a
+    /// task's updates leave in the order of its states.
+    fn queue_update(
+        &self,
+        key: &TaskKey,
+        state: TaskState,
+        message: Option<String>,
+        reason: Option<task_status::Reason>,
+        extra_labels: Vec<Label>,
+        once: bool,
+    ) {
         let mut guard = self.lock();
         let agent_id = guard.agent_id.clone();
-        let mut labels = Vec::new();
-        let mut task = None;
-        if let Some(record) = guard.tasks.get_mut(key) {
-            let from = record.state();
-            if !record.advance(state) {
-                tracing::warn!(%key, ?from, to = ?state, "a status update the task state machine does not allow; dropped");
-                return;
-            }
-            if state == TaskState::TaskRunning
-                && let Some(gpus) = &record.gpus
-            {
-                labels = gpus.labels();
-            }
-            task = Some(record.to_proto(agent_id.as_deref()));
+        let Some(record) = guard.tasks.get_mut(key) else {
+            tracing::debug!(%key, ?state, "an update for a task no longer here; dropped");
+            return;
+        };
+        let from = record.state();
+        if once && from == state {
+            return;
         }
+        if !record.advance(state) {
+            tracing::warn!(%key, ?from, to = ?state, "a status update the task state machine does not allow; dropped");
+            return;
+        }
+        let mut labels = match &record.gpus {
+            Some(gpus) if state == TaskState::TaskRunning => gpus.labels(),
+            _ => Vec::new(),
+        };
+        let task = Some(record.to_proto(agent_id.as_deref()));
         labels.extend(extra_labels);
         let status = TaskStatus {
             task_id: TaskId {
