@@ -55,16 +55,8 @@ fn stats(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let launches: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(500)
-        .max(1);
-    let dir = PathBuf::from("/var/lib/butte-bench/accept-to-running");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+/// The master and agent binaries on loopback, their state under `dir`.
+async fn start_cluster(dir: &std::path::Path) -> Processes {
     let mut processes = Processes(Vec::new());
     processes.0.push(
         Command::new(binary("butte-master"))
@@ -103,65 +95,92 @@ async fn main() {
             .spawn()
             .unwrap_or_else(|e| panic!("agent: {e}")),
     );
+    processes
+}
 
-    let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{MASTER_PORT}/api/v1/scheduler");
-    let subscribe = json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": {"user": "root", "name": "bench"}}});
-    let response = http
-        .post(&url)
-        .header("Content-Type", "application/json")
-        .body(subscribe.to_string())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("subscribe: {e}"));
-    let stream_id = response.headers()["Mesos-Stream-Id"]
-        .to_str()
-        .unwrap_or_default()
-        .to_owned();
-    let (events_tx, mut events) = mpsc::unbounded_channel::<Value>();
-    tokio::spawn(async move {
-        let mut response = response;
-        let mut decoder = recordio::Decoder::new(64 << 20);
-        while let Ok(Some(chunk)) = response.chunk().await {
-            for record in decoder.feed(&chunk).unwrap_or_default() {
-                if let Ok(event) = serde_json::from_slice::<Value>(&record) {
-                    let _ = events_tx.send(event);
+/// A subscribed JSON scheduler: its calls and its events.
+struct Scheduler {
+    http: reqwest::Client,
+    url: String,
+    stream_id: String,
+    framework_id: Value,
+    events: mpsc::UnboundedReceiver<Value>,
+    /// Offers received and not used yet, oldest first.
+    offers: Vec<Value>,
+}
+
+impl Scheduler {
+    async fn subscribe() -> Self {
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{MASTER_PORT}/api/v1/scheduler");
+        let subscribe = json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": {"user": "root", "name": "bench"}}});
+        let response = http
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .body(subscribe.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("subscribe: {e}"));
+        let stream_id = response.headers()["Mesos-Stream-Id"]
+            .to_str()
+            .unwrap_or_default()
+            .to_owned();
+        let (events_tx, mut events) = mpsc::unbounded_channel::<Value>();
+        tokio::spawn(async move {
+            let mut response = response;
+            let mut decoder = recordio::Decoder::new(64 << 20);
+            while let Ok(Some(chunk)) = response.chunk().await {
+                for record in decoder.feed(&chunk).unwrap_or_default() {
+                    if let Ok(event) = serde_json::from_slice::<Value>(&record) {
+                        let _ = events_tx.send(event);
+                    }
                 }
             }
+        });
+        let subscribed = events.recv().await.unwrap_or_default();
+        Self {
+            http,
+            url,
+            stream_id,
+            framework_id: subscribed["subscribed"]["framework_id"].clone(),
+            events,
+            offers: Vec::new(),
         }
-    });
-    let subscribed = events.recv().await.unwrap_or_default();
-    let framework_id = subscribed["subscribed"]["framework_id"].clone();
-    let call = |body: Value| {
-        let (http, url, stream_id) = (http.clone(), url.clone(), stream_id.clone());
-        async move {
-            http.post(&url)
-                .header("Content-Type", "application/json")
-                .header("Mesos-Stream-Id", stream_id)
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("call: {e}"))
-        }
-    };
+    }
 
-    let mut samples = Vec::with_capacity(launches);
-    let mut offers: Vec<Value> = Vec::new();
-    for i in 0..launches {
-        while offers.is_empty() {
-            let event = events.recv().await.unwrap_or_default();
-            if event["type"] == "OFFERS" {
-                offers.extend(
-                    event["offers"]["offers"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
-            }
+    async fn call(&self, body: Value) {
+        self.http
+            .post(&self.url)
+            .header("Content-Type", "application/json")
+            .header("Mesos-Stream-Id", &self.stream_id)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("call: {e}"));
+    }
+
+    /// The next event; offers are kept for later.
+    async fn next(&mut self) -> Value {
+        let event = self.events.recv().await.unwrap_or_default();
+        if event["type"] == "OFFERS" {
+            self.offers.extend(
+                event["offers"]["offers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            );
         }
-        let offer = offers.remove(0);
-        let task_id = format!("bench-{i}");
-        let accept = json!({"type": "ACCEPT", "framework_id": framework_id, "accept": {
+        event
+    }
+
+    /// Launches `task_id` (`/bin/true`) on the oldest offer; the time from
+    /// ACCEPT to its TASK_RUNNING, or None when it ended without one.
+    async fn launch(&mut self, task_id: &str) -> Option<Duration> {
+        while self.offers.is_empty() {
+            self.next().await;
+        }
+        let offer = self.offers.remove(0);
+        let accept = json!({"type": "ACCEPT", "framework_id": self.framework_id, "accept": {
             "offer_ids": [offer["id"]], "filters": {"refuse_seconds": 0},
             "operations": [{"type": "LAUNCH", "launch": {"task_infos": [{
                 "name": task_id, "task_id": {"value": task_id}, "agent_id": offer["agent_id"],
@@ -169,35 +188,61 @@ async fn main() {
                               {"name": "mem", "type": "SCALAR", "scalar": {"value": 32}}],
                 "command": {"shell": false, "value": "/bin/true"}}]}}]}});
         let started = Instant::now();
-        call(accept).await;
+        self.call(accept).await;
         loop {
-            let event = events.recv().await.unwrap_or_default();
-            match event["type"].as_str() {
-                Some("OFFERS") => offers.extend(
-                    event["offers"]["offers"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default(),
-                ),
-                Some("UPDATE") => {
-                    let status = &event["update"]["status"];
-                    if status.get("uuid").is_some() {
-                        call(json!({"type": "ACKNOWLEDGE", "framework_id": framework_id, "acknowledge": {
-                            "agent_id": status["agent_id"], "task_id": status["task_id"], "uuid": status["uuid"]}}))
-                        .await;
-                    }
-                    if status["task_id"]["value"] == task_id.as_str()
-                        && status["state"] == "TASK_RUNNING"
-                    {
-                        samples.push(started.elapsed());
-                        break;
-                    }
-                }
-                _ => {}
+            let event = self.next().await;
+            if event["type"] != "UPDATE" {
+                continue;
+            }
+            let status = &event["update"]["status"];
+            if status.get("uuid").is_some() {
+                self.call(json!({"type": "ACKNOWLEDGE", "framework_id": self.framework_id, "acknowledge": {
+                    "agent_id": status["agent_id"], "task_id": status["task_id"], "uuid": status["uuid"]}}))
+                .await;
+            }
+            if status["task_id"]["value"] != task_id {
+                continue;
+            }
+            match status["state"].as_str() {
+                Some("TASK_RUNNING") => return Some(started.elapsed()),
+                Some("TASK_STARTING") => {}
+                // Ended without ever being reported RUNNING.
+                _ => return None,
             }
         }
     }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let launches: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(500)
+        .max(1);
+    let dir = PathBuf::from("/var/lib/butte-bench/accept-to-running");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let processes = start_cluster(&dir).await;
+    let mut scheduler = Scheduler::subscribe().await;
+    let mut samples = Vec::with_capacity(launches);
+    let mut no_running = Vec::new();
+    for i in 0..launches {
+        let task_id = format!("bench-{i}");
+        match scheduler.launch(&task_id).await {
+            Some(took) => samples.push(took),
+            None => no_running.push(task_id),
+        }
+    }
     stats("ACCEPT -> TASK_RUNNING through master and agent", samples);
-    call(json!({"type": "TEARDOWN", "framework_id": framework_id})).await;
+    if !no_running.is_empty() {
+        println!(
+            "{} of {launches} tasks ended without TASK_RUNNING: {}",
+            no_running.len(),
+            no_running.join(", ")
+        );
+    }
+    let teardown = json!({"type": "TEARDOWN", "framework_id": scheduler.framework_id});
+    scheduler.call(teardown).await;
     drop(processes);
 }

@@ -171,6 +171,49 @@ fn every_second(seconds: u64, mut round: impl FnMut() -> u64) -> Duration {
     cpu
 }
 
+/// One run's CPU time, ours and the poller's.
+struct Measured {
+    seconds: u64,
+    collection: Duration,
+    bpf: Duration,
+    runs: u64,
+    /// Collection split: flush, map reads, memory files.
+    parts: [Duration; 3],
+    poller: Duration,
+}
+
+fn report(m: &Measured) {
+    let per_second = |d: Duration| d.as_secs_f64() * 1e3 / m.seconds as f64;
+    let ours = m.collection + m.bpf;
+    println!(
+        "butte:  {:>7.3} ms CPU/s = {:.3} % of a core  (eBPF programs {:.3} ms/s, collection {:.3} ms/s)",
+        per_second(ours),
+        per_second(ours) / 10.0,
+        per_second(m.bpf),
+        per_second(m.collection)
+    );
+    println!(
+        "        eBPF: {:.0} program runs/s, {:.0} ns each",
+        m.runs as f64 / m.seconds as f64,
+        m.bpf.as_nanos() as f64 / m.runs.max(1) as f64
+    );
+    println!(
+        "        collection: flush {:.3} ms/s, map lookups {:.3} ms/s, memory files {:.3} ms/s",
+        per_second(m.parts[0]),
+        per_second(m.parts[1]),
+        per_second(m.parts[2])
+    );
+    println!(
+        "poller: {:>7.3} ms CPU/s = {:.3} % of a core  (5 files per task)",
+        per_second(m.poller),
+        per_second(m.poller) / 10.0
+    );
+    println!(
+        "ratio: poller / butte = {:.1}x",
+        m.poller.as_secs_f64() / ours.as_secs_f64()
+    );
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args
@@ -228,38 +271,17 @@ fn main() {
     let (bpf, runs) = (bpf_after - bpf_before, runs_after - runs_before);
     let poller = every_second(seconds, || sample_poller(&tasks));
 
-    let per_second = |d: Duration| d.as_secs_f64() * 1e3 / seconds as f64;
-    let ours = collection + bpf;
     println!(
         "{n} tasks waking {wakes_per_second} times a second each, sampled every second for {seconds} s (io_uring: {io_uring})"
     );
-    println!(
-        "butte:  {:>7.3} ms CPU/s = {:.3} % of a core  (eBPF programs {:.3} ms/s, collection {:.3} ms/s)",
-        per_second(ours),
-        per_second(ours) / 10.0,
-        per_second(bpf),
-        per_second(collection)
-    );
-    println!(
-        "        eBPF: {:.0} program runs/s, {:.0} ns each",
-        runs as f64 / seconds as f64,
-        bpf.as_nanos() as f64 / runs.max(1) as f64
-    );
-    println!(
-        "        collection: flush {:.3} ms/s, map lookups {:.3} ms/s, memory files {:.3} ms/s",
-        per_second(parts[0]),
-        per_second(parts[1]),
-        per_second(parts[2])
-    );
-    println!(
-        "poller: {:>7.3} ms CPU/s = {:.3} % of a core  (5 files per task)",
-        per_second(poller),
-        per_second(poller) / 10.0
-    );
-    println!(
-        "ratio: poller / butte = {:.1}x",
-        poller.as_secs_f64() / ours.as_secs_f64()
-    );
+    report(&Measured {
+        seconds,
+        collection,
+        bpf,
+        runs,
+        parts,
+        poller,
+    });
 
     for task in &tasks {
         let _ = signal(&task.child.pidfd, libc::SIGKILL);

@@ -12,6 +12,7 @@ pub mod operator_api;
 pub mod registry;
 pub mod scheduler_api;
 pub mod telemetry;
+pub mod views;
 
 use std::net::SocketAddr;
 
@@ -173,7 +174,7 @@ async fn dispatch(shared: Shared, request: Request<Body>) -> Response {
             }
             response
         }
-        Some(route) => operator_api::view(&shared.lock(), route),
+        Some(route) => views::view(&shared.lock(), route),
         None => http::HttpError::new(StatusCode::NOT_FOUND, format!("no endpoint at {path}"))
             .into_response(),
     }

@@ -1,0 +1,246 @@
+//! The child between clone and exec: only syscalls on what the parent
+//! prepared, no allocation and no lock (the parent may hold any). It joins
+//! the v1 cgroups, makes the host's rootfs read-only but for the sandbox,
+//! mounts a private /tmp and /proc, sets the hostname, and execs; or runs a
+//! task group's init, or joins one. A failed step is reported on the error
+//! pipe as [step, errno].
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+// Steps the child reports on failure (index into STEPS).
+pub(super) const STEPS: [&str; 12] = [
+    "joining a v1 cgroup",
+    "making / private",
+    "making the rootfs read-only",
+    "binding the sandbox",
+    "making the sandbox writable",
+    "mounting /tmp",
+    "mounting /proc",
+    "setting the hostname",
+    "entering the sandbox and its stdio",
+    "exec",
+    "joining the group's namespaces",
+    "forking into the group's pid namespace",
+];
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+pub(super) struct Child<'a> {
+    pub(super) v1_procs: &'a [CString],
+    pub(super) root: &'a std::ffi::CStr,
+    pub(super) sandbox: &'a CString,
+    pub(super) tmp: &'a std::ffi::CStr,
+    pub(super) tmp_options: &'a CString,
+    pub(super) proc_: &'a std::ffi::CStr,
+    pub(super) hostname: &'a [u8],
+    pub(super) stdout: RawFd,
+    pub(super) stderr: RawFd,
+    pub(super) devnull: RawFd,
+    pub(super) error_pipe: RawFd,
+    pub(super) program: &'a CString,
+    pub(super) argv: &'a [*const libc::c_char],
+    pub(super) env: &'a [*const libc::c_char],
+    /// A group init's pidfd to join, or -1 for a new container.
+    pub(super) join: RawFd,
+    /// Run as a group's init instead of exec'ing a command.
+    pub(super) init: bool,
+}
+
+/// mount_setattr(2) on `path`: sets and clears mount attributes, recursively
+/// with AT_RECURSIVE. Allocation-free, for the child.
+unsafe fn set_mount_attr(path: &std::ffi::CStr, flags: libc::c_uint, set: u64, clear: u64) -> bool {
+    let mut attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` lives across the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &mut attr as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) == 0
+    }
+}
+
+/// Reports the failed step and errno to the parent and exits.
+unsafe fn fail(child: &Child<'_>, step: usize) -> ! {
+    // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut report = [0u8; 8];
+        report[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+        report[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(child.error_pipe, report.as_ptr().cast(), report.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child between clone and exec: only syscalls, no allocation.
+pub(super) unsafe fn child_main(child: &Child<'_>) -> ! {
+    // SAFETY: every pointer passed below comes from a live CString/CStr or
+    // array prepared by the parent; nothing here allocates or takes a lock.
+    unsafe {
+        for procs in child.v1_procs {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(child, 0);
+            }
+            libc::close(fd);
+        }
+        if child.join >= 0 {
+            join_and_run(child);
+        }
+        if libc::mount(
+            std::ptr::null(),
+            child.root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(child, 1);
+        }
+        // The sandbox gets its own mount first, so it can be made writable again.
+        if libc::mount(
+            child.sandbox.as_ptr(),
+            child.sandbox.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(child, 3);
+        }
+        if !set_mount_attr(child.root, AT_RECURSIVE, MOUNT_ATTR_RDONLY, 0) {
+            fail(child, 2);
+        }
+        if !set_mount_attr(child.sandbox, 0, 0, MOUNT_ATTR_RDONLY) {
+            fail(child, 4);
+        }
+        if libc::mount(
+            c"tmpfs".as_ptr(),
+            child.tmp.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            child.tmp_options.as_ptr().cast(),
+        ) != 0
+        {
+            fail(child, 5);
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            child.proc_.as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(child, 6);
+        }
+        if libc::sethostname(child.hostname.as_ptr().cast(), child.hostname.len()) != 0 {
+            fail(child, 7);
+        }
+        if child.init {
+            init_loop(child);
+        }
+        enter_and_exec(child)
+    }
+}
+
+/// Sandbox as working directory, stdio to the sandbox files, a session of its own.
+unsafe fn enter_sandbox(child: &Child<'_>) {
+    // SAFETY: plain syscalls on fds and paths prepared by the parent.
+    unsafe {
+        if libc::chdir(child.sandbox.as_ptr()) != 0
+            || libc::dup2(child.devnull, 0) < 0
+            || libc::dup2(child.stdout, 1) < 0
+            || libc::dup2(child.stderr, 2) < 0
+        {
+            fail(child, 8);
+        }
+        libc::setsid();
+    }
+}
+
+/// Enters the sandbox, then exec.
+unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
+    // SAFETY: as in child_main.
+    unsafe {
+        enter_sandbox(child);
+        libc::execve(
+            child.program.as_ptr(),
+            child.argv.as_ptr(),
+            child.env.as_ptr(),
+        );
+        fail(child, 9)
+    }
+}
+
+/// A task group's pid 1: tells the parent it is up, then reaps whatever is
+/// orphaned in the namespace until it is killed (which ends the namespace).
+unsafe fn init_loop(child: &Child<'_>) -> ! {
+    // SAFETY: plain syscalls on fds and memory we own.
+    unsafe {
+        enter_sandbox(child);
+        libc::close(child.error_pipe);
+        loop {
+            if libc::waitpid(-1, std::ptr::null_mut(), 0) < 0 {
+                libc::sleep(1);
+            }
+        }
+    }
+}
+
+/// Enters the group's namespaces, forks the task into its pid namespace, and
+/// mirrors the task's end: exit code for exit code, signal for signal.
+unsafe fn join_and_run(child: &Child<'_>) -> ! {
+    // SAFETY: setns/fork/waitpid/kill on our own process; the grandchild only
+    // runs enter_and_exec.
+    unsafe {
+        let namespaces =
+            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if libc::setns(child.join, namespaces) != 0 {
+            fail(child, 10);
+        }
+        let pid = libc::fork();
+        if pid < 0 {
+            fail(child, 11);
+        }
+        if pid == 0 {
+            // If the stand-in dies (killed by the agent), the task goes with it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            enter_and_exec(child);
+        }
+        libc::close(child.error_pipe);
+        let mut status = 0;
+        while libc::waitpid(pid, &mut status, 0) < 0 {
+            if *libc::__errno_location() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+        if libc::WIFEXITED(status) {
+            libc::_exit(libc::WEXITSTATUS(status));
+        }
+        let signal = libc::WTERMSIG(status);
+        libc::signal(signal, libc::SIG_DFL);
+        libc::kill(libc::getpid(), signal);
+        libc::_exit(128 + signal)
+    }
+}
