@@ -8,12 +8,10 @@ use butte_api::agent_link::v1::{self as link, agent_message};
 use butte_api::mesos::v1::{TaskState, task_status};
 
 use super::Agent;
+use super::status::Change;
 use super::tasks::TaskKey;
 use crate::gpus::{Fault, label};
 use crate::launcher_client::ContainerExit;
-
-/// How a container's end is reported: state, message and reason.
-type Outcome = (TaskState, String, Option<task_status::Reason>);
 
 impl Agent {
     /// A container's first process ended: the task's last state, then cleanup.
@@ -40,13 +38,13 @@ impl Agent {
         let oom = self.lock().oom_struck.remove(&cgroup_id)
             || (exit.signal == Some(libc::SIGKILL)
                 && self.isolator.oom_killed(&cgroup_id).unwrap_or(false));
-        let (state, message, reason) = outcome(exit, oom, killing);
+        let change = outcome(exit, oom, killing);
         if !killing {
             // An exit follows exec: the task ran, even if its launch is not answered yet.
             self.report_running(&key);
         }
-        let failed = state != TaskState::TaskFinished;
-        self.finish(&key, state, message, reason);
+        let failed = change.state() != TaskState::TaskFinished;
+        self.finish(&key, change);
         if let Some(group) = group {
             self.group_task_ended(&group, &key, failed);
         }
@@ -71,13 +69,7 @@ impl Agent {
     }
 
     /// Ends a task: removes its container and reports its terminal state.
-    pub(super) fn finish(
-        &self,
-        key: &TaskKey,
-        state: TaskState,
-        message: String,
-        reason: Option<task_status::Reason>,
-    ) {
+    pub(super) fn finish(&self, key: &TaskKey, change: Change) {
         let own_container = self
             .lock()
             .tasks
@@ -91,7 +83,7 @@ impl Agent {
                 tracing::error!(container_id, %error, "cannot remove the task's cgroups");
             }
         }
-        self.update(key, state, Some(message), reason);
+        self.update(key, change);
         let mut guard = self.lock();
         guard.tasks.remove(key);
         guard.latest.remove(key);
@@ -254,52 +246,44 @@ impl Agent {
             },
         ));
         for key in &holders {
-            self.update_with(
-                key,
-                TaskState::TaskRunning,
-                Some(format!(
+            let change = Change::to(TaskState::TaskRunning)
+                .message(format!(
                     "GPU {} ({}) is faulty: {}",
                     fault.index, fault.uuid, fault.reason
-                )),
-                None,
-                vec![label("butte.gpu.faulty", &fault.index.to_string())],
-            );
+                ))
+                .label(label("butte.gpu.faulty", &fault.index.to_string()));
+            self.update(key, change);
         }
     }
 }
 
 /// What a container's exit means for its task.
-fn outcome(exit: ContainerExit, oom: bool, killing: bool) -> Outcome {
+fn outcome(exit: ContainerExit, oom: bool, killing: bool) -> Change {
+    use task_status::Reason;
+    let failed = |message: String, reason: Option<Reason>| {
+        Change::to(TaskState::TaskFailed)
+            .message(message)
+            .reason(reason)
+    };
     if oom {
-        return (
-            TaskState::TaskFailed,
+        return failed(
             "the task used more memory than its 'mem' and the OOM killer ended it".to_owned(),
-            Some(task_status::Reason::ContainerLimitationMemory),
+            Some(Reason::ContainerLimitationMemory),
         );
     }
     if killing {
-        return (TaskState::TaskKilled, "killed as asked".to_owned(), None);
+        return Change::to(TaskState::TaskKilled).message("killed as asked");
     }
     match (exit.code, exit.signal) {
-        (Some(0), _) => (
-            TaskState::TaskFinished,
-            "Command exited with status 0".to_owned(),
-            None,
-        ),
-        (Some(code), _) => (
-            TaskState::TaskFailed,
+        (Some(0), _) => Change::to(TaskState::TaskFinished).message("Command exited with status 0"),
+        (Some(code), _) => failed(
             format!("Command exited with status {code}"),
-            Some(task_status::Reason::CommandExecutorFailed),
+            Some(Reason::CommandExecutorFailed),
         ),
-        (None, Some(signal)) => (
-            TaskState::TaskFailed,
+        (None, Some(signal)) => failed(
             format!("Command terminated by signal {signal}"),
-            Some(task_status::Reason::CommandExecutorFailed),
+            Some(Reason::CommandExecutorFailed),
         ),
-        (None, None) => (
-            TaskState::TaskFailed,
-            "Command ended for an unknown reason".to_owned(),
-            None,
-        ),
+        (None, None) => failed("Command ended for an unknown reason".to_owned(), None),
     }
 }

@@ -13,6 +13,7 @@ use butte_isolators::cgroups::{CgroupError, Limits, Placement};
 use butte_isolators::fences::TaskFence;
 
 use super::Agent;
+use super::status::Change;
 use super::tasks::{Placing, TaskKey};
 use crate::gpus::{AssignError, Assignment};
 use crate::launcher::LaunchRequest;
@@ -146,19 +147,17 @@ impl Agent {
             tracing::error!(%error, "cannot checkpoint the framework");
         }
         for key in &members {
-            self.update(key, TaskState::TaskStarting, None, None);
+            self.update(key, Change::to(TaskState::TaskStarting));
         }
         Some(members)
     }
 
     fn fail_launch(&self, key: &TaskKey, error: &LaunchError) {
         tracing::warn!(%key, %error, "launch failed");
-        self.finish(
-            key,
-            TaskState::TaskFailed,
-            error.to_string(),
-            Some(task_status::Reason::ContainerLaunchFailed),
-        );
+        let change = Change::to(TaskState::TaskFailed)
+            .message(error.to_string())
+            .reason(Some(task_status::Reason::ContainerLaunchFailed));
+        self.finish(key, change);
     }
 
     pub(super) async fn launch(&self, framework: FrameworkInfo, task: TaskInfo) {

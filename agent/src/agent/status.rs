@@ -179,15 +179,49 @@ impl StatusStream {
     }
 }
 
+/// A task's next state and what its status update says.
+pub(super) struct Change {
+    state: TaskState,
+    message: Option<String>,
+    reason: Option<task_status::Reason>,
+    labels: Vec<Label>,
+}
+
+impl Change {
+    pub(super) fn to(state: TaskState) -> Self {
+        Self {
+            state,
+            message: None,
+            reason: None,
+            labels: Vec::new(),
+        }
+    }
+
+    pub(super) fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    pub(super) fn reason(mut self, reason: Option<task_status::Reason>) -> Self {
+        self.reason = reason;
+        self
+    }
+
+    pub(super) fn state(&self) -> TaskState {
+        self.state
+    }
+
+    pub(super) fn label(mut self, label: Label) -> Self {
+        self.labels.push(label);
+        self
+    }
+}
+
 impl Agent {
-    pub(super) fn update(
-        &self,
-        key: &TaskKey,
-        state: TaskState,
-        message: Option<String>,
-        reason: Option<task_status::Reason>,
-    ) {
-        self.update_with(key, state, message, reason, Vec::new());
+    /// A status update; a running task's carries the labels of its GPUs
+    /// (which it was given and how they are linked) and the change's own.
+    pub(super) fn update(&self, key: &TaskKey, change: Change) {
+        self.queue_update(key, change, false);
     }
 
     /// TASK_RUNNING, once: from the launch that reached exec or from the
@@ -195,36 +229,21 @@ impl Agent {
     /// before its launch is answered; without this its framework would see
     /// STARTING, then FINISHED, and never RUNNING).
     pub(super) fn report_running(&self, key: &TaskKey) {
-        self.queue_update(key, TaskState::TaskRunning, None, None, Vec::new(), true);
+        self.queue_update(key, Change::to(TaskState::TaskRunning), true);
     }
 
-    /// A status update; a running task's carries the labels of its GPUs
-    /// (which it was given and how they are linked) and `extra_labels`.
-    pub(super) fn update_with(
-        &self,
-        key: &TaskKey,
-        state: TaskState,
-        message: Option<String>,
-        reason: Option<task_status::Reason>,
-        extra_labels: Vec<Label>,
-    ) {
-        self.queue_update(key, state, message, reason, extra_labels, false);
-    }
-
-    /// Moves the task to `state` and queues its update; `once`: not when
-    /// the task is in that state already. An update for a task no longer
-    /// here, or one the task state machine does not allow, is dropped. It is
-    /// queued under the agent's lock, where the task's state changes, so a
-    /// task's updates leave in the order of its states.
-    fn queue_update(
-        &self,
-        key: &TaskKey,
-        state: TaskState,
-        message: Option<String>,
-        reason: Option<task_status::Reason>,
-        extra_labels: Vec<Label>,
-        once: bool,
-    ) {
+    /// Moves the task to the change's state and queues its update; `once`:
+    /// not when the task is in that state already. An update for a task no
+    /// longer here, or one the task state machine does not allow, is
+    /// dropped. It is queued under the agent's lock, where the task's state
+    /// changes, so a task's updates leave in the order of its states.
+    fn queue_update(&self, key: &TaskKey, change: Change, once: bool) {
+        let Change {
+            state,
+            message,
+            reason,
+            labels: extra_labels,
+        } = change;
         let mut guard = self.lock();
         let agent_id = guard.agent_id.clone();
         let Some(record) = guard.tasks.get_mut(key) else {
