@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use butte_api::mesos::v1::{FrameworkInfo, Task};
 use prost::Message;
 
+use crate::workdir::beneath;
+
 pub struct Checkpoint {
     meta: PathBuf,
 }
@@ -27,6 +29,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// An id that would take a checkpoint path outside the work dir.
+fn refused(error: butte_api::ids::IdError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, error)
+}
+
 impl Checkpoint {
     pub fn new(work_dir: &Path) -> Self {
         Self {
@@ -34,30 +41,35 @@ impl Checkpoint {
         }
     }
 
-    fn framework_dir(&self, framework_id: &str) -> PathBuf {
-        self.meta.join("frameworks").join(framework_id)
+    fn framework_dir(&self, framework_id: &str) -> std::io::Result<PathBuf> {
+        beneath(
+            &self.meta.join("frameworks"),
+            &[("framework_id", framework_id)],
+        )
+        .map_err(refused)
+    }
+
+    fn task_dir(&self, framework_id: &str, task_id: &str) -> std::io::Result<PathBuf> {
+        let tasks = self.framework_dir(framework_id)?.join("tasks");
+        beneath(&tasks, &[("task_id", task_id)]).map_err(refused)
     }
 
     pub fn framework(&self, info: &FrameworkInfo) -> std::io::Result<()> {
         let id = info.id.as_ref().map_or("unknown", |f| f.value.as_str());
         write_atomic(
-            &self.framework_dir(id).join("framework.pb"),
+            &self.framework_dir(id)?.join("framework.pb"),
             &info.encode_to_vec(),
         )
     }
 
     pub fn task(&self, task: &Task) -> std::io::Result<()> {
-        let path = self
-            .framework_dir(&task.framework_id.value)
-            .join("tasks")
-            .join(&task.task_id.value)
-            .join("task.pb");
-        write_atomic(&path, &task.encode_to_vec())
+        let dir = self.task_dir(&task.framework_id.value, &task.task_id.value)?;
+        write_atomic(&dir.join("task.pb"), &task.encode_to_vec())
     }
 
     /// Forgets a finished task (its last update was acknowledged).
     pub fn remove_task(&self, framework_id: &str, task_id: &str) -> std::io::Result<()> {
-        let dir = self.framework_dir(framework_id).join("tasks").join(task_id);
+        let dir = self.task_dir(framework_id, task_id)?;
         match std::fs::remove_dir_all(dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -99,5 +111,46 @@ mod tests {
         checkpoint.remove_task("f", "t").unwrap();
         assert!(!path.exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn crafted_ids_never_reach_outside_the_work_dir() {
+        let base = std::env::temp_dir().join(format!("butte-canary-{}", std::process::id()));
+        let work_dir = base.join("agent");
+        let canary = base.join("canary");
+        std::fs::create_dir_all(canary.join("inside")).unwrap();
+        let checkpoint = Checkpoint::new(&work_dir);
+        // meta/frameworks/<framework>/tasks/<task>: "../../.." from the
+        // tasks dir is the work dir; one more ".." is its parent.
+        for (framework_id, task_id) in [
+            ("../../..", ".."),
+            ("f", "../../../../canary"),
+            ("..", "canary"),
+            ("f/../..", "x"),
+            ("", "t"),
+        ] {
+            let removed = checkpoint.remove_task(framework_id, task_id);
+            assert_eq!(
+                removed.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::InvalidInput),
+                "{framework_id:?}/{task_id:?}"
+            );
+            let task = Task {
+                framework_id: FrameworkId {
+                    value: framework_id.into(),
+                },
+                task_id: TaskId {
+                    value: task_id.into(),
+                },
+                ..Default::default()
+            };
+            assert!(
+                checkpoint.task(&task).is_err(),
+                "{framework_id:?}/{task_id:?}"
+            );
+        }
+        assert!(canary.join("inside").is_dir(), "the canary survives");
+        assert!(!work_dir.join("meta").exists(), "nothing was written");
+        std::fs::remove_dir_all(base).unwrap();
     }
 }

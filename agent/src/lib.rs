@@ -15,5 +15,6 @@ pub mod link;
 pub mod metrics;
 pub mod resources;
 pub mod telemetry;
+pub mod workdir;
 
 pub use config::AgentConfig;

@@ -14,6 +14,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::http::{Format, HttpError, Posted, STREAM_ID_HEADER, read_post, response_format};
+use butte_api::ids::{IdError, check_id};
+
 use crate::master::{Master, Shared, check_launch_resources};
 
 pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
@@ -185,7 +187,56 @@ fn validate(call: &Call) -> Result<(), HttpError> {
         }
         _ => {}
     }
-    Ok(())
+    check_ids(call).map_err(|e| HttpError::bad_request(e.to_string()))
+}
+
+/// Every id a call names, by the one id rule (`butte_api::ids`): they
+/// become paths on the agents, so a bad one is refused before anything else
+/// sees it. (Ids inside ACCEPT's tasks are checked per task: TASK_ERROR.)
+fn check_ids(call: &Call) -> Result<(), IdError> {
+    let mut ids: Vec<(&str, &str)> = Vec::new();
+    if let Some(framework_id) = &call.framework_id {
+        ids.push(("framework_id", &framework_id.value));
+    }
+    if let Some(id) = call
+        .subscribe
+        .as_ref()
+        .and_then(|s| s.framework_info.id.as_ref())
+    {
+        ids.push(("subscribe.framework_info.id", &id.value));
+    }
+    for offer_id in call.accept.iter().flat_map(|a| &a.offer_ids) {
+        ids.push(("accept.offer_ids", &offer_id.value));
+    }
+    for offer_id in call.decline.iter().flat_map(|d| &d.offer_ids) {
+        ids.push(("decline.offer_ids", &offer_id.value));
+    }
+    if let Some(kill) = &call.kill {
+        ids.push(("kill.task_id", &kill.task_id.value));
+        if let Some(agent_id) = &kill.agent_id {
+            ids.push(("kill.agent_id", &agent_id.value));
+        }
+    }
+    if let Some(shutdown) = &call.shutdown {
+        ids.push(("shutdown.executor_id", &shutdown.executor_id.value));
+        ids.push(("shutdown.agent_id", &shutdown.agent_id.value));
+    }
+    if let Some(ack) = &call.acknowledge {
+        ids.push(("acknowledge.task_id", &ack.task_id.value));
+        ids.push(("acknowledge.agent_id", &ack.agent_id.value));
+    }
+    for task in call.reconcile.iter().flat_map(|r| &r.tasks) {
+        ids.push(("reconcile.tasks.task_id", &task.task_id.value));
+        if let Some(agent_id) = &task.agent_id {
+            ids.push(("reconcile.tasks.agent_id", &agent_id.value));
+        }
+    }
+    if let Some(message) = &call.message {
+        ids.push(("message.agent_id", &message.agent_id.value));
+        ids.push(("message.executor_id", &message.executor_id.value));
+    }
+    ids.into_iter()
+        .try_for_each(|(field, id)| check_id(field, id))
 }
 
 /// Tells the master when a subscriber's stream is gone (client closed it or the master ended it).

@@ -15,7 +15,7 @@ type Case = (
 );
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{Scheduler, TestAgent};
 
 async fn post(
@@ -229,5 +229,112 @@ async fn agent_with_invalid_resources_is_refused_with_the_reason() {
         "{}",
         error.message()
     );
+    master.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_id_rule_is_held_for_every_id_a_call_or_task_names() {
+    let master = support::master("hostile-ids").await;
+    let _agent = TestAgent::connect(&master, "cpus:2;mem:2048").await;
+    let url = format!("http://{}/api/v1/scheduler", master.addr);
+    let json = Some("application/json");
+    let mut scheduler = Scheduler::subscribe(&master, json!({"user": "root", "name": "ids"})).await;
+    let offers = scheduler.next("OFFERS", 5).await;
+    let offer = offers["offers"]["offers"][0].clone();
+    let framework = json!({"value": scheduler.framework_id});
+    let agent = offer["agent_id"].clone();
+    let long = "x".repeat(256);
+    let bad_ids = [
+        "",
+        ".",
+        "..",
+        "../../var/tmp",
+        "a\\b",
+        "a\u{0}b",
+        "a\nb",
+        long.as_str(),
+    ];
+
+    // Each id field of each call, with each bad id: 400 naming the field.
+    type CallWith = fn(&Value, &Value, &Value, &str) -> Value;
+    let calls: [(&str, CallWith); 10] = [
+        (
+            "subscribe.framework_info.id",
+            |_, _, _, id| json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": {"user": "u", "name": "n", "id": {"value": id}}}}),
+        ),
+        (
+            "framework_id",
+            |_, _, _, id| json!({"type": "REVIVE", "framework_id": {"value": id}}),
+        ),
+        (
+            "kill.task_id",
+            |f, _, _, id| json!({"type": "KILL", "framework_id": f, "kill": {"task_id": {"value": id}}}),
+        ),
+        (
+            "kill.agent_id",
+            |f, _, _, id| json!({"type": "KILL", "framework_id": f, "kill": {"task_id": {"value": "t"}, "agent_id": {"value": id}}}),
+        ),
+        (
+            "acknowledge.task_id",
+            |f, a, _, id| json!({"type": "ACKNOWLEDGE", "framework_id": f, "acknowledge": {"agent_id": a, "task_id": {"value": id}, "uuid": "AAAAAAAAAAAAAAAAAAAAAA=="}}),
+        ),
+        (
+            "acknowledge.agent_id",
+            |f, _, _, id| json!({"type": "ACKNOWLEDGE", "framework_id": f, "acknowledge": {"agent_id": {"value": id}, "task_id": {"value": "t"}, "uuid": "AAAAAAAAAAAAAAAAAAAAAA=="}}),
+        ),
+        (
+            "reconcile.tasks.task_id",
+            |f, _, _, id| json!({"type": "RECONCILE", "framework_id": f, "reconcile": {"tasks": [{"task_id": {"value": id}}]}}),
+        ),
+        (
+            "shutdown.executor_id",
+            |f, a, _, id| json!({"type": "SHUTDOWN", "framework_id": f, "shutdown": {"agent_id": a, "executor_id": {"value": id}}}),
+        ),
+        (
+            "message.executor_id",
+            |f, a, _, id| json!({"type": "MESSAGE", "framework_id": f, "message": {"agent_id": a, "executor_id": {"value": id}, "data": ""}}),
+        ),
+        (
+            "decline.offer_ids",
+            |f, _, _, id| json!({"type": "DECLINE", "framework_id": f, "decline": {"offer_ids": [{"value": id}]}}),
+        ),
+    ];
+    for (field, call) in calls {
+        for id in bad_ids {
+            let body = call(&framework, &agent, &offer, id).to_string();
+            let (status, message) = post(&url, json, body, Some(&scheduler.stream_id)).await;
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{field} = {id:?}: {message}"
+            );
+            let named = if id.is_empty() && field == "framework_id" {
+                "'framework_id'"
+            } else {
+                field
+            };
+            assert!(message.contains(named), "{field} = {id:?}: {message:?}");
+        }
+    }
+
+    // Ids inside a launch: TASK_ERROR naming the field, the rest launches.
+    let mut launch = support::launch(
+        &offer,
+        &[("..", "true", 0.1, 32.0), ("fine", "true", 0.1, 32.0)],
+    );
+    launch["accept"]["operations"][0]["launch"]["task_infos"][0]["task_id"]["value"] =
+        json!("../../var/tmp");
+    assert_eq!(scheduler.call(launch).await, 202);
+    let refused = scheduler
+        .await_state("../../var/tmp", "TASK_ERROR", 5)
+        .await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("'task_id'"),
+        "{refused}"
+    );
+    scheduler.await_state("fine", "TASK_RUNNING", 5).await;
     master.shutdown().await;
 }

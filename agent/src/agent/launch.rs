@@ -15,9 +15,12 @@ use butte_isolators::fences::TaskFence;
 use super::Agent;
 use super::status::Change;
 use super::tasks::{Placing, TaskKey};
+use butte_api::ids::IdError;
+
 use crate::gpus::{AssignError, Assignment};
 use crate::launcher::LaunchRequest;
 use crate::launcher_client::LauncherError;
+use crate::workdir::beneath;
 
 /// Task label asking for ingress to be policed to the task's `network_bandwidth` too.
 pub const POLICE_INGRESS_LABEL: &str = "butte.network_bandwidth.police_ingress";
@@ -43,6 +46,9 @@ pub enum LaunchError {
     /// a port range beyond what a port can be
     #[error("port range [{begin}-{end}] is outside 0-65535")]
     PortRange { begin: u64, end: u64 },
+    /// an id that would not make a plain directory name
+    #[error(transparent)]
+    Id(#[from] IdError),
     /// a task without a command (custom executors are not run here)
     #[error("the task has no command (custom executors are not supported yet)")]
     NoCommand,
@@ -67,7 +73,8 @@ struct Staging {
     resources: Resources,
     container_id: String,
     executor_id: String,
-    sandbox: PathBuf,
+    /// Refused when an id would not make a plain directory name.
+    sandbox: Result<PathBuf, IdError>,
 }
 
 impl Agent {
@@ -80,13 +87,20 @@ impl Agent {
         )
     }
 
-    fn sandbox_root(&self, framework_id: &str, executor_id: &str, container_id: &str) -> PathBuf {
-        self.config
-            .work_dir
-            .join("sandboxes")
-            .join(framework_id)
-            .join(executor_id)
-            .join(container_id)
+    fn sandbox_root(
+        &self,
+        framework_id: &str,
+        executor_id: &str,
+        container_id: &str,
+    ) -> Result<PathBuf, IdError> {
+        beneath(
+            &self.config.work_dir.join("sandboxes"),
+            &[
+                ("framework_id", framework_id),
+                ("executor_id", executor_id),
+                ("container_id", container_id),
+            ],
+        )
     }
 
     /// Stages one launch (a task alone, or a group in `group`'s cgroup):
@@ -101,6 +115,7 @@ impl Agent {
         executor_resources: &Resources,
     ) -> Option<Vec<TaskKey>> {
         let mut members = Vec::new();
+        let mut refused = Vec::new();
         let fits = {
             let mut state = self.lock();
             let mut used = state.tasks.used();
@@ -114,23 +129,41 @@ impl Agent {
                     continue;
                 }
                 used.add(&staged.resources);
+                // A task with a bad id is booked all the same, so that its
+                // framework hears why; it never gets a path.
+                let (sandbox, bad_id) = match staged.sandbox {
+                    Ok(sandbox) => (sandbox, None),
+                    Err(error) => (PathBuf::new(), Some(error)),
+                };
                 let placing = Placing {
                     container_id: &staged.container_id,
                     cgroup_id: group.unwrap_or(&staged.container_id),
                     group,
                     executor_id: &staged.executor_id,
-                    sandbox: staged.sandbox,
+                    sandbox,
                 };
                 state
                     .tasks
                     .stage(&staged.key, &staged.task, staged.resources, placing);
-                members.push(staged.key);
+                match bad_id {
+                    Some(error) => refused.push((staged.key, error)),
+                    None => members.push(staged.key),
+                }
+            }
+            // A group runs whole or not at all.
+            if group.is_some()
+                && let Some((_, error)) = refused.first().cloned()
+            {
+                refused.extend(members.drain(..).map(|key| (key, error.clone())));
             }
             if let Some(group) = group.filter(|_| !members.is_empty()) {
                 state.tasks.add_group(group, members.clone());
             }
             state.total.contains(&used)
         };
+        for (key, error) in refused {
+            self.fail_launch(&key, &LaunchError::Id(error));
+        }
         if !fits {
             if let Some(group) = group {
                 self.lock().tasks.remove_group(group);
@@ -154,9 +187,16 @@ impl Agent {
 
     fn fail_launch(&self, key: &TaskKey, error: &LaunchError) {
         tracing::warn!(%key, %error, "launch failed");
-        let change = Change::to(TaskState::TaskFailed)
+        let (state, reason) = match error {
+            LaunchError::Id(_) => (TaskState::TaskError, task_status::Reason::TaskInvalid),
+            _ => (
+                TaskState::TaskFailed,
+                task_status::Reason::ContainerLaunchFailed,
+            ),
+        };
+        let change = Change::to(state)
             .message(error.to_string())
-            .reason(Some(task_status::Reason::ContainerLaunchFailed));
+            .reason(Some(reason));
         self.finish(key, change);
     }
 
@@ -178,12 +218,10 @@ impl Agent {
             staging.resources.clone(),
         );
         let task = staging.task.clone();
-        if self
-            .stage(&framework, vec![staging], None, &Resources::new())
-            .is_none()
-        {
+        let staged = self.stage(&framework, vec![staging], None, &Resources::new());
+        let (Some(_), Ok(sandbox)) = (staged, sandbox) else {
             return;
-        }
+        };
         let started = self
             .start_container(&key, &framework, &task, &container_id, &sandbox, &resources)
             .await;
@@ -229,12 +267,14 @@ impl Agent {
                     resources,
                     container_id: self.new_container_id(),
                     executor_id: executor_id.clone(),
-                    sandbox: group_sandbox.join("tasks").join(&task.task_id.value),
+                    sandbox: group_sandbox.clone().and_then(|root| {
+                        beneath(&root.join("tasks"), &[("task_id", &task.task_id.value)])
+                    }),
                 }
             })
             .collect();
-        let Some(members) = self.stage(&framework, staging, Some(&group_id), &executor_resources)
-        else {
+        let staged = self.stage(&framework, staging, Some(&group_id), &executor_resources);
+        let (Some(members), Ok(group_sandbox)) = (staged, group_sandbox) else {
             return;
         };
         let police_ingress = tasks.iter().any(polices_ingress);

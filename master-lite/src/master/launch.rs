@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 
 use butte_api::agent_link::v1 as link;
+use butte_api::ids::check_id;
 use butte_api::mesos::v1::scheduler::call;
 use butte_api::mesos::v1::{
     AgentId, ExecutorInfo, FrameworkId, FrameworkInfo, Task, TaskGroupInfo, TaskInfo, TaskState,
@@ -77,8 +78,13 @@ fn task_resources(task: &TaskInfo, with_executor: bool) -> Result<Resources, Str
     Ok(resources)
 }
 
-/// Checks that a task carries one of command or executor, well formed.
+/// Checks that a task carries one of command or executor, well formed (its
+/// executor's id by the id rule).
 fn validate_task_body(task: &TaskInfo, in_group: bool) -> Result<(), String> {
+    if let Some(executor) = &task.executor {
+        check_id("executor.executor_id", &executor.executor_id.value)
+            .map_err(|e| format!("task {}: {e}", task.task_id.value))?;
+    }
     let id = task.task_id.value.as_str();
     match (&task.command, &task.executor, in_group) {
         (None, None, _) => Err(format!("task {id} has neither 'command' nor 'executor'")),
@@ -112,11 +118,7 @@ impl Master {
     ) -> Result<Resources, String> {
         let id = task.task_id.value.as_str();
         let agent_id = at.agent_id;
-        if id.is_empty() || id.contains('/') || id.chars().any(char::is_control) {
-            return Err(format!(
-                "task id {id:?} is invalid: use a non-empty id without '/' or control characters"
-            ));
-        }
+        check_id("task_id", id).map_err(|e| e.to_string())?;
         let known = self
             .frameworks
             .get(at.framework_id)
@@ -157,9 +159,8 @@ impl Master {
         group: &TaskGroupInfo,
         budget: &Budget,
     ) -> Result<(Budget, Vec<(TaskInfo, Resources)>), String> {
-        if executor.executor_id.value.is_empty() {
-            return Err("the task group's executor has an empty 'executor_id'".to_owned());
-        }
+        check_id("executor.executor_id", &executor.executor_id.value)
+            .map_err(|e| format!("the task group's executor: {e}"))?;
         if group.tasks.is_empty() {
             return Err("the task group has no tasks".to_owned());
         }
