@@ -75,7 +75,6 @@ pub fn label(key: &str, value: &str) -> Label {
     }
 }
 
-/// The agent's GPU backend and its books.
 /// Why a container cannot have the GPUs it asks for.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AssignError {
@@ -99,6 +98,7 @@ pub enum AssignError {
     },
 }
 
+/// The agent's GPU backend and its books.
 pub struct Gpus {
     pub backend: std::sync::Arc<dyn butte_gpu::GpuBackend>,
     pub books: GpuBooks,

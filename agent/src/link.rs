@@ -56,7 +56,9 @@ pub async fn run(agent: Agent) {
 async fn session(agent: &Agent) -> Result<(), LinkError> {
     let mut client = AgentLinkClient::connect(format!("http://{}", agent.config.master)).await?;
     let (outbound, receiver) = mpsc::unbounded_channel();
-    outbound.send(agent.register_message(outbound.clone()))?;
+    if !agent.connect(outbound.clone()) {
+        return Err(LinkError::Closed);
+    }
     let mut inbound = client
         .session(UnboundedReceiverStream::new(receiver))
         .await?

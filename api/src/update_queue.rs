@@ -57,6 +57,11 @@ pub struct UpdateQueue<U> {
 
 impl<U: Update> UpdateQueue<U> {
     pub fn new(retry: Retry) -> Self {
+        // A first wait beyond the longest would grow the wait past it.
+        let retry = Retry {
+            first: retry.first.min(retry.longest),
+            ..retry
+        };
         Self {
             pending: VecDeque::new(),
             retry,
@@ -75,7 +80,7 @@ impl<U: Update> UpdateQueue<U> {
         let head = self.pending.front()?;
         match self.sent_at {
             Some(at) if now.duration_since(at) < self.wait => return None,
-            Some(_) => self.wait = (self.wait * 2).min(self.retry.longest),
+            Some(_) => self.wait = self.wait.saturating_mul(2).min(self.retry.longest),
             None => {}
         }
         self.sent_at = Some(now);
@@ -181,6 +186,25 @@ mod tests {
             queue.due(at(6)).is_some(),
             "a new link gets the head at once"
         );
+    }
+
+    #[test]
+    fn an_enormous_wait_saturates_instead_of_overflowing() {
+        let mut queue = UpdateQueue::new(Retry {
+            first: Duration::MAX,
+            longest: Duration::from_secs(60),
+        });
+        queue.push(status(1));
+        let start = Instant::now();
+        assert!(queue.due(start).is_some());
+        assert!(
+            queue.due(start + Duration::from_secs(60)).is_some(),
+            "the first wait is held to the longest"
+        );
+        let mut huge = UpdateQueue::new(Retry::fixed(Duration::MAX / 2));
+        huge.push(status(2));
+        assert!(huge.due(start).is_some());
+        assert!(huge.due(start + Duration::from_secs(1)).is_none());
     }
 
     #[test]

@@ -39,8 +39,9 @@ impl Agent {
             || (exit.signal == Some(libc::SIGKILL)
                 && self.isolator.oom_killed(&cgroup_id).unwrap_or(false));
         let change = outcome(exit, oom, killing);
-        if !killing {
-            // An exit follows exec: the task ran, even if its launch is not answered yet.
+        if !killing || oom {
+            // An exit follows exec: the task ran, even if its launch is not
+            // answered yet (the agent's own OOM kill does not make it a kill).
             self.report_running(&key);
         }
         let failed = change.state() != TaskState::TaskFinished;
@@ -173,10 +174,12 @@ impl Agent {
     /// kill fails the task with the memory reason at once (Mesos's memory
     /// limitation: the container is destroyed).
     pub fn handle_events(&self, events: Vec<Event>) {
-        let containers = self.fences().containers_by_key();
         let mut struck = Vec::new();
         {
+            // The keys are read under the state lock, so a container that
+            // `release` unfences either is not in them or is cleaned after.
             let mut state = self.lock();
+            let containers = self.fences().containers_by_key();
             for event in events {
                 let Some(container_id) = containers.get(&event.cgroup) else {
                     continue;

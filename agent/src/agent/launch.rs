@@ -228,8 +228,7 @@ impl Agent {
         match started {
             Ok(micros) => {
                 self.record_launch(micros);
-                let killed_meanwhile = self.lock().tasks.get(&key).is_some_and(|r| r.is_killing());
-                if !killed_meanwhile {
+                if !self.kill_if_asked(&key, &container_id) {
                     self.report_running(&key);
                 }
             }
@@ -255,12 +254,10 @@ impl Agent {
         };
         let group_sandbox = self.sandbox_root(framework_id, &executor_id, &group_id);
         let executor_resources = Resources::from_proto(&executor.resources).unwrap_or_default();
-        let mut total = executor_resources.clone();
         let staging: Vec<Staging> = tasks
             .iter()
             .map(|task| {
                 let resources = Resources::from_proto(&task.resources).unwrap_or_default();
-                total.add(&resources);
                 Staging {
                     key: TaskKey::new(framework_id, &task.task_id.value),
                     task: task.clone(),
@@ -277,6 +274,17 @@ impl Agent {
         let (Some(members), Ok(group_sandbox)) = (staged, group_sandbox) else {
             return;
         };
+        // The group's cgroup holds its executor and the tasks staged (not
+        // those skipped as already running here).
+        let mut total = executor_resources.clone();
+        {
+            let state = self.lock();
+            for key in &members {
+                if let Some(record) = state.tasks.get(key) {
+                    total.add(&record.resources);
+                }
+            }
+        }
         let police_ingress = tasks.iter().any(polices_ingress);
         let started = self
             .start_group_init(
@@ -318,7 +326,7 @@ impl Agent {
     }
 
     /// Starts one group task in the group's container; its clone-to-exec
-    /// microseconds (None: the task is gone already).
+    /// microseconds (None: the task is gone already, or a kill came first).
     async fn join_group(
         &self,
         key: &TaskKey,
@@ -341,7 +349,7 @@ impl Agent {
         let mut env = self.task_env(framework, &task, &container_id, &sandbox, executor_id);
         env.extend(gpus.iter().flat_map(Assignment::env));
         let request = LaunchRequest {
-            container_id,
+            container_id: container_id.clone(),
             argv: command_argv(&task)?,
             env,
             sandbox,
@@ -352,6 +360,9 @@ impl Agent {
             join: Some(group_id.to_owned()),
         };
         let micros = self.start(request, "joining the task group").await?;
+        if self.kill_if_asked(key, &container_id) {
+            return Ok(None);
+        }
         Ok(Some(micros))
     }
 

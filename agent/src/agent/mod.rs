@@ -113,7 +113,9 @@ impl Agent {
             None => (None, None),
         };
         let checkpoint = Arc::new(Checkpoint::new(&config.work_dir));
-        let retry = Duration::from_secs_f64(config.status_update_retry.max(0.1));
+        // 0.1 s to a day: a huge, infinite or NaN flag must not panic the agent.
+        let retry = Duration::try_from_secs_f64(config.status_update_retry.clamp(0.1, 86_400.0))
+            .unwrap_or(Duration::from_secs(10));
         let state = AgentState::new(checkpoint.agent_id(), total, gpus);
         Self {
             state: Arc::new(Mutex::new(state)),
@@ -162,12 +164,15 @@ impl Agent {
 
     // ---- the link -------------------------------------------------------------------
 
-    /// A new link to the master: what to register with.
-    pub fn register_message(
-        &self,
-        outbound: mpsc::UnboundedSender<link::AgentMessage>,
-    ) -> link::AgentMessage {
-        self.status.connect(outbound);
+    /// A new link to the master: registers on it (with the tasks still
+    /// here) before anything else goes out; false when it is already gone.
+    pub fn connect(&self, outbound: mpsc::UnboundedSender<link::AgentMessage>) -> bool {
+        let register = self.register_message();
+        self.status.connect(outbound, register)
+    }
+
+    /// What to register with: this agent and the tasks it holds.
+    fn register_message(&self) -> link::AgentMessage {
         let state = self.lock();
         let running: Vec<Task> = state
             .tasks
@@ -316,12 +321,29 @@ impl Agent {
     /// Drops the container's fence entries and event counts, and gives back
     /// its GPUs (it is going away).
     fn release(&self, container_id: &str) {
-        if let Some(gpus) = self.lock().gpus.as_mut() {
+        let key = self.fences().unfence(container_id);
+        let mut state = self.lock();
+        if let Some(gpus) = state.gpus.as_mut() {
             gpus.release(container_id);
         }
-        let Some(key) = self.fences().unfence(container_id) else {
-            return;
-        };
-        self.lock().event_counts.remove(&key);
+        state.oom_struck.remove(container_id);
+        if let Some(key) = key {
+            state.event_counts.remove(&key);
+        }
+    }
+
+    /// A kill asked for while the container was being started reached a
+    /// launcher that did not have it yet: now that it exists, kill it.
+    /// Whether the task was being killed.
+    fn kill_if_asked(&self, key: &TaskKey, container_id: &str) -> bool {
+        let killing = self.lock().tasks.get(key).is_some_and(|r| r.is_killing());
+        if killing {
+            let launcher = self.launcher.clone();
+            let container_id = container_id.to_owned();
+            tokio::spawn(async move {
+                let _ = launcher.signal(&container_id, libc::SIGKILL).await;
+            });
+        }
+        killing
     }
 }

@@ -72,9 +72,20 @@ impl StatusStream {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new link to the master; nothing goes out until it registers.
-    pub fn connect(&self, outbound: mpsc::UnboundedSender<link::AgentMessage>) {
-        self.lock().outbound = Some(outbound);
+    /// A new link to the master: `register` goes out first, before any
+    /// update or telemetry can (the master refuses a link that does not
+    /// open with Register); false when the link is already gone.
+    pub fn connect(
+        &self,
+        outbound: mpsc::UnboundedSender<link::AgentMessage>,
+        register: link::AgentMessage,
+    ) -> bool {
+        let mut streams = self.lock();
+        if outbound.send(register).is_err() {
+            return false;
+        }
+        streams.outbound = Some(outbound);
+        true
     }
 
     pub fn disconnect(&self) {
@@ -342,7 +353,8 @@ mod tests {
         let checkpoint = Arc::new(Checkpoint::new(&work_dir));
         let stream = StatusStream::new(Duration::from_secs(10), checkpoint);
         let (sender, mut outbound) = mpsc::unbounded_channel();
-        stream.connect(sender);
+        assert!(stream.connect(sender, link::AgentMessage { kind: None }));
+        let _register = outbound.try_recv();
         let key = TaskKey::new("f", "t");
         let task_dir = work_dir.join("meta/frameworks/f/tasks/t");
 

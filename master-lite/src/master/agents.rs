@@ -395,7 +395,7 @@ impl Master {
         else {
             return;
         };
-        if entry.release() {
+        if entry.take_booked() {
             let agent_id = &entry.task.agent_id.value;
             self.allocator.recover(
                 framework_id,

@@ -346,7 +346,7 @@ impl Master {
         let mut agents = HashSet::new();
         for (_, mut entry) in std::mem::take(&mut framework.tasks) {
             let agent_id = entry.task.agent_id.value.clone();
-            if entry.release() {
+            if entry.take_booked() {
                 self.allocator.recover(
                     framework_id,
                     &agent_id,

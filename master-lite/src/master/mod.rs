@@ -149,7 +149,7 @@ impl TaskEntry {
 
     /// Whether the task's resources are to go back to the allocator now:
     /// true once, the first time it is asked while they are booked.
-    fn release(&mut self) -> bool {
+    fn take_booked(&mut self) -> bool {
         !std::mem::replace(&mut self.resources_recovered, true)
     }
 }

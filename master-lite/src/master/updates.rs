@@ -35,7 +35,7 @@ impl TaskEntry {
             self.task.statuses.remove(0);
         }
         self.updates.push(status);
-        is_terminal(state) && self.release()
+        is_terminal(state) && self.take_booked()
     }
 }
 
