@@ -29,11 +29,13 @@ pub struct LaunchRequest {
     pub tmp_mb: u64,
     /// Run inside this running container (a task group's init) instead of a new one.
     pub join: Option<String>,
+    /// Who the task runs as and the capabilities it keeps.
+    pub privileges: butte_isolators::container::Privileges,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    Launch(LaunchRequest),
+    Launch(Box<LaunchRequest>),
     Signal { container_id: String, signal: i32 },
 }
 
@@ -181,7 +183,7 @@ fn serve(socket: &mut UnixStream, running: &mut HashMap<String, Running>) -> std
             };
             match request {
                 Request::Launch(launch) => {
-                    let reply = launch_one(launch, running);
+                    let reply = launch_one(*launch, running);
                     write_message(socket, &reply)?;
                 }
                 Request::Signal {
@@ -206,6 +208,7 @@ fn launch_one(launch: LaunchRequest, running: &mut HashMap<String, Running>) -> 
         cgroup: launch.cgroup,
         v1_procs: launch.v1_procs,
         tmp_mb: launch.tmp_mb,
+        privileges: launch.privileges,
     };
     let started = Instant::now();
     let spawned = match &launch.join {

@@ -105,7 +105,7 @@ impl LauncherClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push_back(tx);
-        let body = serde_json::to_vec(&Request::Launch(request))
+        let body = serde_json::to_vec(&Request::Launch(Box::new(request)))
             .map_err(|e| LauncherError::Gone(e.to_string()))?;
         let mut framed = (body.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(&body);

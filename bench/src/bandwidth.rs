@@ -171,6 +171,7 @@ fn with_butte(isolator: &dyn Isolator, network: &mut Network, mbit: f64, seconds
         cgroup: placement.unified,
         v1_procs: placement.v1_procs,
         tmp_mb: 16,
+        privileges: Default::default(),
     };
     let child = spawn(&spec).unwrap_or_else(|e| panic!("spawn: {e}"));
     wait(&child.pidfd).unwrap_or_else(|e| panic!("wait: {e}"));

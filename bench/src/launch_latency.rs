@@ -65,6 +65,7 @@ fn spec(
         cgroup: placement.unified,
         v1_procs: placement.v1_procs,
         tmp_mb: 16,
+        privileges: Default::default(),
     }
 }
 

@@ -93,6 +93,7 @@ fn start_tasks(
                 cgroup: placement.unified,
                 v1_procs: placement.v1_procs,
                 tmp_mb: 1,
+                privileges: Default::default(),
             };
             let child = spawn(&spec).unwrap_or_else(|e| panic!("spawn {id}: {e}"));
             Task { id, key, child }

@@ -19,17 +19,29 @@ fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
     let script = "cat /proc/self/cgroup; ps -e -o pid=,comm= > $MESOS_SANDBOX/ps; echo host=$(hostname); \
                   touch /etc/butte-must-fail 2>/dev/null && echo etc=writable || echo etc=readonly; \
                   echo data > $MESOS_SANDBOX/written && echo sandbox=writable; \
-                  touch /tmp/x && ls /tmp | wc -l | sed 's/^/tmp=/'; echo pid1=$$";
-    let (exit, out, sandbox) = run(&*isolator, &id, limits(1.0, 128.0, 64), script);
+                  touch /tmp/x && ls /tmp | wc -l | sed 's/^/tmp=/'; echo pid1=$$; sleep 1";
+    let placement = isolator.create(&id, &limits(1.0, 128.0, 64)).unwrap();
+    let sandbox = sandbox(&id);
+    let child = spawn(&shell_spec(&id, &placement, &sandbox, script)).unwrap();
+    // From the host: the task is in our cgroups.
+    let outside = std::fs::read_to_string(format!("/proc/{}/cgroup", child.pid)).unwrap();
+    let exit = wait(&child.pidfd).unwrap();
+    let out = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
     assert_eq!(exit, Exit::Code(0), "{out}");
     assert!(
-        out.contains(&format!("/butte/{id}")),
-        "/proc/self/cgroup names our cgroup:\n{out}"
+        outside.contains(&format!("/butte/{id}")),
+        "the host sees the task in our cgroup:\n{outside}"
     );
     assert!(
-        out.contains(&format!("memory:/butte/{id}"))
+        outside.contains(&format!("memory:/butte/{id}"))
             || !Path::new("/sys/fs/cgroup/memory").exists(),
-        "{out}"
+        "{outside}"
+    );
+    // From inside: a cgroup namespace rooted at those cgroups.
+    let inside: Vec<&str> = out.lines().filter(|l| l.contains(":/")).collect();
+    assert!(
+        !inside.is_empty() && inside.iter().all(|l| l.ends_with(":/")),
+        "the task sees its own cgroups as /, nothing above them:\n{out}"
     );
     // The shell (pid 1) and ps itself: the task's own processes only.
     let ps = std::fs::read_to_string(sandbox.join("ps")).unwrap();

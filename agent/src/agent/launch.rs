@@ -10,6 +10,7 @@ use butte_agent_ebpf::devices::v1_rule;
 use butte_api::mesos::v1::{ExecutorInfo, FrameworkInfo, TaskInfo, TaskState, task_status};
 use butte_api::resources::Resources;
 use butte_isolators::cgroups::{CgroupError, Limits, Placement};
+use butte_isolators::container::Privileges;
 use butte_isolators::fences::TaskFence;
 
 use super::Agent;
@@ -358,6 +359,7 @@ impl Agent {
             v1_procs: placement.v1_procs.clone(),
             tmp_mb: 1,
             join: Some(group_id.to_owned()),
+            privileges: Privileges::default(),
         };
         let micros = self.start(request, "joining the task group").await?;
         if self.kill_if_asked(key, &container_id) {
@@ -385,6 +387,7 @@ impl Agent {
             v1_procs: placement.v1_procs.clone(),
             tmp_mb: tmp_mb(total),
             join: None,
+            privileges: Privileges::default(),
         };
         self.start(request, "task group container launch").await?;
         Ok((placement, gpus))
@@ -417,6 +420,7 @@ impl Agent {
             v1_procs: placement.v1_procs,
             tmp_mb: tmp_mb(resources),
             join: None,
+            privileges: Privileges::default(),
         };
         self.start(request, "container launch").await
     }

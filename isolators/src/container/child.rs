@@ -10,7 +10,7 @@ use std::ffi::CString;
 use std::os::fd::RawFd;
 
 // Steps the child reports on failure (index into STEPS).
-pub(super) const STEPS: [&str; 12] = [
+pub(super) const STEPS: [&str; 17] = [
     "joining a v1 cgroup",
     "making / private",
     "making the rootfs read-only",
@@ -23,6 +23,11 @@ pub(super) const STEPS: [&str; 12] = [
     "exec",
     "joining the group's namespaces",
     "forking into the group's pid namespace",
+    "entering a cgroup namespace",
+    "masking /proc and /sys",
+    "making /proc/sys, /proc/irq and /proc/bus read-only",
+    "dropping capabilities",
+    "switching user",
 ];
 
 #[repr(C)]
@@ -36,6 +41,7 @@ struct MountAttr {
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
+#[derive(Clone, Copy)]
 pub(super) struct Child<'a> {
     pub(super) v1_procs: &'a [CString],
     pub(super) root: &'a std::ffi::CStr,
@@ -55,6 +61,42 @@ pub(super) struct Child<'a> {
     pub(super) join: RawFd,
     /// Run as a group's init instead of exec'ing a command.
     pub(super) init: bool,
+    /// uid, gid to switch to (None: stay root).
+    pub(super) user: Option<(u32, u32)>,
+    pub(super) groups: &'a [libc::gid_t],
+    /// The capability mask kept.
+    pub(super) capabilities: u64,
+}
+
+/// Files under /proc a task must not read (host memory, keys, timers,
+/// scheduler internals) or write (sysrq): /dev/null is bound over each.
+const MASKED_FILES: [&std::ffi::CStr; 6] = [
+    c"/proc/kcore",
+    c"/proc/keys",
+    c"/proc/timer_list",
+    c"/proc/sched_debug",
+    c"/proc/sysrq-trigger",
+    c"/proc/latency_stats",
+];
+/// Directories hidden under an empty read-only tmpfs.
+const MASKED_DIRS: [&std::ffi::CStr; 2] = [c"/sys/firmware", c"/proc/acpi"];
+/// Parts of the task's own /proc that stay readable but not writable.
+const READ_ONLY: [&std::ffi::CStr; 3] = [c"/proc/sys", c"/proc/irq", c"/proc/bus"];
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
 }
 
 /// mount_setattr(2) on `path`: sets and clears mount attributes, recursively
@@ -107,6 +149,10 @@ pub(super) unsafe fn child_main(child: &Child<'_>) -> ! {
         if child.join >= 0 {
             join_and_run(child);
         }
+        // After the v1 joins: the task's cgroups are the namespace's root.
+        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+            fail(child, 12);
+        }
         if libc::mount(
             std::ptr::null(),
             child.root.as_ptr(),
@@ -154,6 +200,7 @@ pub(super) unsafe fn child_main(child: &Child<'_>) -> ! {
         {
             fail(child, 6);
         }
+        mask_paths(child);
         if libc::sethostname(child.hostname.as_ptr().cast(), child.hostname.len()) != 0 {
             fail(child, 7);
         }
@@ -184,6 +231,7 @@ unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
     // SAFETY: as in child_main.
     unsafe {
         enter_sandbox(child);
+        drop_privileges(child, child.capabilities);
         libc::execve(
             child.program.as_ptr(),
             child.argv.as_ptr(),
@@ -199,6 +247,14 @@ unsafe fn init_loop(child: &Child<'_>) -> ! {
     // SAFETY: plain syscalls on fds and memory we own.
     unsafe {
         enter_sandbox(child);
+        // Reaping needs no privilege: the init keeps none a task could borrow.
+        drop_privileges(
+            &Child {
+                user: None,
+                ..*child
+            },
+            0,
+        );
         libc::close(child.error_pipe);
         loop {
             if libc::waitpid(-1, std::ptr::null_mut(), 0) < 0 {
@@ -214,8 +270,11 @@ unsafe fn join_and_run(child: &Child<'_>) -> ! {
     // SAFETY: setns/fork/waitpid/kill on our own process; the grandchild only
     // runs enter_and_exec.
     unsafe {
-        let namespaces =
-            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        let namespaces = libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWCGROUP;
         if libc::setns(child.join, namespaces) != 0 {
             fail(child, 10);
         }
@@ -242,5 +301,115 @@ unsafe fn join_and_run(child: &Child<'_>) -> ! {
         libc::signal(signal, libc::SIG_DFL);
         libc::kill(libc::getpid(), signal);
         libc::_exit(128 + signal)
+    }
+}
+
+/// Hides what a task must not see of the host in its /proc and /sys, and
+/// makes the kernel's tunables read-only. A path this kernel lacks is skipped.
+unsafe fn mask_paths(child: &Child<'_>) {
+    // SAFETY: mounts on static paths; nothing allocates.
+    unsafe {
+        let missing = || *libc::__errno_location() == libc::ENOENT;
+        for file in MASKED_FILES {
+            let bound = libc::mount(
+                c"/dev/null".as_ptr(),
+                file.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            );
+            if bound != 0 && !missing() {
+                fail(child, 13);
+            }
+        }
+        for dir in MASKED_DIRS {
+            let hidden = libc::mount(
+                c"tmpfs".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"size=0".as_ptr().cast(),
+            );
+            if hidden != 0 && !missing() {
+                fail(child, 13);
+            }
+        }
+        for dir in READ_ONLY {
+            let bound = libc::mount(
+                dir.as_ptr(),
+                dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            );
+            if bound != 0 {
+                if missing() {
+                    continue;
+                }
+                fail(child, 14);
+            }
+            if !set_mount_attr(dir, AT_RECURSIVE, MOUNT_ATTR_RDONLY, 0) {
+                fail(child, 14);
+            }
+        }
+    }
+}
+
+/// The last privileged steps before exec: the bounding set cut to
+/// `capabilities`, the user switched (which clears every capability when it
+/// leaves root), the rest set to `capabilities`, no ambient ones, and
+/// no_new_privs so that no setuid or file capability gives any back.
+unsafe fn drop_privileges(child: &Child<'_>, capabilities: u64) {
+    // SAFETY: prctl/capset/set*id on our own process with stack memory.
+    unsafe {
+        for cap in 0..64 {
+            if capabilities & (1 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                fail(child, 15);
+            }
+        }
+        if let Some((uid, gid)) = child.user
+            && (libc::setgroups(child.groups.len(), child.groups.as_ptr()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0)
+        {
+            fail(child, 16);
+        }
+        let kept = if matches!(child.user, Some((uid, _)) if uid != 0) {
+            0
+        } else {
+            capabilities
+        };
+        let mut header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let half = |shift: u32| {
+            let bits = (kept >> shift) as u32;
+            CapData {
+                effective: bits,
+                permitted: bits,
+                inheritable: 0,
+            }
+        };
+        let data = [half(0), half(32)];
+        if libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        ) != 0
+            || libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        {
+            fail(child, 15);
+        }
     }
 }

@@ -18,7 +18,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 mod child;
+pub mod privileges;
 use child::{Child, STEPS, child_main};
+pub use privileges::{Capabilities, Privileges, User};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -57,6 +59,8 @@ pub struct ContainerSpec {
     pub v1_procs: Vec<PathBuf>,
     /// Size of the private /tmp, in MiB.
     pub tmp_mb: u64,
+    /// Who the task runs as and the capabilities it keeps.
+    pub privileges: Privileges,
 }
 
 /// A spawned container's first process.
@@ -161,6 +165,9 @@ struct Prepared {
     stderr: OwnedFd,
     devnull: OwnedFd,
     cgroup: OwnedFd,
+    groups: Vec<libc::gid_t>,
+    user: Option<(u32, u32)>,
+    capabilities: u64,
 }
 
 impl Prepared {
@@ -230,6 +237,14 @@ impl Prepared {
                 libc::O_RDONLY | libc::O_DIRECTORY,
                 "open the task's v2 cgroup",
             )?,
+            groups: spec
+                .privileges
+                .user
+                .as_ref()
+                .map(|u| u.groups.clone())
+                .unwrap_or_default(),
+            user: spec.privileges.user.as_ref().map(|u| (u.uid, u.gid)),
+            capabilities: spec.privileges.capabilities.0,
         })
     }
 
@@ -251,6 +266,9 @@ impl Prepared {
             env: &self.env_ptrs,
             join: join.unwrap_or(-1),
             init: self.argv.is_empty(),
+            user: self.user,
+            groups: &self.groups,
+            capabilities: self.capabilities,
         }
     }
 }

@@ -64,6 +64,7 @@ pub fn shell_spec(id: &str, placement: &Placement, sandbox: &Path, script: &str)
         cgroup: placement.unified.clone(),
         v1_procs: placement.v1_procs.clone(),
         tmp_mb: 16,
+        privileges: Default::default(),
     }
 }
 

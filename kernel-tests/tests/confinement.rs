@@ -1,0 +1,120 @@
+//! A task cannot leave its container: each way out a root task would try
+//! fails with the errno the kernel gives for it, and the task keeps only
+//! Docker's default capabilities (none as another user) and no_new_privs.
+//! The attempts run in `escape.py` inside a real container on this kernel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use butte_isolators::container::{Capabilities, Exit, Privileges, User, spawn, wait};
+
+mod common;
+use common::{isolator, limits, sandbox, shell_spec, unique};
+
+/// Runs escape.py in a container with `privileges`; its `name=result` lines.
+fn attempts(name: &str, privileges: Privileges) -> HashMap<String, String> {
+    let isolator = isolator();
+    let id = unique(name);
+    let placement = isolator.create(&id, &limits(1.0, 128.0, 64)).unwrap();
+    let sandbox = sandbox(&id);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/escape.py");
+    std::fs::copy(&script, sandbox.join("escape.py")).unwrap();
+    // The sandbox is the task's: as another user, it must be able to write there.
+    if let Some(user) = &privileges.user {
+        std::os::unix::fs::chown(&sandbox, Some(user.uid), Some(user.gid)).unwrap();
+    }
+    let command = format!(
+        "/usr/bin/python3 $MESOS_SANDBOX/escape.py {}",
+        std::process::id()
+    );
+    let spec = butte_isolators::container::ContainerSpec {
+        privileges,
+        ..shell_spec(&id, &placement, &sandbox, &command)
+    };
+    let child = spawn(&spec).unwrap();
+    let exit = wait(&child.pidfd).unwrap();
+    let out = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
+    let err = std::fs::read_to_string(sandbox.join("stderr")).unwrap();
+    assert_eq!(exit, Exit::Code(0), "{out}{err}");
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// What init_module gives a task without CAP_SYS_MODULE: EPERM, or ENOSYS
+/// on a kernel built without modules (this one: no /proc/modules).
+fn module_refusal() -> &'static str {
+    if Path::new("/proc/modules").exists() {
+        "EPERM"
+    } else {
+        "ENOSYS"
+    }
+}
+
+fn assert_results(seen: &HashMap<String, String>, expected: &[(&str, &str)]) {
+    for (name, result) in expected {
+        assert_eq!(
+            seen.get(*name).map(String::as_str),
+            Some(*result),
+            "{name}: all results {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn a_root_task_cannot_remount_mount_load_modules_or_reach_outside_its_container() {
+    let seen = attempts("escape-root", Privileges::default());
+    assert_results(
+        &seen,
+        &[
+            ("remount_rw", "EPERM"),
+            ("write_host_root", "EROFS"),
+            ("mount_tmpfs", "EPERM"),
+            ("mkdir_cgroupfs", "EROFS"),
+            ("write_sysctl", "EROFS"),
+            ("init_module", module_refusal()),
+            ("ptrace_outside", "ESRCH"),
+            ("read_timer_list", "bytes:0"),
+            ("read_keys", "bytes:0"),
+            ("read_firmware", "entries:0"),
+            ("uid", "0"),
+            ("no_new_privs", "1"),
+            ("write_sandbox", "ok"),
+        ],
+    );
+    let docker = format!("{:016x}", Capabilities::docker_default().0);
+    assert_eq!(seen["cap_eff"], docker, "Docker's default set, effective");
+    assert_eq!(seen["cap_bnd"], docker, "and bounding");
+    assert!(!Path::new("/butte-escape").exists());
+}
+
+#[test]
+fn a_task_run_as_another_user_has_no_capabilities_and_still_its_sandbox() {
+    let nobody = User {
+        uid: 65534,
+        gid: 65534,
+        groups: vec![65534],
+    };
+    let privileges = Privileges {
+        user: Some(nobody),
+        ..Privileges::default()
+    };
+    let seen = attempts("escape-nobody", privileges);
+    assert_results(
+        &seen,
+        &[
+            ("uid", "65534"),
+            ("cap_eff", "0000000000000000"),
+            ("no_new_privs", "1"),
+            ("remount_rw", "EPERM"),
+            ("write_host_root", "EROFS"),
+            ("init_module", module_refusal()),
+            ("write_sandbox", "ok"),
+        ],
+    );
+}
