@@ -45,6 +45,10 @@ pub struct AgentConfig {
     /// at its v2 directory). Defaults to `butte/agent-<port>`.
     #[arg(long, env = "BUTTE_CGROUP_SUBTREE")]
     pub cgroup_subtree: Option<PathBuf>,
+    /// Run each task as its CommandInfo.user, else its framework's user (as
+    /// Mesos's --switch_user); false runs every task as the agent's user.
+    #[arg(long, env = "BUTTE_SWITCH_USER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub switch_user: bool,
     /// Processes and threads a task may have at once.
     #[arg(long, env = "BUTTE_TASK_PIDS_MAX", default_value_t = 4096)]
     pub task_pids_max: u64,

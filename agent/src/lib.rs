@@ -15,6 +15,7 @@ pub mod link;
 pub mod metrics;
 pub mod resources;
 pub mod telemetry;
+pub mod users;
 pub mod workdir;
 
 pub use config::AgentConfig;

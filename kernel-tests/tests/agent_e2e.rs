@@ -33,6 +33,16 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
         cgroup.lines().all(|line| line.ends_with(":/")) && cgroup.contains("\n0::/"),
         "/proc/self/cgroup shows only the task's own cgroups, as /:\n{cgroup}"
     );
+    // CommandInfo.user: run as nobody, with no capabilities, in its own sandbox.
+    let nobody = cluster.sandbox("as-nobody");
+    assert_eq!(
+        std::fs::read_to_string(nobody.join("uid")).unwrap(),
+        "65534\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(nobody.join("caps")).unwrap(),
+        "CapEff:\t0000000000000000\n"
+    );
     let ps = std::fs::read_to_string(inspect.join("ps")).unwrap();
     let commands: Vec<&str> = ps
         .lines()

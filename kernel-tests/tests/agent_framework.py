@@ -76,8 +76,8 @@ def ports_task(task_id, agent_id):
     return t
 
 
-def task(task_id, agent_id, command, cpus=0.05, mem=32):
-    return {
+def task(task_id, agent_id, command, cpus=0.05, mem=32, user=None):
+    info = {
         "name": task_id,
         "task_id": {"value": task_id},
         "agent_id": agent_id,
@@ -87,6 +87,9 @@ def task(task_id, agent_id, command, cpus=0.05, mem=32):
         ],
         "command": {"value": command},
     }
+    if user is not None:
+        info["command"]["user"] = user
+    return info
 
 
 SINK_PORT = 15194
@@ -287,6 +290,10 @@ def main():
             tasks.append(task("exit3", agent_id, "exit 3"))
             tasks.append(task("sleeper", agent_id, "sleep 600"))
             tasks.append(task("inspect", agent_id, INSPECT))
+            tasks.append(task("as-nobody", agent_id,
+                              "id -u > $MESOS_SANDBOX/uid; grep CapEff /proc/self/status > $MESOS_SANDBOX/caps",
+                              user="nobody"))
+            tasks.append(task("as-stranger", agent_id, "true", user="no-such-user-butte"))
             tasks.append(ports_task("ports", agent_id))
             tasks.append(task("devices", agent_id,
                               "cat /dev/null && echo null=ok; cat /dev/butte-kt-fake 2>&1 | head -1; true"))
@@ -346,6 +353,11 @@ def main():
                 problems.append("ports: %s" % final["ports"])
             if final["inspect"]["state"] != "TASK_FINISHED":
                 problems.append("inspect: %s" % final["inspect"])
+            if final["as-nobody"]["state"] != "TASK_FINISHED":
+                problems.append("as-nobody: %s" % final["as-nobody"])
+            stranger = final["as-stranger"]
+            if stranger["state"] != "TASK_FAILED" or "'no-such-user-butte'" not in stranger["message"]:
+                problems.append("as-stranger: %s" % stranger)
             for g in "abc":
                 if final["group-" + g]["state"] != "TASK_FINISHED":
                     problems.append("group-%s: %s" % (g, final["group-" + g]))

@@ -21,6 +21,7 @@ use butte_api::ids::IdError;
 use crate::gpus::{AssignError, Assignment};
 use crate::launcher::LaunchRequest;
 use crate::launcher_client::LauncherError;
+use crate::users::{UserError, privileges_of};
 use crate::workdir::beneath;
 
 /// Task label asking for ingress to be policed to the task's `network_bandwidth` too.
@@ -47,6 +48,9 @@ pub enum LaunchError {
     /// a port range beyond what a port can be
     #[error("port range [{begin}-{end}] is outside 0-65535")]
     PortRange { begin: u64, end: u64 },
+    /// the task's user cannot be used on this agent
+    #[error(transparent)]
+    User(#[from] UserError),
     /// an id that would not make a plain directory name
     #[error(transparent)]
     Id(#[from] IdError),
@@ -346,7 +350,9 @@ impl Agent {
             return Ok(None);
         };
         self.set_gpus(key, gpus);
+        let privileges = self.privileges(framework, &task)?;
         create_sandbox(&sandbox)?;
+        give_sandbox(&sandbox, &privileges)?;
         let mut env = self.task_env(framework, &task, &container_id, &sandbox, executor_id);
         env.extend(gpus.iter().flat_map(Assignment::env));
         let request = LaunchRequest {
@@ -359,7 +365,7 @@ impl Agent {
             v1_procs: placement.v1_procs.clone(),
             tmp_mb: 1,
             join: Some(group_id.to_owned()),
-            privileges: Privileges::default(),
+            privileges,
         };
         let micros = self.start(request, "joining the task group").await?;
         if self.kill_if_asked(key, &container_id) {
@@ -404,8 +410,10 @@ impl Agent {
         sandbox: &Path,
         resources: &Resources,
     ) -> Result<u64, LaunchError> {
+        let privileges = self.privileges(framework, task)?;
         let (placement, gpus) =
             self.prepare(container_id, sandbox, resources, polices_ingress(task))?;
+        give_sandbox(sandbox, &privileges)?;
         self.set_gpus(key, &gpus);
         let argv = command_argv(task)?;
         let mut env = self.task_env(framework, task, container_id, sandbox, &task.task_id.value);
@@ -420,7 +428,7 @@ impl Agent {
             v1_procs: placement.v1_procs,
             tmp_mb: tmp_mb(resources),
             join: None,
-            privileges: Privileges::default(),
+            privileges,
         };
         self.start(request, "container launch").await
     }
@@ -464,6 +472,25 @@ impl Agent {
         self.fences()
             .fence(container_id, &placement.unified, &fence)?;
         Ok((placement, gpus))
+    }
+
+    /// Who a task runs as: its command's user, else its framework's (root
+    /// for all with --switch-user=false).
+    fn privileges(
+        &self,
+        framework: &FrameworkInfo,
+        task: &TaskInfo,
+    ) -> Result<Privileges, LaunchError> {
+        if !self.config.switch_user {
+            return Ok(Privileges::default());
+        }
+        let name = task
+            .command
+            .as_ref()
+            .and_then(|c| c.user.as_deref())
+            .filter(|u| !u.is_empty())
+            .unwrap_or(&framework.user);
+        Ok(privileges_of(name)?)
     }
 
     /// Records the GPUs a task's container was given (its status shows them).
@@ -524,6 +551,19 @@ impl Agent {
 /// charged to the task's memory anyway).
 fn tmp_mb(resources: &Resources) -> u64 {
     resources.scalar("mem").clamp(1.0, 1024.0) as u64
+}
+
+/// A sandbox belongs to the user its task runs as.
+fn give_sandbox(sandbox: &Path, privileges: &Privileges) -> Result<(), LaunchError> {
+    let Some(user) = &privileges.user else {
+        return Ok(());
+    };
+    std::os::unix::fs::chown(sandbox, Some(user.uid), Some(user.gid)).map_err(|source| {
+        LaunchError::Sandbox {
+            path: sandbox.to_owned(),
+            source,
+        }
+    })
 }
 
 fn create_sandbox(sandbox: &Path) -> Result<(), LaunchError> {

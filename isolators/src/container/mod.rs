@@ -204,6 +204,28 @@ impl Prepared {
         let program = resolve(spec.argv.first().map_or("/", String::as_str), path_var);
         let hostname = spec.hostname.as_bytes();
         let append = libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND;
+        let stdout = open_fd(
+            &spec.sandbox.join("stdout"),
+            append,
+            "open the sandbox's stdout",
+        )?;
+        let stderr = open_fd(
+            &spec.sandbox.join("stderr"),
+            append,
+            "open the sandbox's stderr",
+        )?;
+        if let Some(user) = &spec.privileges.user {
+            // The task's own output files, as its sandbox is.
+            for fd in [&stdout, &stderr] {
+                // SAFETY: fchown on an fd we own.
+                if unsafe { libc::fchown(fd.as_raw_fd(), user.uid, user.gid) } != 0 {
+                    return Err(SpawnError::Prepare {
+                        step: "give the sandbox's stdout and stderr to the task's user",
+                        source: io::Error::last_os_error(),
+                    });
+                }
+            }
+        }
         Ok(Self {
             argv_ptrs: null_terminated(&argv),
             env_ptrs: null_terminated(&env),
@@ -221,16 +243,8 @@ impl Prepared {
                 "tmp options",
                 format!("size={}m,mode=1777", spec.tmp_mb.max(1)),
             )?,
-            stdout: open_fd(
-                &spec.sandbox.join("stdout"),
-                append,
-                "open the sandbox's stdout",
-            )?,
-            stderr: open_fd(
-                &spec.sandbox.join("stderr"),
-                append,
-                "open the sandbox's stderr",
-            )?,
+            stdout,
+            stderr,
             devnull: open_fd(Path::new("/dev/null"), libc::O_RDONLY, "open /dev/null")?,
             cgroup: open_fd(
                 &spec.cgroup,
