@@ -7,7 +7,7 @@ import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
 MS_REMOUNT, MS_BIND = 32, 4096
-SYS_INIT_MODULE, SYS_PTRACE, SYS_BPF = 175, 101, 321
+SYS_INIT_MODULE, SYS_PTRACE, SYS_BPF, SYS_PERF_EVENT_OPEN, SYS_KEYCTL = 175, 101, 321, 298, 250
 PTRACE_ATTACH = 16
 CLONE_NEWUSER = 0x10000000
 
@@ -35,6 +35,35 @@ def read_len(path):
         return "bytes:%d" % len(f.read(4096))
 
 
+def threads():
+    import threading
+    done = []
+    workers = [threading.Thread(target=lambda: done.append(1)) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return "ok" if len(done) == 8 else "lost"
+
+
+def fork_exec():
+    import subprocess
+    for _ in range(50):
+        subprocess.run(["/bin/true"], check=True)
+    return "ok"
+
+
+def tcp_server():
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    client.sendall(b"x")
+    return "ok" if peer.recv(1) == b"x" else "lost"
+
+
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -53,6 +82,13 @@ attempt("ptrace_outside", lambda: result(libc.syscall(SYS_PTRACE, PTRACE_ATTACH,
 attempt("read_timer_list", lambda: read_len("/proc/timer_list"))
 attempt("read_keys", lambda: read_len("/proc/keys"))
 attempt("read_firmware", lambda: "entries:%d" % len(os.listdir("/sys/firmware")))
+attempt("bpf", lambda: result(libc.syscall(SYS_BPF, 0, None, 0)))
+attempt("perf_event_open", lambda: result(libc.syscall(SYS_PERF_EVENT_OPEN, None, 0, -1, -1, 0)))
+attempt("keyctl", lambda: result(libc.syscall(SYS_KEYCTL, 0, 0, 0, 0, 0)))
+attempt("unshare_user_ns", lambda: result(libc.unshare(CLONE_NEWUSER)))
+attempt("threads", threads)
+attempt("fork_exec", fork_exec)
+attempt("tcp_server", tcp_server)
 attempt("uid", lambda: str(os.getuid()))
 attempt("cap_eff", lambda: status("CapEff"))
 attempt("cap_bnd", lambda: status("CapBnd"))

@@ -10,7 +10,7 @@ use std::ffi::CString;
 use std::os::fd::RawFd;
 
 // Steps the child reports on failure (index into STEPS).
-pub(super) const STEPS: [&str; 17] = [
+pub(super) const STEPS: [&str; 18] = [
     "joining a v1 cgroup",
     "making / private",
     "making the rootfs read-only",
@@ -28,6 +28,7 @@ pub(super) const STEPS: [&str; 17] = [
     "making /proc/sys, /proc/irq and /proc/bus read-only",
     "dropping capabilities",
     "switching user",
+    "installing the seccomp filter",
 ];
 
 #[repr(C)]
@@ -66,6 +67,8 @@ pub(super) struct Child<'a> {
     pub(super) groups: &'a [libc::gid_t],
     /// The capability mask kept.
     pub(super) capabilities: u64,
+    /// Seccomp filters installed last, before exec.
+    pub(super) filters: &'a [libc::sock_fprog],
 }
 
 /// Files under /proc a task must not read (host memory, keys, timers,
@@ -232,6 +235,18 @@ unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
     unsafe {
         enter_sandbox(child);
         drop_privileges(child, child.capabilities);
+        for filter in child.filters {
+            // After no_new_privs (drop_privileges): allowed without CAP_SYS_ADMIN.
+            if libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                filter as *const libc::sock_fprog,
+            ) != 0
+            {
+                fail(child, 17);
+            }
+        }
         libc::execve(
             child.program.as_ptr(),
             child.argv.as_ptr(),

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 mod child;
 pub mod privileges;
+mod seccomp;
 use child::{Child, STEPS, child_main};
 pub use privileges::{Capabilities, Privileges, User};
 
@@ -168,6 +169,8 @@ struct Prepared {
     groups: Vec<libc::gid_t>,
     user: Option<(u32, u32)>,
     capabilities: u64,
+    /// The seccomp filters to install, pointing into the compiled ones.
+    filters: Vec<libc::sock_fprog>,
 }
 
 impl Prepared {
@@ -259,6 +262,11 @@ impl Prepared {
                 .unwrap_or_default(),
             user: spec.privileges.user.as_ref().map(|u| (u.uid, u.gid)),
             capabilities: spec.privileges.capabilities.0,
+            filters: if spec.privileges.seccomp {
+                seccomp_programs()?
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -283,8 +291,30 @@ impl Prepared {
             user: self.user,
             groups: &self.groups,
             capabilities: self.capabilities,
+            filters: &self.filters,
         }
     }
+}
+
+/// The default seccomp filters as the kernel takes them.
+fn seccomp_programs() -> Result<Vec<libc::sock_fprog>, SpawnError> {
+    let filters = seccomp::default_filters().map_err(|e| SpawnError::Prepare {
+        step: "build the seccomp filter",
+        source: io::Error::other(e),
+    })?;
+    filters
+        .iter()
+        .map(|filter| {
+            let len = u16::try_from(filter.len()).map_err(|_| SpawnError::Prepare {
+                step: "build the seccomp filter",
+                source: io::Error::other("the filter is longer than the kernel takes"),
+            })?;
+            Ok(libc::sock_fprog {
+                len,
+                filter: filter.as_ptr().cast_mut(),
+            })
+        })
+        .collect()
 }
 
 /// The pipe the child reports a failed step on; it closes on exec.

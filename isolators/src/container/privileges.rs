@@ -58,14 +58,17 @@ pub struct Privileges {
     /// Kept as bounding, permitted and effective set (a non-root user ends
     /// with none of them).
     pub capabilities: Capabilities,
+    /// The default seccomp filter (false: unconfined, where the operator allows it).
+    pub seccomp: bool,
 }
 
 impl Default for Privileges {
-    /// Root with Docker's default capabilities.
+    /// Root with Docker's default capabilities and the default seccomp filter.
     fn default() -> Self {
         Self {
             user: None,
             capabilities: Capabilities::docker_default(),
+            seccomp: true,
         }
     }
 }
