@@ -1,7 +1,7 @@
 //! The agent's eBPF fences as one unit (`butte_isolators::fences`), on this
 //! kernel: a fenced container is held to its ports and counted, an unfenced
-//! one is forgotten by every program, and a fence that fails halfway leaves
-//! no entry behind.
+//! one is forgotten by every program (and then binds nothing: deny by
+//! default), and a fence that fails halfway leaves no entry behind.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,13 +17,27 @@ use common::{isolator_at, limits, sandbox, shell_spec, unique};
 /// Runs a task in `id`'s cgroup that binds `port` on loopback and prints
 /// `bound` or the errno name it got.
 fn try_bind(isolator: &dyn Isolator, id: &str, port: u16) -> String {
+    try_python(
+        isolator,
+        id,
+        &format!("s=socket.socket()\n  s.bind((\"127.0.0.1\",{port})); print(\"bound\")"),
+    )
+}
+
+/// Runs a task in `id`'s cgroup that opens /dev/null: `opened` or the errno name.
+fn try_open_null(isolator: &dyn Isolator, id: &str) -> String {
+    try_python(isolator, id, "open(\"/dev/null\"); print(\"opened\")")
+}
+
+/// Runs `attempt` (python, two-space indented after its first line) in
+/// `id`'s cgroup; what it printed, or the errno name of its OSError.
+fn try_python(isolator: &dyn Isolator, id: &str, attempt: &str) -> String {
     let placement = isolator.create(id, &limits(1.0, 128.0, 64)).unwrap();
     let sandbox = sandbox(id);
     let _ = std::fs::remove_file(sandbox.join("stdout"));
     let script = format!(
         "/usr/bin/python3 -c 'import socket,errno\n\
-         s=socket.socket()\n\
-         try:\n  s.bind((\"127.0.0.1\",{port})); print(\"bound\")\n\
+         try:\n  {attempt}\n\
          except OSError as e: print(errno.errorcode[e.errno])'"
     );
     let child = spawn(&shell_spec(id, &placement, &sandbox, &script)).unwrap();
@@ -59,6 +73,11 @@ fn a_fenced_container_binds_only_its_ports_and_unfencing_forgets_it_everywhere()
     assert_eq!(fences.key(&id), Some(key));
 
     assert_eq!(try_bind(&*isolator, &id, 31_501), "bound");
+    assert_eq!(
+        try_open_null(&*isolator, &id),
+        "opened",
+        "the default devices"
+    );
     assert_eq!(try_bind(&*isolator, &id, 31_602), "EPERM");
     fences.flush();
     let counts = fences.counts();
@@ -80,9 +99,14 @@ fn a_fenced_container_binds_only_its_ports_and_unfencing_forgets_it_everywhere()
         "no program keeps an entry for it"
     );
     assert_eq!(
-        try_bind(&*isolator, &id, 31_602),
-        "bound",
-        "without its entry the container is no longer held to its ports"
+        try_bind(&*isolator, &id, 31_501),
+        "EPERM",
+        "without its entry the container binds no port at all (deny by default)"
+    );
+    assert_eq!(
+        try_open_null(&*isolator, &id),
+        "EPERM",
+        "and opens no device, not even /dev/null"
     );
     isolator.destroy(&id).unwrap();
     drop(fences);
@@ -114,9 +138,9 @@ fn a_fence_that_fails_halfway_leaves_no_entry_behind() {
     );
     assert_eq!(fences.key(&id), None);
     assert_eq!(
-        try_bind(&*isolator, &id, 31_604),
-        "bound",
-        "the port entry written before the failure was removed"
+        try_bind(&*isolator, &id, 31_503),
+        "EPERM",
+        "the port entry written before the failure was removed (else 31503 would bind)"
     );
     isolator.destroy(&id).unwrap();
     drop(fences);

@@ -338,3 +338,77 @@ async fn every_id_rule_is_held_for_every_id_a_call_or_task_names() {
     scheduler.await_state("fine", "TASK_RUNNING", 5).await;
     master.shutdown().await;
 }
+
+#[tokio::test]
+async fn what_the_cluster_cannot_honour_is_refused_by_name() {
+    let master = support::master("hostile-unsupported").await;
+    let _agent = TestAgent::connect(&master, "cpus:4;mem:4096").await;
+    let mut scheduler =
+        Scheduler::subscribe(&master, json!({"user": "root", "name": "unsupported"})).await;
+    let offers = scheduler.next("OFFERS", 5).await;
+    let offer = offers["offers"]["offers"][0].clone();
+    let fields: [(&str, &str, Value); 5] = [
+        (
+            "with-container",
+            "'container'",
+            json!({"container": {"type": "MESOS"}}),
+        ),
+        (
+            "with-uris",
+            "'command.uris'",
+            json!({"command": {"value": "true", "uris": [{"value": "http://example.invalid/x"}]}}),
+        ),
+        (
+            "with-health-check",
+            "'health_check'",
+            json!({"health_check": {}}),
+        ),
+        ("with-check", "'check'", json!({"check": {}})),
+        (
+            "with-executor",
+            "'executor'",
+            json!({"command": null, "executor": {"executor_id": {"value": "e"}, "command": {"value": "true"}}}),
+        ),
+    ];
+    let ids: Vec<(&str, f64, f64)> = fields.iter().map(|(id, _, _)| (*id, 0.1, 32.0)).collect();
+    let tasks: Vec<(&str, &str, f64, f64)> =
+        ids.iter().map(|(id, c, m)| (*id, "true", *c, *m)).collect();
+    let mut launch = support::launch(&offer, &tasks);
+    for (i, (_, _, extra)) in fields.iter().enumerate() {
+        let task = &mut launch["accept"]["operations"][0]["launch"]["task_infos"][i];
+        for (key, value) in extra.as_object().unwrap() {
+            if value.is_null() {
+                task.as_object_mut().unwrap().remove(key);
+            } else {
+                task[key] = value.clone();
+            }
+        }
+    }
+    // An operation this master does not implement, with an id.
+    launch["accept"]["operations"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+        "type": "RESERVE", "id": {"value": "op-1"},
+        "reserve": {"resources": []}}));
+    assert_eq!(scheduler.call(launch).await, 202);
+    for (id, field, _) in &fields {
+        let status = scheduler.await_state(id, "TASK_ERROR", 5).await;
+        let message = status["message"].as_str().unwrap_or("");
+        assert!(message.contains(field), "{id}: {message}");
+        assert!(message.contains("not supported"), "{id}: {message}");
+    }
+    let error = scheduler.next("ERROR", 5).await;
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("RESERVE"),
+        "{error}"
+    );
+    let operation = scheduler.next("UPDATE_OPERATION_STATUS", 5).await;
+    let status = &operation["update_operation_status"]["status"];
+    assert_eq!(status["state"], "OPERATION_ERROR", "{operation}");
+    assert_eq!(status["operation_id"]["value"], "op-1", "{operation}");
+    master.shutdown().await;
+}

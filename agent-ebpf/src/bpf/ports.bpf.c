@@ -31,11 +31,13 @@ static __always_inline int allowed(struct bpf_sock_addr *ctx)
 {
     __u64 cgroup = bpf_get_current_cgroup_id();
     struct port_ranges *ranges = bpf_map_lookup_elem(&task_ports, &cgroup);
-    if (!ranges)
-        return 1;
     __u16 port = bpf_ntohs((__u16)ctx->user_port);
     if (port == 0)
         return 1;
+    /* Deny by default: a cgroup below the agent's subtree that was not
+     * fenced binds no port but 0, as a task given no ports. */
+    if (!ranges)
+        return 0;
     for (int i = 0; i < MAX_RANGES; i++) {
         if (i >= ranges->count)
             break;

@@ -439,7 +439,7 @@ fn valid_role(role: &str) -> bool {
         || role.chars().any(|c| c.is_whitespace() || c.is_control()))
 }
 
-fn error_event(message: &str) -> Event {
+pub(super) fn error_event(message: &str) -> Event {
     Event {
         r#type: Some(event::Type::Error as i32),
         error: Some(event::Error {

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use butte_api::agent_link::v1 as link;
 use butte_api::ids::check_id;
-use butte_api::mesos::v1::scheduler::call;
+use butte_api::mesos::v1::scheduler::{Event, call, event};
 use butte_api::mesos::v1::{
     AgentId, ExecutorInfo, FrameworkId, FrameworkInfo, Task, TaskGroupInfo, TaskInfo, TaskState,
     TaskStatus, framework_info::capability, offer::Operation, offer::operation, task_status,
@@ -16,6 +16,7 @@ use butte_api::resources::Resources;
 use butte_api::task_state::is_terminal;
 use butte_api::update_queue::new_uuid;
 
+use super::frameworks::error_event;
 use super::offers::tasks_of;
 use super::updates::master_status;
 use super::{Master, TaskEntry};
@@ -78,9 +79,60 @@ fn task_resources(task: &TaskInfo, with_executor: bool) -> Result<Resources, Str
     Ok(resources)
 }
 
+/// Fields of a task this cluster cannot honour yet: refused by name, never
+/// dropped in silence.
+fn refuse_unsupported(task: &TaskInfo, in_group: bool) -> Result<(), String> {
+    let command = task.command.as_ref();
+    let unsupported = [
+        (
+            task.container.is_some(),
+            "'container' (ContainerInfo: images, volumes, networks)",
+        ),
+        (task.health_check.is_some(), "'health_check'"),
+        (task.check.is_some(), "'check'"),
+        (task.max_completion_time.is_some(), "'max_completion_time'"),
+        (
+            command.is_some_and(|c| !c.uris.is_empty()),
+            "'command.uris' (the fetcher)",
+        ),
+        (
+            task.executor.is_some() && !in_group,
+            "'executor' (custom executors; give a 'command', or use LAUNCH_GROUP)",
+        ),
+    ];
+    match unsupported.into_iter().find(|(present, _)| *present) {
+        Some((_, field)) => Err(format!(
+            "task {}: {field} is not supported by this cluster yet; leave it out",
+            task.task_id.value
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What a task group's executor may be: Mesos's default executor (the
+/// agent runs the group itself), without a command or container of its own.
+fn refuse_unsupported_executor(executor: &ExecutorInfo) -> Result<(), String> {
+    use butte_api::mesos::v1::executor_info::Type;
+    let unsupported = [
+        (
+            executor.r#type.is_some() && executor.r#type() != Type::Default,
+            "a CUSTOM 'executor.type' (only DEFAULT)",
+        ),
+        (executor.command.is_some(), "'executor.command'"),
+        (executor.container.is_some(), "'executor.container'"),
+    ];
+    match unsupported.into_iter().find(|(present, _)| *present) {
+        Some((_, field)) => Err(format!(
+            "the task group's executor: {field} is not supported by this cluster yet"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks that a task carries one of command or executor, well formed (its
 /// executor's id by the id rule).
 fn validate_task_body(task: &TaskInfo, in_group: bool) -> Result<(), String> {
+    refuse_unsupported(task, in_group)?;
     if let Some(executor) = &task.executor {
         check_id("executor.executor_id", &executor.executor_id.value)
             .map_err(|e| format!("task {}: {e}", task.task_id.value))?;
@@ -161,6 +213,7 @@ impl Master {
     ) -> Result<(Budget, Vec<(TaskInfo, Resources)>), String> {
         check_id("executor.executor_id", &executor.executor_id.value)
             .map_err(|e| format!("the task group's executor: {e}"))?;
+        refuse_unsupported_executor(executor)?;
         if group.tasks.is_empty() {
             return Err("the task group has no tasks".to_owned());
         }
@@ -202,9 +255,39 @@ impl Master {
                     self.launch_group(at, launch.executor, launch.task_group, budget);
                 }
             }
-            other => {
-                tracing::warn!(framework_id = at.framework_id, operation = ?other, "offer operation not supported yet; ignored");
-            }
+            other => self.refuse_operation(at.framework_id, other, op.id),
+        }
+    }
+
+    /// An offer operation this master does not implement: an ERROR event
+    /// naming it, and OPERATION_ERROR for it when the framework gave it an id.
+    fn refuse_operation(
+        &self,
+        framework_id: &str,
+        kind: operation::Type,
+        id: Option<butte_api::mesos::v1::OperationId>,
+    ) {
+        let message = format!(
+            "offer operation {} is not supported by this master yet; only LAUNCH and LAUNCH_GROUP are (its resources stay unused)",
+            kind.as_str_name()
+        );
+        tracing::warn!(framework_id, %message, "offer operation refused");
+        self.send_event(framework_id, error_event(&message));
+        if let Some(operation_id) = id {
+            let status = butte_api::mesos::v1::OperationStatus {
+                operation_id: Some(operation_id),
+                state: butte_api::mesos::v1::OperationState::OperationError as i32,
+                message: Some(message),
+                ..Default::default()
+            };
+            self.send_event(
+                framework_id,
+                Event {
+                    r#type: Some(event::Type::UpdateOperationStatus as i32),
+                    update_operation_status: Some(event::UpdateOperationStatus { status }),
+                    ..Default::default()
+                },
+            );
         }
     }
 
