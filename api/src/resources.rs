@@ -57,6 +57,15 @@ pub enum ResourceError {
         first: String,
         second: String,
     },
+    /// more ranges or set items than a resource may have
+    #[error(
+        "resource {name:?} has {count} ranges or set items; a resource may have at most {limit}"
+    )]
+    TooManyItems {
+        name: String,
+        count: usize,
+        limit: usize,
+    },
     /// a set item listed twice
     #[error("resource {name:?} lists the set item {item:?} twice")]
     DuplicateItem { name: String, item: String },
@@ -153,6 +162,10 @@ impl fmt::Display for RangeSet {
 /// Name prefix of MIG instance resources, `mig-<profile>` (e.g.
 /// `mig-1g.10gb`), as NVIDIA's device plugin names them without its domain.
 pub const MIG_PREFIX: &str = "mig-";
+
+/// The most ranges or set items one resource may carry (a request's worth:
+/// merging them is not free).
+pub const MAX_ITEMS: usize = 1000;
 
 /// Whether a resource is GPU capacity: `gpus` (whole devices) or MIG instances.
 pub fn is_gpu(name: &str) -> bool {
@@ -254,7 +267,13 @@ impl Resources {
         self.check_kind(name, "SCALAR")?;
         let milli = to_milli(name, value)?;
         if milli > 0 {
-            *self.scalars.entry(name.to_owned()).or_default() += milli;
+            let sum = self.scalars.entry(name.to_owned()).or_default();
+            *sum = sum
+                .checked_add(milli)
+                .ok_or_else(|| ResourceError::TooLarge {
+                    name: name.to_owned(),
+                    value: "the sum".to_owned(),
+                })?;
         }
         Ok(())
     }
@@ -316,7 +335,9 @@ impl Resources {
     pub fn add(&mut self, other: &Resources) {
         for (name, milli) in &other.scalars {
             if self.check_kind(name, "SCALAR").is_ok() {
-                *self.scalars.entry(name.clone()).or_default() += milli;
+                // Saturates: each value is at most 1e15, a sum cannot wrap.
+                let sum = self.scalars.entry(name.clone()).or_default();
+                *sum = sum.saturating_add(*milli);
             }
         }
         for (name, ranges) in &other.ranges {
@@ -392,6 +413,21 @@ impl Resources {
     /// empty names, a type without its value, NaN, infinite or negative
     /// scalars, inverted or overlapping ranges, duplicate set items.
     pub fn from_proto(resources: &[Resource]) -> Result<Self, ResourceError> {
+        // Counted first, in one cheap pass: merging ranges costs more per item.
+        let mut items: BTreeMap<&str, usize> = BTreeMap::new();
+        for resource in resources {
+            let count = resource.ranges.as_ref().map_or(0, |r| r.range.len())
+                + resource.set.as_ref().map_or(0, |s| s.item.len());
+            let total = items.entry(resource.name.as_str()).or_default();
+            *total += count;
+            if *total > MAX_ITEMS {
+                return Err(ResourceError::TooManyItems {
+                    name: resource.name.clone(),
+                    count: *total,
+                    limit: MAX_ITEMS,
+                });
+            }
+        }
         let mut sum = Resources::new();
         for resource in resources {
             let name = resource.name.as_str();
@@ -624,6 +660,47 @@ mod tests {
         let mut back = left;
         back.add(&res("ports:[4-6]"));
         assert_eq!(back.to_string(), "ports:[1-10]");
+    }
+
+    #[test]
+    fn too_many_ranges_are_refused_before_any_is_merged_and_sums_do_not_wrap() {
+        let ranges = |n: u64| Resource {
+            name: "ports".into(),
+            r#type: value::Type::Ranges as i32,
+            ranges: Some(value::Ranges {
+                range: (0..n)
+                    .map(|i| value::Range {
+                        begin: i * 2,
+                        end: i * 2,
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        assert!(Resources::from_proto(&[ranges(1000)]).is_ok());
+        let started = std::time::Instant::now();
+        let refused = Resources::from_proto(&[ranges(250_000)]).unwrap_err();
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(50),
+            "refused at once"
+        );
+        assert!(refused.to_string().contains("at most 1000"), "{refused}");
+        // Split over entries of one name: still counted together.
+        let split = vec![ranges(600), ranges(600)];
+        assert!(matches!(
+            Resources::from_proto(&split).unwrap_err(),
+            ResourceError::TooManyItems { count: 1200, .. }
+        ));
+        // Sums saturate or refuse, never wrap.
+        let big: Vec<Resource> = (0..20_000).map(|_| scalar("cpus", 1e15)).collect();
+        assert!(matches!(
+            Resources::from_proto(&big).unwrap_err(),
+            ResourceError::TooLarge { .. }
+        ));
+        assert!(matches!(
+            Resources::from_proto(&[scalar("cpus", 1e300)]).unwrap_err(),
+            ResourceError::TooLarge { .. }
+        ));
     }
 
     #[test]

@@ -29,11 +29,22 @@ pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, 
     if call.r#type.is_none() && format == Format::Json {
         refuse_unknown_type(&bytes)?;
     }
-    validate(&call)?;
     let stream_id = headers
         .get(STREAM_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // The cheap checks first: ids, then the stream, before any resource is
+    // parsed.
+    check_ids(&call).map_err(|e| HttpError::bad_request(e.to_string()))?;
+    let framework_id = call.framework_id.as_ref().map(|f| f.value.as_str());
+    if call.r#type() != call::Type::Subscribe
+        && let Some(framework_id) = framework_id.filter(|id| !id.is_empty())
+    {
+        shared
+            .lock()
+            .check_stream(framework_id, stream_id.as_deref())?;
+    }
+    validate(&call)?;
 
     if call.r#type() == call::Type::Subscribe {
         if stream_id.is_some() {

@@ -364,7 +364,8 @@ async fn task_group_launches_whole_on_one_agent() {
     };
     let call = json!({"type": "ACCEPT", "accept": {"offer_ids": [offer["id"]], "operations": [{"type": "LAUNCH_GROUP", "launch_group": {
         "executor": {"type": "DEFAULT", "executor_id": {"value": "ex"}, "framework_id": {"value": scheduler.framework_id},
-                     "resources": [{"name": "cpus", "type": "SCALAR", "scalar": {"value": 0.1}}]},
+                     "resources": [{"name": "cpus", "type": "SCALAR", "scalar": {"value": 0.1}},
+                                   {"name": "mem", "type": "SCALAR", "scalar": {"value": 32}}]},
         "task_group": {"tasks": [task("g1"), task("g2"), task("g3")]}}}]}});
     assert_eq!(scheduler.call(call).await, 202);
     for id in ["g1", "g2", "g3"] {

@@ -188,9 +188,13 @@ impl Master {
         }
         validate_task_body(task, in_group)?;
         let resources = task_resources(task, !in_group)?;
-        if resources.is_empty() {
+        // A task alone always gets a CPU share and a memory limit (a group's
+        // tasks are sized together with their executor: see validate_group).
+        if !in_group && (resources.scalar("cpus") <= 0.0 || resources.scalar("mem") <= 0.0) {
             return Err(format!(
-                "task {id} uses no resources; ask for at least cpus or mem"
+                "task {id} asks for cpus {} and mem {}; every task needs both above 0 (its CPU share and memory limit)",
+                resources.scalar("cpus"),
+                resources.scalar("mem")
             ));
         }
         let available = &budget.remaining;
@@ -234,6 +238,19 @@ impl Master {
                 .map_err(|message| format!("task {}: {message}", task.task_id.value))?;
             budget.take(&task.task_id.value, &resources);
             valid.push((task.clone(), resources));
+        }
+        // The group's cgroup is sized from all of it: it needs a CPU share
+        // and a memory limit.
+        let mut whole = executor_resources.clone();
+        for (_, resources) in &valid {
+            whole.add(resources);
+        }
+        if whole.scalar("cpus") <= 0.0 || whole.scalar("mem") <= 0.0 {
+            return Err(format!(
+                "the task group and its executor ask for cpus {} and mem {}; a group needs both above 0 (its CPU share and memory limit)",
+                whole.scalar("cpus"),
+                whole.scalar("mem")
+            ));
         }
         // The executor's own resources stay allocated with the first task.
         if let Some(first) = valid.first_mut() {
