@@ -69,11 +69,17 @@ pub(super) struct Child<'a> {
     pub(super) capabilities: u64,
     /// Seccomp filters installed last, before exec.
     pub(super) filters: &'a [libc::sock_fprog],
+    /// Of MASKED_FILES, MASKED_DIRS and READ_ONLY, those this kernel has.
+    pub(super) masked_files: &'a [&'static std::ffi::CStr],
+    pub(super) masked_dirs: &'a [&'static std::ffi::CStr],
+    pub(super) read_only: &'a [&'static std::ffi::CStr],
+    /// The highest capability this kernel knows (cap_last_cap).
+    pub(super) cap_last: libc::c_ulong,
 }
 
 /// Files under /proc a task must not read (host memory, keys, timers,
 /// scheduler internals) or write (sysrq): /dev/null is bound over each.
-const MASKED_FILES: [&std::ffi::CStr; 6] = [
+pub(super) const MASKED_FILES: [&std::ffi::CStr; 6] = [
     c"/proc/kcore",
     c"/proc/keys",
     c"/proc/timer_list",
@@ -82,9 +88,9 @@ const MASKED_FILES: [&std::ffi::CStr; 6] = [
     c"/proc/latency_stats",
 ];
 /// Directories hidden under an empty read-only tmpfs.
-const MASKED_DIRS: [&std::ffi::CStr; 2] = [c"/sys/firmware", c"/proc/acpi"];
+pub(super) const MASKED_DIRS: [&std::ffi::CStr; 2] = [c"/sys/firmware", c"/proc/acpi"];
 /// Parts of the task's own /proc that stay readable but not writable.
-const READ_ONLY: [&std::ffi::CStr; 3] = [c"/proc/sys", c"/proc/irq", c"/proc/bus"];
+pub(super) const READ_ONLY: [&std::ffi::CStr; 3] = [c"/proc/sys", c"/proc/irq", c"/proc/bus"];
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -325,7 +331,7 @@ unsafe fn mask_paths(child: &Child<'_>) {
     // SAFETY: mounts on static paths; nothing allocates.
     unsafe {
         let missing = || *libc::__errno_location() == libc::ENOENT;
-        for file in MASKED_FILES {
+        for &file in child.masked_files {
             let bound = libc::mount(
                 c"/dev/null".as_ptr(),
                 file.as_ptr(),
@@ -337,7 +343,7 @@ unsafe fn mask_paths(child: &Child<'_>) {
                 fail(child, 13);
             }
         }
-        for dir in MASKED_DIRS {
+        for &dir in child.masked_dirs {
             let hidden = libc::mount(
                 c"tmpfs".as_ptr(),
                 dir.as_ptr(),
@@ -349,7 +355,7 @@ unsafe fn mask_paths(child: &Child<'_>) {
                 fail(child, 13);
             }
         }
-        for dir in READ_ONLY {
+        for &dir in child.read_only {
             let bound = libc::mount(
                 dir.as_ptr(),
                 dir.as_ptr(),
@@ -377,7 +383,7 @@ unsafe fn mask_paths(child: &Child<'_>) {
 unsafe fn drop_privileges(child: &Child<'_>, capabilities: u64) {
     // SAFETY: prctl/capset/set*id on our own process with stack memory.
     unsafe {
-        for cap in 0..64 {
+        for cap in 0..=child.cap_last {
             if capabilities & (1 << cap) == 0
                 && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
                 && *libc::__errno_location() != libc::EINVAL

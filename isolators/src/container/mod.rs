@@ -12,7 +12,7 @@
 //! only what was prepared before the clone.
 #![allow(unsafe_code)]
 
-use std::ffi::{CString, NulError};
+use std::ffi::{CStr, CString, NulError};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 mod child;
 pub mod privileges;
 mod seccomp;
-use child::{Child, STEPS, child_main};
+use child::{Child, MASKED_DIRS, MASKED_FILES, READ_ONLY, STEPS, child_main};
 pub use privileges::{Capabilities, Privileges, User};
 
 #[derive(Debug, thiserror::Error)]
@@ -292,8 +292,45 @@ impl Prepared {
             groups: &self.groups,
             capabilities: self.capabilities,
             filters: &self.filters,
+            masked_files: &host().masked_files,
+            masked_dirs: &host().masked_dirs,
+            read_only: &host().read_only,
+            cap_last: host().cap_last,
         }
     }
+}
+
+/// What this host's kernel has, learnt once: which of the paths to mask
+/// exist (a launch then makes no mount that must fail) and the highest
+/// capability number (the bounding set is cut up to it, not to 63).
+struct Host {
+    masked_files: Vec<&'static CStr>,
+    masked_dirs: Vec<&'static CStr>,
+    read_only: Vec<&'static CStr>,
+    cap_last: libc::c_ulong,
+}
+
+fn host() -> &'static Host {
+    static HOST: std::sync::OnceLock<Host> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let present = |paths: &[&'static CStr]| -> Vec<&'static CStr> {
+            paths
+                .iter()
+                .copied()
+                .filter(|p| Path::new(p.to_str().unwrap_or("/")).exists())
+                .collect()
+        };
+        let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(63);
+        Host {
+            masked_files: present(&MASKED_FILES),
+            masked_dirs: present(&MASKED_DIRS),
+            read_only: present(&READ_ONLY),
+            cap_last,
+        }
+    })
 }
 
 /// The default seccomp filters as the kernel takes them.
