@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// Docker's default capabilities, the default for both capability flags.
+const DOCKER_CAPABILITIES: &str = "CHOWN,DAC_OVERRIDE,FOWNER,FSETID,KILL,SETGID,SETUID,SETPCAP,NET_BIND_SERVICE,NET_RAW,SYS_CHROOT,MKNOD,AUDIT_WRITE,SETFCAP";
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "butte-agent",
@@ -49,6 +52,15 @@ pub struct AgentConfig {
     /// Mesos's --switch_user); false runs every task as the agent's user.
     #[arg(long, env = "BUTTE_SWITCH_USER", default_value_t = true, action = clap::ArgAction::Set)]
     pub switch_user: bool,
+    /// The most capabilities any task may hold (Mesos's --bounding_capabilities).
+    #[arg(long, env = "BUTTE_BOUNDING_CAPABILITIES", value_parser = crate::users::parse_capabilities, default_value = DOCKER_CAPABILITIES)]
+    pub bounding_capabilities: butte_isolators::container::Capabilities,
+    /// What a root task holds when it asks for none (Mesos's --effective_capabilities).
+    #[arg(long, env = "BUTTE_EFFECTIVE_CAPABILITIES", value_parser = crate::users::parse_capabilities, default_value = DOCKER_CAPABILITIES)]
+    pub effective_capabilities: butte_isolators::container::Capabilities,
+    /// Let a task ask to run without the seccomp filter (LinuxInfo.seccomp.unconfined).
+    #[arg(long, env = "BUTTE_ALLOW_UNCONFINED_SECCOMP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_unconfined_seccomp: bool,
     /// Processes and threads a task may have at once.
     #[arg(long, env = "BUTTE_TASK_PIDS_MAX", default_value_t = 4096)]
     pub task_pids_max: u64,

@@ -43,6 +43,11 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
         std::fs::read_to_string(nobody.join("caps")).unwrap(),
         "CapEff:\t0000000000000000\n"
     );
+    // LinuxInfo.effective_capabilities [CHOWN]: exactly that one.
+    assert_eq!(
+        std::fs::read_to_string(cluster.sandbox("caps-chown").join("caps")).unwrap(),
+        "CapEff:\t0000000000000001\n"
+    );
     let ps = std::fs::read_to_string(inspect.join("ps")).unwrap();
     let commands: Vec<&str> = ps
         .lines()

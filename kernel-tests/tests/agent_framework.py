@@ -294,6 +294,14 @@ def main():
                               "id -u > $MESOS_SANDBOX/uid; grep CapEff /proc/self/status > $MESOS_SANDBOX/caps",
                               user="nobody"))
             tasks.append(task("as-stranger", agent_id, "true", user="no-such-user-butte"))
+            chown_only = task("caps-chown", agent_id, "grep CapEff /proc/self/status > $MESOS_SANDBOX/caps")
+            chown_only["container"] = {"type": "MESOS", "linux_info": {
+                "effective_capabilities": {"capabilities": ["CHOWN"]}}}
+            tasks.append(chown_only)
+            beyond = task("caps-beyond", agent_id, "true")
+            beyond["container"] = {"type": "MESOS", "linux_info": {
+                "effective_capabilities": {"capabilities": ["NET_ADMIN"]}}}
+            tasks.append(beyond)
             tasks.append(ports_task("ports", agent_id))
             tasks.append(task("devices", agent_id,
                               "cat /dev/null && echo null=ok; cat /dev/butte-kt-fake 2>&1 | head -1; true"))
@@ -355,6 +363,10 @@ def main():
                 problems.append("inspect: %s" % final["inspect"])
             if final["as-nobody"]["state"] != "TASK_FINISHED":
                 problems.append("as-nobody: %s" % final["as-nobody"])
+            if final["caps-chown"]["state"] != "TASK_FINISHED":
+                problems.append("caps-chown: %s" % final["caps-chown"])
+            if final["caps-beyond"]["state"] != "TASK_FAILED" or "NET_ADMIN" not in final["caps-beyond"]["message"]:
+                problems.append("caps-beyond: %s" % final["caps-beyond"])
             stranger = final["as-stranger"]
             if stranger["state"] != "TASK_FAILED" or "'no-such-user-butte'" not in stranger["message"]:
                 problems.append("as-stranger: %s" % stranger)

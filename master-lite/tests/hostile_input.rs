@@ -350,8 +350,8 @@ async fn what_the_cluster_cannot_honour_is_refused_by_name() {
     let fields: [(&str, &str, Value); 6] = [
         (
             "with-container",
-            "'container'",
-            json!({"container": {"type": "MESOS"}}),
+            "'container.docker'",
+            json!({"container": {"type": "MESOS", "docker": {"image": "busybox"}}}),
         ),
         (
             "with-uris",

@@ -21,7 +21,7 @@ use butte_api::ids::IdError;
 use crate::gpus::{AssignError, Assignment};
 use crate::launcher::LaunchRequest;
 use crate::launcher_client::LauncherError;
-use crate::users::{UserError, privileges_of};
+use crate::users::{Allowed, UserError, apply_linux_info, privileges_of};
 use crate::workdir::beneath;
 
 /// Task label asking for ingress to be policed to the task's `network_bandwidth` too.
@@ -481,16 +481,25 @@ impl Agent {
         framework: &FrameworkInfo,
         task: &TaskInfo,
     ) -> Result<Privileges, LaunchError> {
-        if !self.config.switch_user {
-            return Ok(Privileges::default());
-        }
         let name = task
             .command
             .as_ref()
             .and_then(|c| c.user.as_deref())
             .filter(|u| !u.is_empty())
             .unwrap_or(&framework.user);
-        Ok(privileges_of(name)?)
+        let mut privileges = if self.config.switch_user {
+            privileges_of(name)?
+        } else {
+            Privileges::default()
+        };
+        let allowed = Allowed {
+            bounding: self.config.bounding_capabilities,
+            effective: self.config.effective_capabilities,
+            unconfined_seccomp: self.config.allow_unconfined_seccomp,
+        };
+        let linux = task.container.as_ref().and_then(|c| c.linux_info.as_ref());
+        apply_linux_info(&mut privileges, linux, allowed)?;
+        Ok(privileges)
     }
 
     /// Records the GPUs a task's container was given (its status shows them).

@@ -65,8 +65,10 @@ pub(super) struct Child<'a> {
     /// uid, gid to switch to (None: stay root).
     pub(super) user: Option<(u32, u32)>,
     pub(super) groups: &'a [libc::gid_t],
-    /// The capability mask kept.
+    /// The capability mask kept (permitted and effective).
     pub(super) capabilities: u64,
+    /// The bounding set.
+    pub(super) bounding: u64,
     /// Seccomp filters installed last, before exec.
     pub(super) filters: &'a [libc::sock_fprog],
     /// Of MASKED_FILES, MASKED_DIRS and READ_ONLY, those this kernel has.
@@ -240,7 +242,7 @@ unsafe fn enter_and_exec(child: &Child<'_>) -> ! {
     // SAFETY: as in child_main.
     unsafe {
         enter_sandbox(child);
-        drop_privileges(child, child.capabilities);
+        drop_privileges(child, child.capabilities, child.bounding);
         for filter in child.filters {
             // After no_new_privs (drop_privileges): allowed without CAP_SYS_ADMIN.
             if libc::syscall(
@@ -274,6 +276,7 @@ unsafe fn init_loop(child: &Child<'_>) -> ! {
                 user: None,
                 ..*child
             },
+            0,
             0,
         );
         libc::close(child.error_pipe);
@@ -377,14 +380,14 @@ unsafe fn mask_paths(child: &Child<'_>) {
 }
 
 /// The last privileged steps before exec: the bounding set cut to
-/// `capabilities`, the user switched (which clears every capability when it
+/// `bounding`, the user switched (which clears every capability when it
 /// leaves root), the rest set to `capabilities`, no ambient ones, and
 /// no_new_privs so that no setuid or file capability gives any back.
-unsafe fn drop_privileges(child: &Child<'_>, capabilities: u64) {
+unsafe fn drop_privileges(child: &Child<'_>, capabilities: u64, bounding: u64) {
     // SAFETY: prctl/capset/set*id on our own process with stack memory.
     unsafe {
         for cap in 0..=child.cap_last {
-            if capabilities & (1 << cap) == 0
+            if bounding & (1 << cap) == 0
                 && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
                 && *libc::__errno_location() != libc::EINVAL
             {

@@ -169,6 +169,7 @@ struct Prepared {
     groups: Vec<libc::gid_t>,
     user: Option<(u32, u32)>,
     capabilities: u64,
+    bounding: u64,
     /// The seccomp filters to install, pointing into the compiled ones.
     filters: Vec<libc::sock_fprog>,
 }
@@ -262,6 +263,7 @@ impl Prepared {
                 .unwrap_or_default(),
             user: spec.privileges.user.as_ref().map(|u| (u.uid, u.gid)),
             capabilities: spec.privileges.capabilities.0,
+            bounding: spec.privileges.bounding.0 | spec.privileges.capabilities.0,
             filters: if spec.privileges.seccomp {
                 seccomp_programs()?
             } else {
@@ -291,6 +293,7 @@ impl Prepared {
             user: self.user,
             groups: &self.groups,
             capabilities: self.capabilities,
+            bounding: self.bounding,
             filters: &self.filters,
             masked_files: &host().masked_files,
             masked_dirs: &host().masked_dirs,

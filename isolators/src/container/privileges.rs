@@ -40,6 +40,16 @@ impl Capabilities {
     pub fn contains(self, capability: Capability) -> bool {
         self.0 & (1 << capability.0) != 0
     }
+
+    /// Whether every capability of `self` is in `other`.
+    pub fn within(self, other: Capabilities) -> bool {
+        self.0 & !other.0 == 0
+    }
+
+    /// The capability numbers in the set.
+    pub fn numbers(self) -> impl Iterator<Item = u8> {
+        (0..64u8).filter(move |&n| self.0 & (1 << n) != 0)
+    }
 }
 
 /// The uid, gid and supplementary groups a task runs as.
@@ -55,9 +65,10 @@ pub struct User {
 pub struct Privileges {
     /// None: the launcher's own user (root).
     pub user: Option<User>,
-    /// Kept as bounding, permitted and effective set (a non-root user ends
-    /// with none of them).
+    /// Kept as permitted and effective set (a non-root user ends with none).
     pub capabilities: Capabilities,
+    /// The most the task's processes can ever hold (at least `capabilities`).
+    pub bounding: Capabilities,
     /// The default seccomp filter (false: unconfined, where the operator allows it).
     pub seccomp: bool,
 }
@@ -68,6 +79,7 @@ impl Default for Privileges {
         Self {
             user: None,
             capabilities: Capabilities::docker_default(),
+            bounding: Capabilities::docker_default(),
             seccomp: true,
         }
     }

@@ -82,12 +82,16 @@ fn task_resources(task: &TaskInfo, with_executor: bool) -> Result<Resources, Str
 /// Fields of a task this cluster cannot honour yet: refused by name, never
 /// dropped in silence.
 fn refuse_unsupported(task: &TaskInfo, in_group: bool) -> Result<(), String> {
+    if let Some(container) = &task.container {
+        refuse_unsupported_container(container).map_err(|field| {
+            format!(
+                "task {}: {field} is not supported by this cluster yet; leave it out",
+                task.task_id.value
+            )
+        })?;
+    }
     let command = task.command.as_ref();
     let unsupported = [
-        (
-            task.container.is_some(),
-            "'container' (ContainerInfo: images, volumes, networks)",
-        ),
         (task.health_check.is_some(), "'health_check'"),
         (task.check.is_some(), "'check'"),
         (task.max_completion_time.is_some(), "'max_completion_time'"),
@@ -105,6 +109,54 @@ fn refuse_unsupported(task: &TaskInfo, in_group: bool) -> Result<(), String> {
             "task {}: {field} is not supported by this cluster yet; leave it out",
             task.task_id.value
         )),
+        None => Ok(()),
+    }
+}
+
+/// Of a task's ContainerInfo only what the agent honours may be set: a
+/// MESOS container whose `linux_info` asks for capabilities or an
+/// unconfined seccomp filter (the agent checks both against its flags).
+fn refuse_unsupported_container(
+    container: &butte_api::mesos::v1::ContainerInfo,
+) -> Result<(), &'static str> {
+    use butte_api::mesos::v1::container_info::Type;
+    let linux = container.linux_info.as_ref();
+    let unsupported = [
+        (
+            container.r#type() != Type::Mesos,
+            "'container.type' other than MESOS (Docker containers)",
+        ),
+        (container.mesos.is_some(), "'container.mesos' (images)"),
+        (container.docker.is_some(), "'container.docker'"),
+        (!container.volumes.is_empty(), "'container.volumes'"),
+        (
+            !container.network_infos.is_empty(),
+            "'container.network_infos'",
+        ),
+        (container.hostname.is_some(), "'container.hostname'"),
+        (container.rlimit_info.is_some(), "'container.rlimit_info'"),
+        (container.tty_info.is_some(), "'container.tty_info'"),
+        (
+            linux.is_some_and(|l| l.share_pid_namespace.is_some()),
+            "'container.linux_info.share_pid_namespace'",
+        ),
+        (
+            linux.is_some_and(|l| l.ipc_mode.is_some() || l.shm_size.is_some()),
+            "'container.linux_info.ipc_mode'/'shm_size'",
+        ),
+        (
+            linux.is_some_and(|l| l.share_cgroups == Some(false)),
+            "'container.linux_info.share_cgroups'",
+        ),
+        (
+            linux
+                .and_then(|l| l.seccomp.as_ref())
+                .is_some_and(|s| s.profile_name.is_some()),
+            "'container.linux_info.seccomp.profile_name' (no --seccomp-config-dir yet)",
+        ),
+    ];
+    match unsupported.into_iter().find(|(present, _)| *present) {
+        Some((_, field)) => Err(field),
         None => Ok(()),
     }
 }
