@@ -61,6 +61,13 @@ pub struct AgentConfig {
     /// Let a task ask to run without the seccomp filter (LinuxInfo.seccomp.unconfined).
     #[arg(long, env = "BUTTE_ALLOW_UNCONFINED_SECCOMP", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_unconfined_seccomp: bool,
+    /// Hold each task's sandbox to its `disk`: measured every
+    /// --disk-watch-interval, a task over it fails (Mesos's disk/du).
+    #[arg(long, env = "BUTTE_ENFORCE_CONTAINER_DISK_QUOTA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enforce_container_disk_quota: bool,
+    /// Seconds between measurements of the sandboxes (0.1 to 3600).
+    #[arg(long, env = "BUTTE_DISK_WATCH_INTERVAL", default_value_t = 15.0)]
+    pub disk_watch_interval: f64,
     /// Processes and threads a task may have at once.
     #[arg(long, env = "BUTTE_TASK_PIDS_MAX", default_value_t = 4096)]
     pub task_pids_max: u64,

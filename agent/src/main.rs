@@ -7,7 +7,7 @@ use clap::Parser;
 
 use butte_agent::agent::Agent;
 use butte_agent::launcher_client::LauncherClient;
-use butte_agent::{AgentConfig, http, launcher, link, resources, telemetry};
+use butte_agent::{AgentConfig, disk, http, launcher, link, resources, telemetry};
 use butte_agent_ebpf::accounting::Events;
 use butte_isolators::fences::{Fence, Fences, Unenforced};
 
@@ -62,6 +62,10 @@ fn main() -> anyhow::Result<()> {
             }
         });
         tokio::spawn(link::run(agent.clone()));
+        if agent.config.enforce_container_disk_quota {
+            let every = agent.config.disk_watch_interval.clamp(0.1, 3600.0);
+            disk::spawn(agent.clone(), Duration::from_secs_f64(every));
+        }
         if let Some(events) = events {
             tokio::spawn(read_events(agent.clone(), events));
         }

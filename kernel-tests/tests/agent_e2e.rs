@@ -16,7 +16,13 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
     // A fake GPU node (NVIDIA's major, no driver): ENXIO on the host, EPERM in a task.
     let fake = Path::new("/dev/butte-kt-fake");
     common::fake_nvidia_node(fake, 77);
-    let cluster = Cluster::start("e2e", 15150, 15151, "cpus:8;mem:4096;ports:[31000-32000]");
+    let cluster = Cluster::start_with(
+        "e2e",
+        15150,
+        15151,
+        "cpus:8;mem:4096;ports:[31000-32000]",
+        &["--disk-watch-interval", "0.5"],
+    );
     let stdout = cluster.run_framework("e2e");
     println!("{stdout}");
 

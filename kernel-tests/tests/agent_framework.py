@@ -302,6 +302,10 @@ def main():
             beyond["container"] = {"type": "MESOS", "linux_info": {
                 "effective_capabilities": {"capabilities": ["NET_ADMIN"]}}}
             tasks.append(beyond)
+            disk_hog = task("disk-hog", agent_id,
+                            "dd if=/dev/zero of=$MESOS_SANDBOX/fill bs=1M count=30 2>/dev/null; sleep 60")
+            disk_hog["resources"].append({"name": "disk", "type": "SCALAR", "scalar": {"value": 10}})
+            tasks.append(disk_hog)
             tasks.append(ports_task("ports", agent_id))
             tasks.append(task("devices", agent_id,
                               "cat /dev/null && echo null=ok; cat /dev/butte-kt-fake 2>&1 | head -1; true"))
@@ -367,6 +371,9 @@ def main():
                 problems.append("caps-chown: %s" % final["caps-chown"])
             if final["caps-beyond"]["state"] != "TASK_FAILED" or "NET_ADMIN" not in final["caps-beyond"]["message"]:
                 problems.append("caps-beyond: %s" % final["caps-beyond"])
+            hog = final["disk-hog"]
+            if hog["state"] != "TASK_FAILED" or hog["reason"] != "REASON_CONTAINER_LIMITATION_DISK":
+                problems.append("disk-hog: %s" % hog)
             stranger = final["as-stranger"]
             if stranger["state"] != "TASK_FAILED" or "'no-such-user-butte'" not in stranger["message"]:
                 problems.append("as-stranger: %s" % stranger)

@@ -38,10 +38,17 @@ impl Agent {
         let oom = self.lock().oom_struck.remove(&cgroup_id)
             || (exit.signal == Some(libc::SIGKILL)
                 && self.isolator.oom_killed(&cgroup_id).unwrap_or(false));
-        let change = outcome(exit, oom, killing);
-        if !killing || oom {
+        let disk = self.lock().disk_struck.remove(&key);
+        let limited = oom || disk.is_some();
+        let change = match disk {
+            Some(message) if !oom => Change::to(TaskState::TaskFailed)
+                .message(message)
+                .reason(Some(task_status::Reason::ContainerLimitationDisk)),
+            _ => outcome(exit, oom, killing),
+        };
+        if !killing || limited {
             // An exit follows exec: the task ran, even if its launch is not
-            // answered yet (the agent's own OOM kill does not make it a kill).
+            // answered yet (the agent's own kill at a limit is not a kill).
             self.report_running(&key);
         }
         let failed = change.state() != TaskState::TaskFinished;
@@ -88,6 +95,7 @@ impl Agent {
         let mut guard = self.lock();
         guard.tasks.remove(key);
         guard.latest.remove(key);
+        guard.disk_struck.remove(key);
     }
 
     /// SIGTERM to every process of the task, SIGKILL when `grace` runs out.

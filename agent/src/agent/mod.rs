@@ -43,6 +43,8 @@ pub struct AgentState {
     pub(crate) event_counts: HashMap<u64, EventCounts>,
     /// Containers the OOM killer struck (from the event; their tasks fail with the memory reason).
     oom_struck: HashSet<String>,
+    /// Tasks killed for using more disk than their `disk`: why.
+    disk_struck: HashMap<TaskKey, String>,
     /// The last telemetry sample of each running task.
     pub latest: HashMap<TaskKey, TaskSample>,
     /// The GPUs, when the backend found any.
@@ -58,6 +60,7 @@ impl AgentState {
             frameworks: HashMap::new(),
             event_counts: HashMap::new(),
             oom_struck: HashSet::new(),
+            disk_struck: HashMap::new(),
             latest: HashMap::new(),
             gpus,
         }
@@ -311,6 +314,39 @@ impl Agent {
             }
         }
         self.status.send(agent_message::Kind::Telemetry(batch));
+    }
+
+    /// The sandboxes to hold to their `disk` (tasks not already ending).
+    pub fn disk_watched(&self) -> Vec<crate::disk::Watched> {
+        let state = self.lock();
+        state
+            .tasks
+            .iter()
+            .filter(|(key, r)| !r.is_killing() && !state.disk_struck.contains_key(*key))
+            .filter_map(|(key, record)| {
+                let limit_mb = record.resources.scalar("disk");
+                (limit_mb > 0.0 && !record.sandbox.as_os_str().is_empty()).then(|| {
+                    crate::disk::Watched {
+                        key: key.clone(),
+                        sandbox: record.sandbox.clone(),
+                        limit_bytes: (limit_mb * 1024.0 * 1024.0) as u64,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// A task's sandbox holds more than its `disk`: it is killed and fails
+    /// with the disk reason (Mesos's disk/du).
+    pub fn disk_exceeded(&self, key: &TaskKey, used_bytes: u64, limit_bytes: u64) {
+        let message = format!(
+            "the task's sandbox holds {:.1} MB, more than its 'disk' of {:.1} MB",
+            used_bytes as f64 / 1048576.0,
+            limit_bytes as f64 / 1048576.0
+        );
+        tracing::warn!(%key, message, "disk limit exceeded");
+        self.lock().disk_struck.insert(key.clone(), message);
+        self.kill(key, Duration::ZERO);
     }
 
     /// A launch reached exec in `micros` (clone to exec, in the launcher).
