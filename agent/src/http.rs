@@ -13,7 +13,7 @@ use butte_api::mesos::v1::agent::{Call, Response as ApiResponse, call, response}
 use butte_api::mesos::v1::{ContainerStatus, VersionInfo};
 use prost::{Message, Name};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, TaskKey};
 
 const JSON: &str = "application/json";
 const PROTOBUF: &str = "application/x-protobuf";
@@ -173,7 +173,18 @@ fn encode<M: Message + Name>(message: &M, protobuf: bool) -> Response {
 /// read from cgroupfs now rather than every second: processes, threads and
 /// CPU throttling.
 fn containers(agent: &Agent) -> response::GetContainers {
-    let mut containers = sampled_containers(agent);
+    let mut sampled = sampled_containers(agent);
+    for (key, container) in &mut sampled {
+        // The sandbox is measured now, as the disk watcher does (Mesos's
+        // disk/du figures), outside the agent's lock.
+        if let (Some((sandbox, limit_bytes)), Some(statistics)) =
+            (agent.disk_of(key), container.resource_statistics.as_mut())
+        {
+            statistics.disk_used_bytes = Some(crate::disk::usage(&sandbox));
+            statistics.disk_limit_bytes = (limit_bytes > 0).then_some(limit_bytes);
+        }
+    }
+    let mut containers: Vec<_> = sampled.into_iter().map(|(_, c)| c).collect();
     for container in &mut containers {
         let id = &container.container_id.value;
         let Some(statistics) = container.resource_statistics.as_mut() else {
@@ -203,7 +214,7 @@ fn saturating_u32(count: u64) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)
 }
 
-fn sampled_containers(agent: &Agent) -> Vec<response::get_containers::Container> {
+fn sampled_containers(agent: &Agent) -> Vec<(TaskKey, response::get_containers::Container)> {
     let state = agent.lock();
     let mut seen = BTreeSet::new();
     let mut samples: Vec<_> = state.latest.values().collect();
@@ -218,7 +229,8 @@ fn sampled_containers(agent: &Agent) -> Vec<response::get_containers::Container>
         .map(|sample| {
             let executor_id = sample.executor_id.clone().unwrap_or_default();
             let command = executor_id.value == sample.task_id.value;
-            response::get_containers::Container {
+            let key = TaskKey::new(&sample.framework_id.value, &sample.task_id.value);
+            let container = response::get_containers::Container {
                 framework_id: sample.framework_id.clone(),
                 executor_name: if command {
                     "Command Executor".to_owned()
@@ -233,7 +245,8 @@ fn sampled_containers(agent: &Agent) -> Vec<response::get_containers::Container>
                 }),
                 resource_statistics: Some(sample.statistics.clone()),
                 butte_statistics: sample.extra.clone(),
-            }
+            };
+            (key, container)
         })
         .collect()
 }

@@ -192,6 +192,9 @@ def check_telemetry(driver, agent_port, subtree, received, reported):
     periods, throttled = stats.get("cpus_nr_periods", 0), stats.get("cpus_nr_throttled", -1)
     if not (periods >= 15 and 0 <= throttled <= periods and stats.get("cpus_throttled_time_secs", -1) >= 0):
         fail("busy CPU throttling figures: %s" % stats)
+    # The sandbox measured on demand (disk/du): the 1 MiB blob, stdout, stderr.
+    if not (1 << 20 <= stats.get("disk_used_bytes", 0) < (1 << 20) + (256 << 10)):
+        fail("busy disk_used_bytes: %s" % stats.get("disk_used_bytes"))
     if not received or received[0] != SEND_BYTES:
         fail("the sink received %s bytes, not %d" % (received, SEND_BYTES))
     # Bytes are IP packets: the payload plus 52 B of IPv4 + TCP (with
@@ -224,7 +227,8 @@ def run_telemetry(driver, offer, agent_id, agent_port, subtree):
     threading.Thread(target=sink, args=(received, reported), daemon=True).start()
     first = [iperf_task("bw-20", agent_id, 15190, 20), iperf_task("bw-100", agent_id, 15191, 100),
              iperf_task("bw-500", agent_id, 15192, 500),
-             task("busy", agent_id, "timeout 2 sh -c 'while :; do :; done'; sleep 6", cpus=1, mem=64),
+             task("busy", agent_id, "head -c 1048576 /dev/zero > $MESOS_SANDBOX/blob; "
+                  "timeout 2 sh -c 'while :; do :; done'; sleep 6", cpus=1, mem=64),
              sender_task(agent_id)]
     offer.accept(first)
     print(json.dumps({"launched": len(first)}), flush=True)

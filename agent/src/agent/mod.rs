@@ -316,6 +316,14 @@ impl Agent {
         self.status.send(agent_message::Kind::Telemetry(batch));
     }
 
+    /// A task's sandbox and its `disk` in bytes (0: none given).
+    pub fn disk_of(&self, key: &TaskKey) -> Option<(std::path::PathBuf, u64)> {
+        let state = self.lock();
+        let record = state.tasks.get(key)?;
+        let limit = (record.resources.scalar("disk") * 1024.0 * 1024.0) as u64;
+        (!record.sandbox.as_os_str().is_empty()).then(|| (record.sandbox.clone(), limit))
+    }
+
     /// The sandboxes to hold to their `disk` (tasks not already ending).
     pub fn disk_watched(&self) -> Vec<crate::disk::Watched> {
         let state = self.lock();
