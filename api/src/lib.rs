@@ -3,6 +3,7 @@
 //! link, Mesos's JSON mapping, RecordIO framing and resource arithmetic.
 
 pub mod daemon;
+pub mod fuzz;
 pub mod ids;
 pub mod json;
 pub mod recordio;

@@ -107,6 +107,16 @@ impl SimBackend {
         Ok(backend)
     }
 
+    /// Parses a sim file's bytes as `open` would, without a file (the fuzz
+    /// target's entry point).
+    pub fn validate(bytes: &[u8]) -> Result<(), GpuError> {
+        let backend = SimBackend {
+            path: PathBuf::from("(bytes)"),
+            cache: Mutex::new(None),
+        };
+        backend.parse(bytes).map(|_| ())
+    }
+
     /// The file this backend reads.
     pub fn path(&self) -> &Path {
         &self.path

@@ -1,0 +1,59 @@
+//! The entry points the fuzz targets (`fuzz/`) drive, and that plain
+//! `cargo test` replays every stored corpus and crash input through
+//! (`gpu/tests/fuzz_corpus.rs`): each takes arbitrary bytes and must return,
+//! whatever they are, without a panic, a hang or unbounded memory.
+
+use prost::Message;
+
+use crate::mesos::v1::scheduler::Call;
+use crate::mesos::v1::{Resource, Task};
+use crate::recordio::Decoder;
+use crate::resources::Resources;
+
+/// A scheduler call as the master reads it: JSON, then protobuf.
+pub fn scheduler_call(data: &[u8]) {
+    let _ = crate::json::from_json::<Call>(data);
+    let _ = crate::json::from_protobuf::<Call>(data);
+}
+
+/// A RecordIO stream fed in two chunks split at the first byte's value.
+pub fn recordio(data: &[u8]) {
+    let split = usize::from(data.first().copied().unwrap_or(0)).min(data.len());
+    let mut decoder = Decoder::new(1 << 16);
+    for chunk in [&data[..split], &data[split..]] {
+        if decoder.feed(chunk).is_err() {
+            return;
+        }
+    }
+}
+
+/// Resources from protobuf and from text, then the arithmetic on them.
+pub fn resources(data: &[u8]) {
+    let mut parsed = Vec::new();
+    if let Ok(resource) = Resource::decode(data)
+        && let Ok(r) = Resources::from_proto(std::slice::from_ref(&resource))
+    {
+        parsed.push(r);
+    }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(r) = Resources::parse(text)
+    {
+        parsed.push(r);
+    }
+    for a in &parsed {
+        for b in &parsed {
+            let mut sum = a.clone();
+            sum.add(b);
+            let _ = sum.contains(a);
+            let _ = sum.to_proto(None);
+            let _ = sum.to_string();
+        }
+    }
+}
+
+/// A task checkpoint as an agent would read it back.
+pub fn checkpoint(data: &[u8]) {
+    if let Ok(task) = Task::decode(data) {
+        let _ = crate::json::to_value(&task);
+    }
+}

@@ -1,0 +1,54 @@
+//! Replays every stored fuzz input (the seeds in `fuzz/seeds/<target>/`, the
+//! crash inputs kept as regression cases in `fuzz/regressions/<target>/`,
+//! and a local `fuzz/corpus/<target>/` when one was grown here) through the
+//! same entry points the fuzz targets drive, so that plain `cargo test`
+//! holds what the fuzzer found without needing nightly.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+fn replay(target: &str, entry: impl Fn(&[u8])) -> usize {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let mut replayed = 0;
+    for dir in ["seeds", "regressions", "corpus"].map(|kind| fuzz.join(kind).join(target)) {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for file in entries {
+            let path = file.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            entry(&data);
+            replayed += 1;
+        }
+    }
+    replayed
+}
+
+#[test]
+fn every_stored_fuzz_input_still_passes_its_target() {
+    let counts = [
+        (
+            "scheduler_call",
+            replay("scheduler_call", butte_api::fuzz::scheduler_call),
+        ),
+        ("recordio", replay("recordio", butte_api::fuzz::recordio)),
+        ("resources", replay("resources", butte_api::fuzz::resources)),
+        (
+            "checkpoint",
+            replay("checkpoint", butte_api::fuzz::checkpoint),
+        ),
+        (
+            "gpu_sim",
+            replay("gpu_sim", |data| {
+                let _ = butte_gpu::sim::SimBackend::validate(data);
+            }),
+        ),
+    ];
+    for (target, count) in counts {
+        assert!(
+            count > 0,
+            "no stored inputs for {target}: fuzz/seeds/{target} is empty"
+        );
+    }
+}
