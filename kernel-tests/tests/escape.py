@@ -75,7 +75,9 @@ outside_pid = int(sys.argv[1])
 attempt("remount_rw", lambda: result(libc.mount(b"none", b"/", None, MS_REMOUNT | MS_BIND, None)))
 attempt("write_host_root", lambda: write("/butte-escape"))
 attempt("mount_tmpfs", lambda: result(libc.mount(b"tmpfs", b"/mnt", b"tmpfs", 0, None)))
-attempt("mkdir_cgroupfs", lambda: os.mkdir("/sys/fs/cgroup/unified/butte-escape") or "ok")
+# The v2 hierarchy: under unified/ on a hybrid host, the root on a pure v2 one.
+CGROUP2 = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
+attempt("mkdir_cgroupfs", lambda: os.mkdir(CGROUP2 + "/butte-escape") or "ok")
 attempt("write_sysctl", lambda: write("/proc/sys/kernel/hostname"))
 attempt("init_module", lambda: result(libc.syscall(SYS_INIT_MODULE, None, 0, b"")))
 attempt("ptrace_outside", lambda: result(libc.syscall(SYS_PTRACE, PTRACE_ATTACH, outside_pid, None, None)))
