@@ -320,8 +320,8 @@ impl Agent {
     pub fn disk_of(&self, key: &TaskKey) -> Option<(std::path::PathBuf, u64)> {
         let state = self.lock();
         let record = state.tasks.get(key)?;
-        let limit = (record.resources.scalar("disk") * 1024.0 * 1024.0) as u64;
-        (!record.sandbox.as_os_str().is_empty()).then(|| (record.sandbox.clone(), limit))
+        (!record.sandbox.as_os_str().is_empty())
+            .then(|| (record.sandbox.clone(), record.disk_limit_bytes()))
     }
 
     /// The sandboxes to hold to their `disk` (tasks not already ending).
@@ -332,12 +332,12 @@ impl Agent {
             .iter()
             .filter(|(key, r)| !r.is_killing() && !state.disk_struck.contains_key(*key))
             .filter_map(|(key, record)| {
-                let limit_mb = record.resources.scalar("disk");
-                (limit_mb > 0.0 && !record.sandbox.as_os_str().is_empty()).then(|| {
+                let limit_bytes = record.disk_limit_bytes();
+                (limit_bytes > 0 && !record.sandbox.as_os_str().is_empty()).then(|| {
                     crate::disk::Watched {
                         key: key.clone(),
                         sandbox: record.sandbox.clone(),
-                        limit_bytes: (limit_mb * 1024.0 * 1024.0) as u64,
+                        limit_bytes,
                     }
                 })
             })

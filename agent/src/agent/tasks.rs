@@ -77,6 +77,11 @@ impl TaskRecord {
         self.killing = true;
     }
 
+    /// Its `disk` (MB) in bytes; 0 when it has none.
+    pub fn disk_limit_bytes(&self) -> u64 {
+        (self.resources.scalar("disk") * 1024.0 * 1024.0) as u64
+    }
+
     /// The task as the master's registration and the checkpoint see it.
     pub fn to_proto(&self, agent_id: Option<&str>) -> Task {
         Task {

@@ -79,6 +79,13 @@ fn task_resources(task: &TaskInfo, with_executor: bool) -> Result<Resources, Str
     Ok(resources)
 }
 
+/// The first field named as present, of (present, field) pairs.
+fn first_present<const N: usize>(fields: [(bool, &'static str); N]) -> Option<&'static str> {
+    fields
+        .into_iter()
+        .find_map(|(present, field)| present.then_some(field))
+}
+
 /// Fields of a task this cluster cannot honour yet: refused by name, never
 /// dropped in silence.
 fn refuse_unsupported(task: &TaskInfo, in_group: bool) -> Result<(), String> {
@@ -104,8 +111,8 @@ fn refuse_unsupported(task: &TaskInfo, in_group: bool) -> Result<(), String> {
             "'executor' (custom executors; give a 'command', or use LAUNCH_GROUP)",
         ),
     ];
-    match unsupported.into_iter().find(|(present, _)| *present) {
-        Some((_, field)) => Err(format!(
+    match first_present(unsupported) {
+        Some(field) => Err(format!(
             "task {}: {field} is not supported by this cluster yet; leave it out",
             task.task_id.value
         )),
@@ -155,10 +162,7 @@ fn refuse_unsupported_container(
             "'container.linux_info.seccomp.profile_name' (no --seccomp-config-dir yet)",
         ),
     ];
-    match unsupported.into_iter().find(|(present, _)| *present) {
-        Some((_, field)) => Err(field),
-        None => Ok(()),
-    }
+    first_present(unsupported).map_or(Ok(()), Err)
 }
 
 /// What a task group's executor may be: Mesos's default executor (the
@@ -173,8 +177,8 @@ fn refuse_unsupported_executor(executor: &ExecutorInfo) -> Result<(), String> {
         (executor.command.is_some(), "'executor.command'"),
         (executor.container.is_some(), "'executor.container'"),
     ];
-    match unsupported.into_iter().find(|(present, _)| *present) {
-        Some((_, field)) => Err(format!(
+    match first_present(unsupported) {
+        Some(field) => Err(format!(
             "the task group's executor: {field} is not supported by this cluster yet"
         )),
         None => Ok(()),
