@@ -61,6 +61,14 @@ pub struct AgentConfig {
     /// Let a task ask to run without the seccomp filter (LinuxInfo.seccomp.unconfined).
     #[arg(long, env = "BUTTE_ALLOW_UNCONFINED_SECCOMP", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_unconfined_seccomp: bool,
+    /// Seccomp profiles (Docker's JSON format) tasks may name in
+    /// LinuxInfo.seccomp.profile_name (Mesos's --seccomp_config_dir).
+    #[arg(long, env = "BUTTE_SECCOMP_CONFIG_DIR")]
+    pub seccomp_config_dir: Option<PathBuf>,
+    /// The profile, in --seccomp-config-dir, for tasks that name none, in
+    /// place of the built-in filter (Mesos's --seccomp_profile_name).
+    #[arg(long, env = "BUTTE_SECCOMP_PROFILE_NAME")]
+    pub seccomp_profile_name: Option<String>,
     /// Hold each task's sandbox to its `disk`: measured every
     /// --disk-watch-interval, a task over it fails (Mesos's disk/du).
     #[arg(long, env = "BUTTE_ENFORCE_CONTAINER_DISK_QUOTA", default_value_t = true, action = clap::ArgAction::Set)]

@@ -15,6 +15,7 @@ pub mod launcher_client;
 pub mod link;
 pub mod metrics;
 pub mod resources;
+pub mod seccomp_profiles;
 pub mod telemetry;
 pub mod users;
 pub mod workdir;

@@ -7,6 +7,7 @@ use clap::Parser;
 
 use butte_agent::agent::Agent;
 use butte_agent::launcher_client::LauncherClient;
+use butte_agent::seccomp_profiles::SeccompProfiles;
 use butte_agent::{AgentConfig, disk, http, launcher, link, resources, telemetry};
 use butte_agent_ebpf::accounting::Events;
 use butte_isolators::fences::{Fence, Fences, Unenforced};
@@ -36,6 +37,11 @@ fn main() -> anyhow::Result<()> {
             config.telemetry_interval
         );
     }
+    let seccomp_profiles = SeccompProfiles::load(
+        config.seccomp_config_dir.as_deref(),
+        config.seccomp_profile_name.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     // The launcher forks before any thread exists: nothing forks from the runtime.
     let socket = launcher::fork_launcher().context("cannot start the launcher process")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -50,6 +56,7 @@ fn main() -> anyhow::Result<()> {
             launcher,
             fences,
             gpus,
+            seccomp_profiles,
         );
         agent.remove_leftovers();
         tracing::info!(resources = %total, "butte agent starting");

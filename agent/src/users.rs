@@ -4,8 +4,10 @@
 
 use butte_api::mesos::v1::capability_info::Capability as Named;
 use butte_api::mesos::v1::{CapabilityInfo, LinuxInfo};
-use butte_isolators::container::{Capabilities, Privileges, User};
+use butte_isolators::container::{Capabilities, Privileges, Seccomp, User};
 use nix::unistd;
+
+use crate::seccomp_profiles::SeccompProfiles;
 
 /// Capability names, as Mesos spells them (`CHOWN`, `NET_ADMIN`...), to a
 /// set; for the agent's --bounding-capabilities and --effective-capabilities.
@@ -48,20 +50,22 @@ fn names(set: Capabilities) -> String {
 
 /// What the agent lets tasks hold (its flags).
 #[derive(Debug, Clone, Copy)]
-pub struct Allowed {
+pub struct Allowed<'a> {
     /// The most any task may hold (--bounding-capabilities).
     pub bounding: Capabilities,
     /// What a root task gets when it asks for none (--effective-capabilities).
     pub effective: Capabilities,
     /// Whether a task may ask to run without the seccomp filter.
     pub unconfined_seccomp: bool,
+    /// The seccomp profiles a task may name (--seccomp-config-dir).
+    pub profiles: &'a SeccompProfiles,
 }
 
 /// Applies a task's `LinuxInfo` to `privileges`, within what the agent allows.
 pub fn apply_linux_info(
     privileges: &mut Privileges,
     linux: Option<&LinuxInfo>,
-    allowed: Allowed,
+    allowed: Allowed<'_>,
 ) -> Result<(), UserError> {
     let asked_effective = linux.and_then(|l| {
         l.effective_capabilities
@@ -89,17 +93,23 @@ pub fn apply_linux_info(
     }
     privileges.capabilities = effective;
     privileges.bounding = bounding;
-    if linux
-        .and_then(|l| l.seccomp.as_ref())
-        .and_then(|s| s.unconfined)
-        == Some(true)
-    {
+    let seccomp = linux.and_then(|l| l.seccomp.as_ref());
+    let profile_name = seccomp.and_then(|s| s.profile_name.as_deref());
+    if seccomp.and_then(|s| s.unconfined) == Some(true) {
+        if profile_name.is_some() {
+            return Err(UserError::Seccomp(
+                "the task sets both seccomp.unconfined and seccomp.profile_name; give one"
+                    .to_owned(),
+            ));
+        }
         if !allowed.unconfined_seccomp {
-            return Err(UserError::Capabilities(
+            return Err(UserError::Seccomp(
                 "the task asks to run without the seccomp filter (seccomp.unconfined) and this agent does not allow it (--allow-unconfined-seccomp)".to_owned(),
             ));
         }
-        privileges.seccomp = false;
+        privileges.seccomp = Seccomp::Unconfined;
+    } else {
+        privileges.seccomp = allowed.profiles.choose(profile_name, privileges.bounding)?;
     }
     Ok(())
 }
@@ -112,7 +122,10 @@ pub enum UserError {
         "user '{0}' does not exist on this agent; create it there, or run the task as another user (CommandInfo.user or FrameworkInfo.user)"
     )]
     Unknown(String),
-    /// capabilities or a seccomp setting the agent does not allow
+    /// a seccomp setting the agent does not allow or does not have
+    #[error("{0}")]
+    Seccomp(String),
+    /// capabilities the agent does not allow
     #[error("{0}")]
     Capabilities(String),
     /// the user database could not be read
@@ -167,10 +180,12 @@ mod tests {
     #[test]
     fn linux_info_is_honoured_within_the_agents_flags_and_refused_beyond() {
         let docker = Capabilities::docker_default();
+        let profiles = SeccompProfiles::default();
         let allowed = Allowed {
             bounding: docker,
             effective: docker,
             unconfined_seccomp: false,
+            profiles: &profiles,
         };
         let mut privileges = Privileges::default();
         apply_linux_info(
@@ -228,7 +243,7 @@ mod tests {
             ..allowed
         };
         apply_linux_info(&mut privileges, Some(&linux(&[], None, true)), lenient).expect("allowed");
-        assert!(!privileges.seccomp);
+        assert_eq!(privileges.seccomp, Seccomp::Unconfined);
     }
 
     #[test]

@@ -16,6 +16,16 @@ pub fn scheduler_call(data: &[u8]) {
     let _ = crate::json::from_protobuf::<Call>(data);
 }
 
+/// An operator call as the master (`/api/v1`) and the agent read it: JSON,
+/// then protobuf.
+pub fn operator_call(data: &[u8]) {
+    use crate::mesos::v1::{agent, master};
+    let _ = crate::json::from_json::<master::Call>(data);
+    let _ = crate::json::from_protobuf::<master::Call>(data);
+    let _ = crate::json::from_json::<agent::Call>(data);
+    let _ = crate::json::from_protobuf::<agent::Call>(data);
+}
+
 /// A RecordIO stream fed in two chunks split at the first byte's value.
 pub fn recordio(data: &[u8]) {
     let split = usize::from(data.first().copied().unwrap_or(0)).min(data.len());

@@ -32,6 +32,10 @@ fn every_stored_fuzz_input_still_passes_its_target() {
             "scheduler_call",
             replay("scheduler_call", butte_api::fuzz::scheduler_call),
         ),
+        (
+            "operator_call",
+            replay("operator_call", butte_api::fuzz::operator_call),
+        ),
         ("recordio", replay("recordio", butte_api::fuzz::recordio)),
         ("resources", replay("resources", butte_api::fuzz::resources)),
         (

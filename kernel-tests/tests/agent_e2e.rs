@@ -16,12 +16,25 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
     // A fake GPU node (NVIDIA's major, no driver): ENXIO on the host, EPERM in a task.
     let fake = Path::new("/dev/butte-kt-fake");
     common::fake_nvidia_node(fake, 77);
+    // An operator's seccomp profile: mkdir answers EACCES, the rest is allowed.
+    let profiles = Path::new("/var/tmp/butte-kt-seccomp-profiles");
+    std::fs::create_dir_all(profiles).unwrap();
+    std::fs::write(
+        profiles.join("no-mkdir.json"),
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .unwrap();
     let cluster = Cluster::start_with(
         "e2e",
         15150,
         15151,
         "cpus:8;mem:4096;ports:[31000-32000]",
-        &["--disk-watch-interval", "0.5"],
+        &[
+            "--disk-watch-interval",
+            "0.5",
+            "--seccomp-config-dir",
+            profiles.to_str().unwrap(),
+        ],
     );
     let stdout = cluster.run_framework("e2e");
     println!("{stdout}");
@@ -54,6 +67,18 @@ fn tasks_run_report_hit_limits_get_killed_and_see_only_themselves() {
         std::fs::read_to_string(cluster.sandbox("caps-chown").join("caps")).unwrap(),
         "CapEff:\t0000000000000001\n"
     );
+    // LinuxInfo.seccomp.profile_name: the profile's errno, not the default filter's.
+    let profiled = cluster.sandbox("seccomp-profile");
+    let mkdir_error = std::fs::read_to_string(profiled.join("mkdir.err")).unwrap();
+    assert!(
+        mkdir_error.contains("Permission denied"),
+        "mkdir under no-mkdir.json: {mkdir_error}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(profiled.join("mkdir.rc")).unwrap(),
+        "1\n"
+    );
+    assert!(!profiled.join("d").exists());
     let ps = std::fs::read_to_string(inspect.join("ps")).unwrap();
     let commands: Vec<&str> = ps
         .lines()

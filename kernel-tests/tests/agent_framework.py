@@ -306,6 +306,16 @@ def main():
             beyond["container"] = {"type": "MESOS", "linux_info": {
                 "effective_capabilities": {"capabilities": ["NET_ADMIN"]}}}
             tasks.append(beyond)
+            # An operator's seccomp profile (--seccomp-config-dir) named by the task.
+            profiled = task("seccomp-profile", agent_id,
+                            "mkdir $MESOS_SANDBOX/d 2> $MESOS_SANDBOX/mkdir.err; echo $? > $MESOS_SANDBOX/mkdir.rc")
+            profiled["container"] = {"type": "MESOS", "linux_info": {
+                "seccomp": {"profile_name": "no-mkdir.json"}}}
+            tasks.append(profiled)
+            unknown_profile = task("seccomp-unknown", agent_id, "true")
+            unknown_profile["container"] = {"type": "MESOS", "linux_info": {
+                "seccomp": {"profile_name": "no-such-profile.json"}}}
+            tasks.append(unknown_profile)
             disk_hog = task("disk-hog", agent_id,
                             "dd if=/dev/zero of=$MESOS_SANDBOX/fill bs=1M count=30 2>/dev/null; sleep 60")
             disk_hog["resources"].append({"name": "disk", "type": "SCALAR", "scalar": {"value": 10}})
@@ -375,6 +385,11 @@ def main():
                 problems.append("caps-chown: %s" % final["caps-chown"])
             if final["caps-beyond"]["state"] != "TASK_FAILED" or "NET_ADMIN" not in final["caps-beyond"]["message"]:
                 problems.append("caps-beyond: %s" % final["caps-beyond"])
+            if final["seccomp-profile"]["state"] != "TASK_FINISHED":
+                problems.append("seccomp-profile: %s" % final["seccomp-profile"])
+            unknown = final["seccomp-unknown"]
+            if unknown["state"] != "TASK_FAILED" or "'no-such-profile.json'" not in unknown["message"]:
+                problems.append("seccomp-unknown: %s" % unknown)
             hog = final["disk-hog"]
             if hog["state"] != "TASK_FAILED" or hog["reason"] != "REASON_CONTAINER_LIMITATION_DISK":
                 problems.append("disk-hog: %s" % hog)

@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use butte_isolators::container::{Capabilities, Exit, Privileges, User, spawn, wait};
+use butte_isolators::container::profile::Profile;
+use butte_isolators::container::{Capabilities, Exit, Privileges, Seccomp, User, spawn, wait};
 
 mod common;
 use common::{isolator, limits, sandbox, shell_spec, unique};
@@ -126,9 +127,69 @@ fn without_the_filter_the_same_task_could_make_a_user_namespace() {
     // Shows the filter is what refuses it (unprivileged user namespaces are
     // on in this kernel), so the EPERM above is not the kernel's default.
     let privileges = Privileges {
-        seccomp: false,
+        seccomp: Seccomp::Unconfined,
         ..Privileges::default()
     };
     let seen = attempts("escape-unfiltered", privileges);
     assert_results(&seen, &[("unshare_user_ns", "ok"), ("remount_rw", "EPERM")]);
+}
+
+#[test]
+fn an_operator_profile_allow_list_decides_each_call_with_its_own_errno() {
+    // Docker's shape: deny by default (EACCES here), an allow list of every
+    // call this architecture has but mkdir/mkdirat, and rmdir answered with
+    // its own errno (EBUSY), which must win over the default's.
+    let allowed: Vec<&str> = syscalls::Sysno::iter()
+        .map(|s| s.name())
+        .filter(|n| !["mkdir", "mkdirat", "rmdir"].contains(n))
+        .collect();
+    let profile = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": libc::EACCES,
+        "syscalls": [
+            {"names": allowed, "action": "SCMP_ACT_ALLOW"},
+            {"names": ["rmdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EBUSY},
+        ],
+    });
+    let programs = Profile::parse(profile.to_string().as_bytes(), (6, 18))
+        .unwrap()
+        .compile(Capabilities::docker_default())
+        .unwrap();
+    assert_eq!(programs.len(), 2, "the default's filter and the EBUSY one");
+
+    let isolator = isolator();
+    let id = unique("seccomp-profile");
+    let placement = isolator.create(&id, &limits(1.0, 64.0, 64)).unwrap();
+    let sandbox = sandbox(&id);
+    std::fs::create_dir(sandbox.join("empty")).unwrap();
+    let spec = butte_isolators::container::ContainerSpec {
+        privileges: Privileges {
+            seccomp: Seccomp::Profile {
+                name: "allow-list".into(),
+                programs,
+            },
+            ..Privileges::default()
+        },
+        ..shell_spec(
+            &id,
+            &placement,
+            &sandbox,
+            "mkdir $MESOS_SANDBOX/new; rmdir $MESOS_SANDBOX/empty; echo done > $MESOS_SANDBOX/done",
+        )
+    };
+    let child = spawn(&spec).unwrap();
+    assert_eq!(wait(&child.pidfd).unwrap(), Exit::Code(0));
+    let err = std::fs::read_to_string(sandbox.join("stderr")).unwrap();
+    assert!(
+        err.contains("Permission denied"),
+        "mkdir: the default EACCES\n{err}"
+    );
+    assert!(err.contains("busy"), "rmdir: its own EBUSY\n{err}");
+    assert_eq!(
+        std::fs::read_to_string(sandbox.join("done")).unwrap(),
+        "done\n"
+    );
+    assert!(!sandbox.join("new").exists() && sandbox.join("empty").exists());
+    isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
 }

@@ -496,6 +496,7 @@ impl Agent {
             bounding: self.config.bounding_capabilities,
             effective: self.config.effective_capabilities,
             unconfined_seccomp: self.config.allow_unconfined_seccomp,
+            profiles: &self.seccomp_profiles,
         };
         let linux = task.container.as_ref().and_then(|c| c.linux_info.as_ref());
         apply_linux_info(&mut privileges, linux, allowed)?;

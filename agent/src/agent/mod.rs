@@ -29,6 +29,7 @@ use crate::config::AgentConfig;
 use crate::gpus::{GpuBooks, Gpus};
 use crate::launcher_client::LauncherClient;
 use crate::metrics::ContainerStarts;
+use crate::seccomp_profiles::SeccompProfiles;
 
 /// Grace period between SIGTERM and SIGKILL when the kill policy names none
 /// (Mesos's command executor default).
@@ -100,6 +101,8 @@ pub struct Agent {
     pub gpu_backend: Option<Arc<dyn butte_gpu::GpuBackend>>,
     /// Clone-to-exec times, for `/metrics`.
     pub container_starts: ContainerStarts,
+    /// The seccomp profiles tasks may name.
+    seccomp_profiles: Arc<SeccompProfiles>,
 }
 
 impl Agent {
@@ -110,6 +113,7 @@ impl Agent {
         launcher: LauncherClient,
         fences: Fences,
         gpus: Option<Gpus>,
+        seccomp_profiles: SeccompProfiles,
     ) -> Self {
         let (gpu_backend, gpus) = match gpus {
             Some(Gpus { backend, books }) => (Some(backend), Some(books)),
@@ -130,6 +134,7 @@ impl Agent {
             fences: Arc::new(Mutex::new(fences)),
             gpu_backend,
             container_starts: ContainerStarts::default(),
+            seccomp_profiles: Arc::new(seccomp_profiles),
         }
     }
 

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 
 mod child;
 pub mod privileges;
+pub mod profile;
 mod seccomp;
 use child::{Child, MASKED_DIRS, MASKED_FILES, READ_ONLY, STEPS, child_main};
-pub use privileges::{Capabilities, Privileges, User};
+pub use privileges::{Capabilities, Privileges, Seccomp, User};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -170,8 +171,13 @@ struct Prepared {
     user: Option<(u32, u32)>,
     capabilities: u64,
     bounding: u64,
-    /// The seccomp filters to install, pointing into the compiled ones.
+    /// The seccomp filters to install, pointing into the compiled ones
+    /// (the default's, or `profile_programs`).
     filters: Vec<libc::sock_fprog>,
+    /// A profile's programs, owned here for `filters` to point into (the
+    /// heap buffers stay put when `Prepared` moves).
+    #[expect(dead_code, reason = "owns the buffers `filters` points into")]
+    profile_programs: Vec<Vec<libc::sock_filter>>,
 }
 
 impl Prepared {
@@ -230,6 +236,27 @@ impl Prepared {
                 }
             }
         }
+        let profile_programs: Vec<Vec<libc::sock_filter>> = match &spec.privileges.seccomp {
+            Seccomp::Profile { programs, .. } => programs
+                .iter()
+                .map(|p| {
+                    p.iter()
+                        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+                        .collect()
+                })
+                .collect(),
+            Seccomp::Default | Seccomp::Unconfined => Vec::new(),
+        };
+        let filters = match &spec.privileges.seccomp {
+            Seccomp::Default => {
+                seccomp_programs(seccomp::default_filters().map_err(|e| SpawnError::Prepare {
+                    step: "build the seccomp filter",
+                    source: io::Error::other(e),
+                })?)?
+            }
+            Seccomp::Unconfined => Vec::new(),
+            Seccomp::Profile { .. } => seccomp_programs(&profile_programs)?,
+        };
         Ok(Self {
             argv_ptrs: null_terminated(&argv),
             env_ptrs: null_terminated(&env),
@@ -264,11 +291,8 @@ impl Prepared {
             user: spec.privileges.user.as_ref().map(|u| (u.uid, u.gid)),
             capabilities: spec.privileges.capabilities.0,
             bounding: spec.privileges.bounding.0 | spec.privileges.capabilities.0,
-            filters: if spec.privileges.seccomp {
-                seccomp_programs()?
-            } else {
-                Vec::new()
-            },
+            filters,
+            profile_programs,
         })
     }
 
@@ -336,12 +360,10 @@ fn host() -> &'static Host {
     })
 }
 
-/// The default seccomp filters as the kernel takes them.
-fn seccomp_programs() -> Result<Vec<libc::sock_fprog>, SpawnError> {
-    let filters = seccomp::default_filters().map_err(|e| SpawnError::Prepare {
-        step: "build the seccomp filter",
-        source: io::Error::other(e),
-    })?;
+/// Seccomp filters as the kernel takes them; they point into `filters`.
+fn seccomp_programs(
+    filters: &[Vec<libc::sock_filter>],
+) -> Result<Vec<libc::sock_fprog>, SpawnError> {
     filters
         .iter()
         .map(|filter| {

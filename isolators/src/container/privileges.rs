@@ -6,6 +6,61 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capability(pub u8);
 
+/// Every capability this code knows, by its number (`linux/capability.h`).
+const NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+impl Capability {
+    /// `CAP_SYS_ADMIN` or `SYS_ADMIN` (any case) to its number.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let upper = name.to_ascii_uppercase();
+        let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+        let number = NAMES.iter().position(|n| *n == bare)?;
+        u8::try_from(number).ok().map(Capability)
+    }
+}
+
 /// Docker's default capabilities, by name and number.
 pub const DOCKER_DEFAULT: [(&str, Capability); 14] = [
     ("CHOWN", Capability(0)),
@@ -69,8 +124,23 @@ pub struct Privileges {
     pub capabilities: Capabilities,
     /// The most the task's processes can ever hold (at least `capabilities`).
     pub bounding: Capabilities,
-    /// The default seccomp filter (false: unconfined, where the operator allows it).
-    pub seccomp: bool,
+    /// The seccomp filter the task runs under.
+    pub seccomp: Seccomp,
+}
+
+/// Which seccomp filter a task gets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Seccomp {
+    /// The built-in filter (Docker's default profile's denials).
+    Default,
+    /// None, where the operator allows it (`--allow-unconfined-seccomp`).
+    Unconfined,
+    /// An operator's profile (`--seccomp-config-dir`), compiled for this
+    /// task's capabilities.
+    Profile {
+        name: String,
+        programs: super::profile::Programs,
+    },
 }
 
 impl Default for Privileges {
@@ -80,7 +150,7 @@ impl Default for Privileges {
             user: None,
             capabilities: Capabilities::docker_default(),
             bounding: Capabilities::docker_default(),
-            seccomp: true,
+            seccomp: Seccomp::Default,
         }
     }
 }
@@ -88,6 +158,19 @@ impl Default for Privileges {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capability_names_match_their_kernel_numbers() {
+        for (name, number) in DOCKER_DEFAULT {
+            assert_eq!(Capability::from_name(name), Some(number), "{name}");
+        }
+        assert_eq!(Capability::from_name("cap_sys_admin"), Some(Capability(21)));
+        assert_eq!(
+            Capability::from_name("CAP_CHECKPOINT_RESTORE"),
+            Some(Capability(40))
+        );
+        assert_eq!(Capability::from_name("CAP_FLY"), None);
+    }
 
     #[test]
     fn docker_default_holds_its_fourteen_and_not_sys_admin() {

@@ -155,12 +155,6 @@ fn refuse_unsupported_container(
             linux.is_some_and(|l| l.share_cgroups == Some(false)),
             "'container.linux_info.share_cgroups'",
         ),
-        (
-            linux
-                .and_then(|l| l.seccomp.as_ref())
-                .is_some_and(|s| s.profile_name.is_some()),
-            "'container.linux_info.seccomp.profile_name' (no --seccomp-config-dir yet)",
-        ),
     ];
     first_present(unsupported).map_or(Ok(()), Err)
 }
