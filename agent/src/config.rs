@@ -73,6 +73,11 @@ pub struct AgentConfig {
     /// --disk-watch-interval, a task over it fails (Mesos's disk/du).
     #[arg(long, env = "BUTTE_ENFORCE_CONTAINER_DISK_QUOTA", default_value_t = true, action = clap::ArgAction::Set)]
     pub enforce_container_disk_quota: bool,
+    /// Project ids the agent may give sandboxes for hard disk limits, where
+    /// the work dir's filesystem enforces project quotas (Mesos's
+    /// --xfs_project_range); elsewhere sandboxes are measured (disk/du).
+    #[arg(long, env = "BUTTE_DISK_PROJECT_RANGE", default_value = "5000-10000", value_parser = parse_project_range)]
+    pub disk_project_range: std::ops::RangeInclusive<u32>,
     /// Seconds between measurements of the sandboxes (0.1 to 3600).
     #[arg(long, env = "BUTTE_DISK_WATCH_INTERVAL", default_value_t = 15.0)]
     pub disk_watch_interval: f64,
@@ -106,4 +111,24 @@ impl AgentConfig {
     pub fn hostname(&self) -> String {
         self.hostname.clone().unwrap_or_else(|| self.ip.to_string())
     }
+}
+
+/// `FIRST-LAST`, project ids above 0 (0 is every file's default project).
+fn parse_project_range(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (first, last) = text
+        .trim_matches(['[', ']'])
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not FIRST-LAST (e.g. 5000-10000)"))?;
+    let number = |n: &str| {
+        n.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{n:?} in {text:?} is not a project id (1 to 4294967295)"))
+    };
+    let (first, last) = (number(first)?, number(last)?);
+    if first == 0 || first > last {
+        return Err(format!(
+            "{text:?}: give FIRST-LAST with 0 < FIRST <= LAST (e.g. 5000-10000)"
+        ));
+    }
+    Ok(first..=last)
 }

@@ -1,8 +1,10 @@
-//! Each task's sandbox held to its `disk`, as Mesos's disk/du isolator does:
-//! the sandbox's usage is measured every --disk-watch-interval, and a task
-//! over its `disk` is killed and reported TASK_FAILED with
-//! REASON_CONTAINER_LIMITATION_DISK. (Hard project quotas, which refuse the
-//! write itself, need a filesystem that has them; see SECURITY.md.)
+//! Each task's sandbox held to its `disk`. Where the work dir's filesystem
+//! enforces project quotas, the kernel refuses the write past the limit
+//! (`butte_isolators::quota`, as Mesos's disk/xfs) and the usage is its
+//! count. Elsewhere, as Mesos's disk/du: the sandbox is measured every
+//! --disk-watch-interval, and a task over its `disk` is killed and reported
+//! TASK_FAILED with REASON_CONTAINER_LIMITATION_DISK. Either way the figure
+//! is the task's `disk_used_bytes` (telemetry, /metrics).
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -14,6 +16,7 @@ use crate::agent::{Agent, TaskKey};
 /// A sandbox to measure: its task, where it is, and its limit in bytes.
 pub struct Watched {
     pub key: TaskKey,
+    pub container_id: String,
     pub sandbox: PathBuf,
     pub limit_bytes: u64,
 }
@@ -29,12 +32,15 @@ pub fn spawn(agent: Agent, interval: Duration) {
             if watched.is_empty() {
                 continue;
             }
+            let quotas = agent.quotas.clone();
             let measured = tokio::task::spawn_blocking(move || {
                 watched
                     .into_iter()
                     .map(|w| {
-                        let used = usage(&w.sandbox);
-                        (w, used)
+                        // The kernel's count where it holds the limit itself.
+                        let held = quotas.as_ref().and_then(|q| q.usage(&w.container_id));
+                        let used = held.unwrap_or_else(|| usage(&w.sandbox));
+                        (w, used, held.is_some())
                     })
                     .collect::<Vec<_>>()
             })
@@ -42,8 +48,12 @@ pub fn spawn(agent: Agent, interval: Duration) {
             let Ok(measured) = measured else {
                 continue;
             };
-            for (watched, used) in measured {
-                if used > watched.limit_bytes {
+            for (watched, used, held_by_kernel) in measured {
+                agent.disk_measured(&watched.key, used);
+                if !held_by_kernel
+                    && agent.config.enforce_container_disk_quota
+                    && used > watched.limit_bytes
+                {
                     agent.disk_exceeded(&watched.key, used, watched.limit_bytes);
                 }
             }

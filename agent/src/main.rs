@@ -5,12 +5,13 @@ use anyhow::Context;
 use butte_api::daemon::{init_logging, shutdown_signal};
 use clap::Parser;
 
-use butte_agent::agent::Agent;
+use butte_agent::agent::{Agent, Confinement};
 use butte_agent::launcher_client::LauncherClient;
 use butte_agent::seccomp_profiles::SeccompProfiles;
 use butte_agent::{AgentConfig, disk, http, launcher, link, resources, telemetry};
 use butte_agent_ebpf::accounting::Events;
 use butte_isolators::fences::{Fence, Fences, Unenforced};
+use butte_isolators::quota::ProjectQuotas;
 
 fn main() -> anyhow::Result<()> {
     let config = AgentConfig::parse();
@@ -29,6 +30,18 @@ fn main() -> anyhow::Result<()> {
         butte_isolators::cgroups::detect(&config.cgroup_root, &config.cgroup_subtree())
             .context("cannot set up task cgroups (is this run as root?)")?,
     );
+    // What this kernel offers, said once (README's kernel matrix).
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    tracing::info!(
+        kernel = kernel.trim(),
+        cgroups = if config.cgroup_root.join("cgroup.controllers").exists() {
+            "v2"
+        } else {
+            "v1 + v2 node"
+        },
+        cgroup_kill = butte_isolators::cgroups::has_cgroup_kill(),
+        "kernel features"
+    );
     let mut fences = attach_fences(&isolator.v2_subtree(), &mut total);
     let events = fences.take_events();
     if !(0.1..=60.0).contains(&config.telemetry_interval) {
@@ -42,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         config.seccomp_profile_name.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
+    let quotas = project_quotas(&config);
     // The launcher forks before any thread exists: nothing forks from the runtime.
     let socket = launcher::fork_launcher().context("cannot start the launcher process")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -56,7 +70,10 @@ fn main() -> anyhow::Result<()> {
             launcher,
             fences,
             gpus,
-            seccomp_profiles,
+            Confinement {
+                seccomp_profiles,
+                quotas,
+            },
         );
         agent.remove_leftovers();
         tracing::info!(resources = %total, "butte agent starting");
@@ -69,10 +86,8 @@ fn main() -> anyhow::Result<()> {
             }
         });
         tokio::spawn(link::run(agent.clone()));
-        if agent.config.enforce_container_disk_quota {
-            let every = agent.config.disk_watch_interval.clamp(0.1, 3600.0);
-            disk::spawn(agent.clone(), Duration::from_secs_f64(every));
-        }
+        let every = agent.config.disk_watch_interval.clamp(0.1, 3600.0);
+        disk::spawn(agent.clone(), Duration::from_secs_f64(every));
         if let Some(events) = events {
             tokio::spawn(read_events(agent.clone(), events));
         }
@@ -97,6 +112,24 @@ fn main() -> anyhow::Result<()> {
         isolator.remove_subtree();
         anyhow::Ok(())
     })
+}
+
+/// Hard disk limits where the work dir's filesystem enforces project
+/// quotas; else sandboxes are measured (disk/du), and the log says why.
+fn project_quotas(config: &AgentConfig) -> Option<ProjectQuotas> {
+    if !config.enforce_container_disk_quota {
+        return None;
+    }
+    match ProjectQuotas::probe(&config.work_dir, config.disk_project_range.clone()) {
+        Ok(quotas) => {
+            tracing::info!(work_dir = %config.work_dir.display(), "disk: hard limits with project quotas");
+            Some(quotas)
+        }
+        Err(reason) => {
+            tracing::info!(%reason, "disk: no project quotas here; sandboxes are measured every --disk-watch-interval (disk/du)");
+            None
+        }
+    }
 }
 
 /// Attaches the eBPF fences at the agent's subtree. Every resource offered

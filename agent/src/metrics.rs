@@ -160,6 +160,18 @@ const TASK_SERIES: &[(&str, MetricType, &str, Read)] = &[
         |s| s.statistics.mem_limit_bytes.map(Value::Whole),
     ),
     (
+        "butte_task_disk_used_bytes",
+        MetricType::Gauge,
+        "Bytes its sandbox holds (the project quota's count, else measured as du does, every --disk-watch-interval)",
+        |s| s.statistics.disk_used_bytes.map(Value::Whole),
+    ),
+    (
+        "butte_task_disk_limit_bytes",
+        MetricType::Gauge,
+        "Its sandbox's limit (Mesos disk)",
+        |s| s.statistics.disk_limit_bytes.map(Value::Whole),
+    ),
+    (
         "butte_task_network_transmit_bytes",
         MetricType::Counter,
         "Bytes sent (IP packets, eBPF)",

@@ -236,11 +236,14 @@ fn task_sample(
     events: EventCounts,
 ) -> TaskSample {
     let bandwidth = view.resources.scalar("network_bandwidth");
+    let disk = view.resources.scalar("disk");
     let mut statistics = ResourceStatistics {
         timestamp,
         cpus_limit: Some(view.resources.scalar("cpus")),
         mem_limit_bytes: Some((view.resources.scalar("mem") * MIB) as u64),
         net_tx_rate_limit: (bandwidth > 0.0).then_some((bandwidth * 1e6 / 8.0) as u64),
+        disk_limit_bytes: (disk > 0.0).then_some((disk * MIB) as u64),
+        disk_used_bytes: view.disk_used_bytes,
         ..Default::default()
     };
     let mut extra = ExtraStatistics {

@@ -1,6 +1,8 @@
 //! Replays every stored fuzz input (the seeds in `fuzz/seeds/<target>/`, the
 //! crash inputs kept as regression cases in `fuzz/regressions/<target>/`,
-//! and a local `fuzz/corpus/<target>/` when one was grown here) through the
+//! the minimized corpus of the 10-minute runs in
+//! `fuzz/minimized/<target>.bundle`, and a local `fuzz/corpus/<target>/`
+//! when one was grown here) through the
 //! same entry points the fuzz targets drive, so that plain `cargo test`
 //! holds what the fuzzer found without needing nightly.
 
@@ -22,7 +24,32 @@ fn replay(target: &str, entry: impl Fn(&[u8])) -> usize {
             replayed += 1;
         }
     }
+    let bundle = fuzz.join("minimized").join(format!("{target}.bundle"));
+    if let Ok(bytes) = std::fs::read(&bundle) {
+        let inputs = unbundle(&bytes)
+            .unwrap_or_else(|| panic!("{} is not a bundle (see fuzz/bundle.py)", bundle.display()));
+        for input in inputs {
+            entry(input);
+            replayed += 1;
+        }
+    }
     replayed
+}
+
+/// The inputs of a bundle: each a 4-byte little-endian length and its bytes.
+fn unbundle(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut inputs = Vec::new();
+    while !bytes.is_empty() {
+        let (length, rest) = bytes.split_first_chunk::<4>()?;
+        let length = usize::try_from(u32::from_le_bytes(*length)).ok()?;
+        if rest.len() < length {
+            return None;
+        }
+        let (input, rest) = rest.split_at(length);
+        inputs.push(input);
+        bytes = rest;
+    }
+    Some(inputs)
 }
 
 #[test]

@@ -185,9 +185,17 @@ fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
 }
 
 /// SIGKILLs everything in `dir` until `cgroup.procs` is empty, then removes it.
+/// A v2 cgroup on 5.14+ is killed whole by `cgroup.kill` (no fork can slip
+/// past it); the kill loop below is then only the wait, and the fallback.
 fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
     if !dir.exists() {
         return Ok(());
+    }
+    if has_cgroup_kill()
+        && let Err(e) = fs::write(dir.join("cgroup.kill"), "1")
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cgroup.kill failed; killing process by process");
     }
     let procs = dir.join("cgroup.procs");
     let started = Instant::now();
@@ -229,6 +237,32 @@ fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
             }
         }
     }
+}
+
+/// Whether this kernel's v2 cgroups have `cgroup.kill` (5.14+); said once.
+pub fn has_cgroup_kill() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let root = Path::new("/sys/fs/cgroup");
+        let unified = if root.join("cgroup.controllers").exists() {
+            root.to_owned()
+        } else {
+            root.join("unified")
+        };
+        // The root has no cgroup.kill; any child does (our own subtree's parent, say).
+        let has = fs::read_dir(&unified)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .find(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .is_some_and(|child| child.path().join("cgroup.kill").exists());
+        if !has {
+            tracing::info!(
+                "this kernel has no cgroup.kill (before 5.14): tasks are killed process by process"
+            );
+        }
+        has
+    })
 }
 
 fn list_children(dir: &Path) -> Result<Vec<String>, CgroupError> {

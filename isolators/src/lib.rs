@@ -5,3 +5,4 @@
 pub mod cgroups;
 pub mod container;
 pub mod fences;
+pub mod quota;

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use butte_isolators::container::{ContainerSpec, Exit, spawn, wait};
+use butte_isolators::fences::{Fences, TaskFence};
 
 mod common;
-use common::{cpu_seconds, isolator, limits, run, sandbox, shell_spec, unique};
+use common::{cpu_seconds, isolator, isolator_at, limits, run, sandbox, shell_spec, unique};
 
 #[test]
 fn task_sees_its_cgroup_pid_namespace_hostname_and_read_only_root() {
@@ -193,10 +194,11 @@ fn destroy_kills_what_is_left_and_removes_every_cgroup() {
     isolator.destroy(&id).unwrap();
     assert_eq!(reaper.join().unwrap(), Exit::Signal(libc::SIGKILL));
     assert!(!isolator.list().unwrap().contains(&id));
-    for controller in ["cpu", "memory", "pids", "unified"] {
+    // v1 controllers and unified/ on a hybrid host, the root on pure v2.
+    for hierarchy in ["cpu/", "memory/", "pids/", "unified/", ""] {
         assert!(
-            !Path::new(&format!("/sys/fs/cgroup/{controller}/butte/{id}")).exists(),
-            "{controller} left behind"
+            !Path::new(&format!("/sys/fs/cgroup/{hierarchy}butte/{id}")).exists(),
+            "{hierarchy} left behind"
         );
     }
     std::fs::remove_dir_all(sandbox).unwrap();
@@ -256,14 +258,15 @@ fn task_group_tasks_share_the_init_s_pid_namespace_and_cgroup() {
 }
 
 #[test]
-fn v1_devices_controller_alone_denies_devices_not_allowed() {
-    assert!(
-        Path::new("/sys/fs/cgroup/devices/cgroup.procs").exists(),
-        "this host has the v1 devices controller"
-    );
-    let isolator = isolator();
-    let id = unique("v1dev");
-    let fake = PathBuf::from(format!("/dev/butte-kt-v1-{}", std::process::id()));
+fn the_hosts_device_controller_alone_denies_devices_not_allowed() {
+    // A hybrid host: the v1 devices controller decides (no eBPF attached).
+    // Pure v2 has no such controller: the eBPF device fence alone decides,
+    // with the default rules every container gets (null, zero, tty...).
+    let v1 = Path::new("/sys/fs/cgroup/devices/cgroup.procs").exists();
+    let subtree = format!("butte/kt-devices-{}", std::process::id());
+    let isolator = isolator_at(&subtree);
+    let id = unique("devices");
+    let fake = PathBuf::from(format!("/dev/butte-kt-dev-{}", std::process::id()));
     let _ = std::fs::remove_file(&fake);
     let made = std::process::Command::new("mknod")
         .arg(&fake)
@@ -272,13 +275,23 @@ fn v1_devices_controller_alone_denies_devices_not_allowed() {
         .unwrap();
     assert!(made.success());
     let placement = isolator.create(&id, &limits(1.0, 64.0, 16)).unwrap();
-    // No eBPF here: only the v1 controller decides.
-    isolator
-        .restrict_devices(&id, &["c 1:3 rwm".to_owned()])
-        .unwrap();
+    let mut fences = None;
+    let denied_too = if v1 {
+        isolator
+            .restrict_devices(&id, &["c 1:3 rwm".to_owned()])
+            .unwrap();
+        Some("/dev/zero")
+    } else {
+        let mut attached = Fences::attach_all(&isolator.v2_subtree()).unwrap();
+        attached
+            .fence(&id, &placement.unified, &TaskFence::default())
+            .unwrap();
+        fences = Some(attached);
+        None
+    };
     let sandbox = sandbox(&id);
     let script = format!(
-        "cat /dev/null && echo null=ok; cat {} 2>&1; head -c 1 /dev/zero 2>&1 >/dev/null; true",
+        "cat /dev/null && echo null=ok; cat {} 2>&1; head -c 1 /dev/zero 2>&1 >/dev/null && echo zero=ok; true",
         fake.display()
     );
     let spec = shell_spec(&id, &placement, &sandbox, &script);
@@ -291,11 +304,60 @@ fn v1_devices_controller_alone_denies_devices_not_allowed() {
         out.contains(&format!("{}: Operation not permitted", fake.display())),
         "{out}"
     );
-    assert!(
-        out.lines()
-            .any(|l| l.contains("/dev/zero") && l.contains("Operation not permitted")),
-        "only /dev/null was allowed:\n{out}"
-    );
+    match denied_too {
+        Some(zero) => assert!(
+            out.lines()
+                .any(|l| l.contains(zero) && l.contains("Operation not permitted")),
+            "only /dev/null was allowed:\n{out}"
+        ),
+        None => assert!(out.contains("zero=ok"), "a default device:\n{out}"),
+    }
+    if let Some(mut fences) = fences {
+        fences.unfence(&id);
+    }
     isolator.destroy(&id).unwrap();
+    std::fs::remove_dir_all(sandbox).unwrap();
+    isolator.remove_subtree();
+}
+
+#[test]
+fn destroying_a_container_takes_a_forking_task_whole() {
+    // cgroup.kill (5.14+: every kernel of the matrix) kills the whole cgroup
+    // at once; a fork loop cannot outrun it. Older kernels fall back to
+    // killing process by process, which this loop would make race.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut version = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (version.next().unwrap(), version.next().unwrap());
+    assert_eq!(
+        butte_isolators::cgroups::has_cgroup_kill(),
+        (major, minor) >= (5, 14),
+        "cgroup.kill is detected on {release}"
+    );
+    let isolator = isolator();
+    let id = unique("forker");
+    let placement = isolator.create(&id, &limits(1.0, 256.0, 512)).unwrap();
+    let sandbox = sandbox(&id);
+    // 300 sleepers, then a shell that never stops forking.
+    let spec = shell_spec(
+        &id,
+        &placement,
+        &sandbox,
+        "i=0; while [ $i -lt 300 ]; do sleep 100 & i=$((i+1)); done; while :; do /bin/true; done",
+    );
+    let _child = spawn(&spec).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while isolator.pids(&id).unwrap().len() < 300 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pids = isolator.pids(&id).unwrap();
+    let err = std::fs::read_to_string(sandbox.join("stderr")).unwrap_or_default();
+    assert!(pids.len() >= 300, "the loop forked: {} {err}", pids.len());
+    let started = Instant::now();
+    isolator.destroy(&id).unwrap();
+    assert!(!placement.unified.exists(), "the cgroup is gone");
+    println!("destroyed in {:?}", started.elapsed());
     std::fs::remove_dir_all(sandbox).unwrap();
 }

@@ -92,17 +92,19 @@ impl Agent {
         )
     }
 
+    /// `executor` is the field and id the executor directory is named by:
+    /// a command task is its own executor, so its `task_id`.
     fn sandbox_root(
         &self,
         framework_id: &str,
-        executor_id: &str,
+        executor: (&str, &str),
         container_id: &str,
     ) -> Result<PathBuf, IdError> {
         beneath(
             &self.config.work_dir.join("sandboxes"),
             &[
                 ("framework_id", framework_id),
-                ("executor_id", executor_id),
+                executor,
                 ("container_id", container_id),
             ],
         )
@@ -210,7 +212,7 @@ impl Agent {
         let key = TaskKey::new(framework_id, &task.task_id.value);
         let container_id = self.new_container_id();
         let staging = Staging {
-            sandbox: self.sandbox_root(framework_id, &key.task_id, &container_id),
+            sandbox: self.sandbox_root(framework_id, ("task_id", &key.task_id), &container_id),
             resources: Resources::from_proto(&task.resources).unwrap_or_default(),
             executor_id: key.task_id.clone(),
             container_id,
@@ -257,7 +259,8 @@ impl Agent {
         } else {
             executor.executor_id.value.clone()
         };
-        let group_sandbox = self.sandbox_root(framework_id, &executor_id, &group_id);
+        let group_sandbox =
+            self.sandbox_root(framework_id, ("executor_id", &executor_id), &group_id);
         let executor_resources = Resources::from_proto(&executor.resources).unwrap_or_default();
         let staging: Vec<Staging> = tasks
             .iter()
@@ -454,6 +457,7 @@ impl Agent {
         police_ingress: bool,
     ) -> Result<(Placement, Option<Assignment>), LaunchError> {
         create_sandbox(sandbox)?;
+        self.hold_disk(container_id, sandbox, resources);
         let gpus = match self.lock().gpus.as_mut() {
             Some(books) => books.assign(container_id, resources)?,
             None if resources.has_gpus() => return Err(LaunchError::NoGpus),
@@ -472,6 +476,18 @@ impl Agent {
         self.fences()
             .fence(container_id, &placement.unified, &fence)?;
         Ok((placement, gpus))
+    }
+
+    /// A hard limit on the sandbox where project quotas exist; without
+    /// one (or if it cannot be set) the disk watcher measures it instead.
+    fn hold_disk(&self, container_id: &str, sandbox: &Path, resources: &Resources) {
+        let bytes = (resources.scalar("disk") * 1024.0 * 1024.0) as u64;
+        let Some(quotas) = self.quotas.as_ref().filter(|_| bytes > 0) else {
+            return;
+        };
+        if let Err(error) = quotas.limit(container_id, sandbox, bytes) {
+            tracing::warn!(container_id, %error, "no hard disk limit; the sandbox is measured instead");
+        }
     }
 
     /// Who a task runs as: its command's user, else its framework's (root

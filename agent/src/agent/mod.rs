@@ -30,6 +30,7 @@ use crate::gpus::{GpuBooks, Gpus};
 use crate::launcher_client::LauncherClient;
 use crate::metrics::ContainerStarts;
 use crate::seccomp_profiles::SeccompProfiles;
+use butte_isolators::quota::ProjectQuotas;
 
 /// Grace period between SIGTERM and SIGKILL when the kill policy names none
 /// (Mesos's command executor default).
@@ -77,6 +78,8 @@ pub struct TaskView {
     /// Its cgroup's eBPF key.
     pub cgroup_key: u64,
     pub resources: Resources,
+    /// Its sandbox's newest measure (tasks with a `disk`).
+    pub disk_used_bytes: Option<u64>,
 }
 
 /// Process events seen in one container.
@@ -103,6 +106,16 @@ pub struct Agent {
     pub container_starts: ContainerStarts,
     /// The seccomp profiles tasks may name.
     seccomp_profiles: Arc<SeccompProfiles>,
+    /// Hard disk limits, where the work dir's filesystem has project quotas.
+    pub quotas: Option<Arc<ProjectQuotas>>,
+}
+
+/// What holds a task beyond its cgroups and fences, set up at start.
+pub struct Confinement {
+    /// The seccomp profiles tasks may name (--seccomp-config-dir).
+    pub seccomp_profiles: SeccompProfiles,
+    /// Hard disk limits, where the work dir's filesystem has project quotas.
+    pub quotas: Option<ProjectQuotas>,
 }
 
 impl Agent {
@@ -113,8 +126,12 @@ impl Agent {
         launcher: LauncherClient,
         fences: Fences,
         gpus: Option<Gpus>,
-        seccomp_profiles: SeccompProfiles,
+        confinement: Confinement,
     ) -> Self {
+        let Confinement {
+            seccomp_profiles,
+            quotas,
+        } = confinement;
         let (gpu_backend, gpus) = match gpus {
             Some(Gpus { backend, books }) => (Some(backend), Some(books)),
             None => (None, None),
@@ -135,6 +152,7 @@ impl Agent {
             gpu_backend,
             container_starts: ContainerStarts::default(),
             seccomp_profiles: Arc::new(seccomp_profiles),
+            quotas: quotas.map(Arc::new),
         }
     }
 
@@ -294,6 +312,7 @@ impl Agent {
                 container_id: record.cgroup_id.clone(),
                 cgroup_key: 0,
                 resources: record.resources.clone(),
+                disk_used_bytes: record.disk_used_bytes,
             })
             .collect();
         let fences = self.fences();
@@ -341,12 +360,20 @@ impl Agent {
                 (limit_bytes > 0 && !record.sandbox.as_os_str().is_empty()).then(|| {
                     crate::disk::Watched {
                         key: key.clone(),
+                        container_id: record.container_id.clone(),
                         sandbox: record.sandbox.clone(),
                         limit_bytes,
                     }
                 })
             })
             .collect()
+    }
+
+    /// The newest measure of a task's sandbox (telemetry reports it).
+    pub fn disk_measured(&self, key: &TaskKey, used_bytes: u64) {
+        if let Some(record) = self.lock().tasks.get_mut(key) {
+            record.disk_used_bytes = Some(used_bytes);
+        }
     }
 
     /// A task's sandbox holds more than its `disk`: it is killed and fails
@@ -371,6 +398,9 @@ impl Agent {
     /// its GPUs (it is going away).
     fn release(&self, container_id: &str) {
         let key = self.fences().unfence(container_id);
+        if let Some(quotas) = &self.quotas {
+            quotas.release(container_id);
+        }
         let mut state = self.lock();
         if let Some(gpus) = state.gpus.as_mut() {
             gpus.release(container_id);

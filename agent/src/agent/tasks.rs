@@ -52,6 +52,8 @@ pub struct TaskRecord {
     pub sandbox: PathBuf,
     /// The GPUs its container was given.
     pub gpus: Option<Assignment>,
+    /// Its sandbox's newest measure (tasks with a `disk`).
+    pub disk_used_bytes: Option<u64>,
 }
 
 impl TaskRecord {
@@ -142,6 +144,7 @@ impl TaskTable {
                 resources,
                 sandbox: placing.sandbox,
                 gpus: None,
+                disk_used_bytes: None,
             },
         );
         self.containers

@@ -47,7 +47,7 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30) * super::slowdown();
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
@@ -79,12 +79,26 @@ impl Cluster {
         resources: &str,
         agent_args: &[&str],
     ) -> Cluster {
+        Self::start_prepared(name, master_port, agent_port, resources, agent_args, |_| {})
+    }
+
+    /// As `start_with`, with `prepare` run on the cluster's dir before the
+    /// master and agent start (the agent's work dir will be `dir/agent`).
+    pub fn start_prepared(
+        name: &str,
+        master_port: u16,
+        agent_port: u16,
+        resources: &str,
+        agent_args: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) -> Cluster {
         let dir = PathBuf::from(format!(
             "/var/lib/butte-kernel-tests/{name}-{}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        prepare(&dir);
         let log = |file: &str| std::fs::File::create(dir.join(file)).unwrap();
         let master = Command::new(binary("butte-master"))
             .args([
@@ -176,7 +190,7 @@ impl Cluster {
                     .join(script),
             )
             .arg(format!("http://127.0.0.1:{}", self.master_port))
-            .args([mode, &timeout_s.to_string()]);
+            .args([mode, &(timeout_s * super::slowdown()).to_string()]);
         command
     }
 
@@ -200,8 +214,7 @@ impl Cluster {
     /// Our cgroups still present, in any hierarchy.
     pub fn cgroups_left(&self) -> Vec<PathBuf> {
         let mut left = Vec::new();
-        for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
-            let subtree = hierarchy.unwrap().path().join(&self.subtree);
+        for subtree in self.subtrees() {
             for entry in std::fs::read_dir(&subtree).into_iter().flatten() {
                 let path = entry.unwrap().path();
                 if path.is_dir() {
@@ -214,10 +227,19 @@ impl Cluster {
 
     /// The agent's subtree directories still present (after it stopped).
     pub fn subtree_left(&self) -> Vec<PathBuf> {
-        std::fs::read_dir("/sys/fs/cgroup")
+        self.subtrees().into_iter().filter(|p| p.exists()).collect()
+    }
+
+    /// Where the agent's subtree is in each hierarchy: one per v1 controller
+    /// and `unified/` on a hybrid host, the root's on pure cgroup v2.
+    fn subtrees(&self) -> Vec<PathBuf> {
+        let root = Path::new("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            return vec![root.join(&self.subtree)];
+        }
+        std::fs::read_dir(root)
             .unwrap()
             .map(|h| h.unwrap().path().join(&self.subtree))
-            .filter(|p| p.exists())
             .collect()
     }
 
@@ -242,5 +264,9 @@ impl Drop for Cluster {
         self.stop_agent();
         let _ = self.master.kill();
         let _ = self.master.wait();
+        // Logs and sandboxes stay for a failed test to be read, not otherwise.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

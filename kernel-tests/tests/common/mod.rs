@@ -68,6 +68,16 @@ pub fn shell_spec(id: &str, placement: &Placement, sandbox: &Path, script: &str)
     }
 }
 
+/// How many times longer to wait where a test measures no time: 1 on a
+/// real host, 5 in scripts/vm-test's emulated kernels (BUTTE_VM is set).
+pub fn slowdown() -> u32 {
+    if std::env::var_os("BUTTE_VM").is_some() {
+        5
+    } else {
+        1
+    }
+}
+
 pub fn unique(name: &str) -> String {
     format!("kt-{name}-{}", std::process::id())
 }
