@@ -120,6 +120,10 @@ fn a_project_quota_refuses_the_write_past_the_limit_and_counts_the_usage() {
         (9 << 20..=(10 << 20) + (64 << 10)).contains(&used),
         "the kernel's count is the sandbox's: {used}"
     );
+    println!(
+        "project quota {project}: the write past 10 MiB refused ({}), file {fill} B, the kernel counts {used} B",
+        err.lines().next().unwrap_or_default()
+    );
     // The next sandbox gets another id while this one still holds data.
     let other = mount.dir.join("other");
     std::fs::create_dir(&other).unwrap();
@@ -160,12 +164,14 @@ fn a_task_over_its_disk_is_refused_by_the_kernel_or_failed_by_the_agent() {
             assert!(err.contains("Disk quota exceeded"), "{err}");
             let fill = std::fs::metadata(sandbox.join("fill")).unwrap().len();
             assert!(fill <= 10 << 20, "{fill}");
+            println!("through the agent: {hog}, dd: {}, file {fill} B", err.trim());
             drop(cluster);
         }
         Err(_plain) => {
             assert!(log.contains("no project quotas here"), "{log}");
             assert_eq!(hog["state"], "TASK_FAILED", "{hog}");
             assert_eq!(hog["reason"], "REASON_CONTAINER_LIMITATION_DISK", "{hog}");
+            println!("no project quotas, du: {hog}");
             drop(cluster);
         }
     }
