@@ -164,7 +164,10 @@ fn a_task_over_its_disk_is_refused_by_the_kernel_or_failed_by_the_agent() {
             assert!(err.contains("Disk quota exceeded"), "{err}");
             let fill = std::fs::metadata(sandbox.join("fill")).unwrap().len();
             assert!(fill <= 10 << 20, "{fill}");
-            println!("through the agent: {hog}, dd: {}, file {fill} B", err.trim());
+            println!(
+                "through the agent: {hog}, dd: {}, file {fill} B",
+                err.trim()
+            );
             drop(cluster);
         }
         Err(_plain) => {
