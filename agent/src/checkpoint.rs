@@ -22,10 +22,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     // A temp name of its own: two writers of one file must not share it.
     let temp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-    let mut file = std::fs::File::create(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)?;
+    let written = std::fs::File::create(&temp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    });
+    if let Err(error) = written {
+        // A full disk must not also leave a temp file per attempt.
+        let _ = std::fs::remove_file(&temp);
+        return Err(error);
+    }
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -111,6 +117,27 @@ mod tests {
         checkpoint.remove_task("f", "t").unwrap();
         assert!(!path.exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file_behind() {
+        let dir = std::env::temp_dir().join(format!("butte-ckpt-fail-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("target-is-a-dir")).expect("dirs");
+        std::fs::write(dir.join("target-is-a-dir/keep"), "x").expect("file");
+        // rename(2) onto a non-empty directory fails after the temp was written.
+        let error = write_atomic(&dir.join("target-is-a-dir"), b"data").expect_err("rename fails");
+        assert!(error.raw_os_error().is_some(), "{error}");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("target-is-a-dir")],
+            "no temp file"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 
     #[test]

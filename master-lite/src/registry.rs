@@ -2,9 +2,14 @@
 //! agents, tasks), in an embedded redb file under `--work-dir`.
 //!
 //! Every change is written through in its own transaction, before the change
-//! is acknowledged to whoever caused it.
+//! is acknowledged to whoever caused it. A write that fails (a full disk)
+//! is refused to its caller; once an I/O error has hit it, redb refuses every
+//! later transaction, so the store is closed and the next write reopens it
+//! (redb repairs the file on open): writes resume by themselves when space
+//! returns, with no restart.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use butte_api::mesos::v1::{AgentInfo, FrameworkInfo, Task};
 use prost::Message;
@@ -48,7 +53,9 @@ pub struct Recovered {
 }
 
 pub struct Registry {
-    db: Database,
+    path: PathBuf,
+    /// None after a failed write, until the next write reopens it.
+    db: Mutex<Option<Database>>,
 }
 
 fn task_key(task: &Task) -> String {
@@ -57,24 +64,25 @@ fn task_key(task: &Task) -> String {
 
 impl Registry {
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
-        let db = Database::create(path).map_err(|e| RegistryError::Store {
-            what: "open",
-            detail: format!("{}: {e}", path.display()),
-        })?;
-        let txn = db.begin_write().map_err(|e| store("open")(&e))?;
-        {
-            txn.open_table(META).map_err(|e| store("open")(&e))?;
-            txn.open_table(FRAMEWORKS).map_err(|e| store("open")(&e))?;
-            txn.open_table(AGENTS).map_err(|e| store("open")(&e))?;
-            txn.open_table(TASKS).map_err(|e| store("open")(&e))?;
-        }
-        txn.commit().map_err(|e| store("open")(&e))?;
-        Ok(Self { db })
+        let db = open_database(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            db: Mutex::new(Some(db)),
+        })
+    }
+
+    fn database(&self) -> MutexGuard<'_, Option<Database>> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn recover(&self) -> Result<Recovered, RegistryError> {
         let err = store("read");
-        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let mut guard = self.database();
+        if guard.is_none() {
+            *guard = Some(open_database(&self.path)?);
+        }
+        let db = guard.as_ref().ok_or_else(|| err(&"the store is closed"))?;
+        let txn = db.begin_read().map_err(|e| err(&e))?;
         let mut recovered = Recovered::default();
         let meta = txn.open_table(META).map_err(|e| err(&e))?;
         recovered.master_id = meta
@@ -168,10 +176,40 @@ impl Registry {
         body: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), RegistryError> {
         let err = store("write");
-        let txn = self.db.begin_write().map_err(|e| err(&e))?;
-        body(&txn).map_err(|e| err(&e))?;
-        txn.commit().map_err(|e| err(&e))
+        let mut guard = self.database();
+        if guard.is_none() {
+            *guard = Some(open_database(&self.path)?);
+            tracing::info!(path = %self.path.display(), "registry reopened; writes resume");
+        }
+        let db = guard.as_ref().ok_or_else(|| err(&"the store is closed"))?;
+        let result = db.begin_write().map_err(|e| err(&e)).and_then(|txn| {
+            body(&txn).map_err(|e| err(&e))?;
+            txn.commit().map_err(|e| err(&e))
+        });
+        if let Err(error) = &result {
+            // Closed now (its file lock released), reopened by the next write.
+            tracing::error!(%error, "registry write failed; the store is closed until the next write reopens it");
+            *guard = None;
+        }
+        result
     }
+}
+
+/// Opens (or creates) the store with its tables.
+fn open_database(path: &Path) -> Result<Database, RegistryError> {
+    let db = Database::create(path).map_err(|e| RegistryError::Store {
+        what: "open",
+        detail: format!("{}: {e}", path.display()),
+    })?;
+    let txn = db.begin_write().map_err(|e| store("open")(&e))?;
+    {
+        txn.open_table(META).map_err(|e| store("open")(&e))?;
+        txn.open_table(FRAMEWORKS).map_err(|e| store("open")(&e))?;
+        txn.open_table(AGENTS).map_err(|e| store("open")(&e))?;
+        txn.open_table(TASKS).map_err(|e| store("open")(&e))?;
+    }
+    txn.commit().map_err(|e| store("open")(&e))?;
+    Ok(db)
 }
 
 fn read_all<M: Message + Default>(

@@ -33,6 +33,10 @@ pub enum LaunchError {
     /// the agent has less free than the task asks
     #[error("the task's resources are more than this agent has free")]
     DoesNotFit,
+    /// the framework could not be checkpointed (a full disk, say): a task
+    /// this agent could not recover after a restart is not started
+    #[error("cannot checkpoint the framework, so the task is not started: {0}")]
+    Checkpoint(std::io::Error),
     /// the sandbox directory could not be made
     #[error("cannot create the sandbox {path}: {source}")]
     Sandbox {
@@ -184,7 +188,16 @@ impl Agent {
             return None;
         }
         if let Err(error) = self.checkpoint.framework(framework) {
-            tracing::error!(%error, "cannot checkpoint the framework");
+            tracing::error!(%error, "cannot checkpoint the framework; its tasks are refused");
+            if let Some(group) = group {
+                self.lock().tasks.remove_group(group);
+            }
+            let message = error.to_string();
+            for key in &members {
+                let error = std::io::Error::new(error.kind(), message.clone());
+                self.fail_launch(key, &LaunchError::Checkpoint(error));
+            }
+            return None;
         }
         for key in &members {
             self.update(key, Change::to(TaskState::TaskStarting));
