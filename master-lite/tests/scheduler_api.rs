@@ -444,3 +444,68 @@ async fn protobuf_subscribers_get_protobuf_events() {
     );
     master.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_task_reported_lost_stays_lost_when_its_agent_returns_and_is_killed_there() {
+    let mut config = butte_master_lite::MasterConfig::for_work_dir(support::work_dir("lost-stays"));
+    config.agent_reregister_timeout = Duration::from_millis(300);
+    let master = support::master_with(config).await;
+    let agent = TestAgent::connect(&master, "cpus:2;mem:2048").await;
+    let agent_id = agent.agent_id.clone();
+    let mut scheduler = Scheduler::subscribe(&master, framework("lost-stays")).await;
+    let offers = scheduler.next("OFFERS", 5).await;
+    assert_eq!(
+        scheduler
+            .call(launch(
+                &offers["offers"]["offers"][0],
+                &[("held", "sleep 600", 1.0, 64.0)]
+            ))
+            .await,
+        202
+    );
+    scheduler.await_state("held", "TASK_RUNNING", 5).await;
+    agent.disconnect();
+    // Not PARTITION_AWARE: past the re-register timeout the task is LOST.
+    scheduler.await_state("held", "TASK_LOST", 10).await;
+
+    // The agent comes back, still running it.
+    let task = butte_api::mesos::v1::Task {
+        name: "held".into(),
+        task_id: butte_api::mesos::v1::TaskId {
+            value: "held".into(),
+        },
+        framework_id: butte_api::mesos::v1::FrameworkId {
+            value: scheduler.framework_id.clone(),
+        },
+        agent_id: butte_api::mesos::v1::AgentId {
+            value: agent_id.clone(),
+        },
+        state: TaskState::TaskRunning as i32,
+        ..Default::default()
+    };
+    let back = TestAgent::connect_as(&master, "cpus:2;mem:2048", Some(agent_id), vec![task]).await;
+    // The framework was told the task ended: it stays ended (no RUNNING
+    // after LOST), and the agent is told to kill it, as Mesos does for a
+    // framework that is not partition-aware.
+    let later = scheduler.gets_within("UPDATE", 1500).await;
+    assert!(later.is_none(), "nothing after LOST: {later:?}");
+    let killed = back.received.lock().unwrap().iter().any(|kind| {
+        matches!(kind, butte_api::agent_link::v1::master_message::Kind::KillTask(kill) if kill.task_id.value == "held")
+    });
+    assert!(killed, "the returning agent is told to kill the lost task");
+    let tasks: serde_json::Value = reqwest::get(format!("http://{}/tasks", master.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let held: Vec<_> = tasks["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["id"] == "held")
+        .collect();
+    assert_eq!(held.len(), 1, "{tasks}");
+    assert_eq!(held[0]["state"], "TASK_LOST", "{tasks}");
+    master.shutdown().await;
+}

@@ -177,7 +177,8 @@ impl Master {
             reregistered_time: reregister.then_some(registered_time),
         };
         self.agents.insert(agent_id.clone(), agent);
-        self.reconcile_agent_tasks(&agent_id, &register.running_tasks);
+        // Registered goes first: the agent takes nothing else before it, and
+        // reconciling may already send it kills and shutdowns.
         let _ = self.send_to_agent(
             &agent_id,
             link::master_message::Kind::Registered(link::Registered {
@@ -188,6 +189,7 @@ impl Master {
                 master_info: self.info.clone(),
             }),
         );
+        self.reconcile_agent_tasks(&agent_id, &register.running_tasks);
         tracing::info!(agent_id, reregister, "agent registered");
         self.want_allocation();
         Ok((agent_id, epoch))
@@ -253,11 +255,46 @@ impl Master {
                 );
                 continue;
             };
+            // Ended here: still in the books as terminal, or already moved
+            // to the completed tasks once its end was acknowledged.
+            let ended_here = framework.tasks.get(&task.task_id.value).map_or_else(
+                || {
+                    framework
+                        .completed_tasks
+                        .iter()
+                        .any(|t| t.task_id == task.task_id)
+                },
+                |entry| is_terminal(entry.state()),
+            );
+            if ended_here && !is_terminal(task.state()) {
+                // The framework was told it ended (LOST while its agent was
+                // away): a terminal state is never taken back. The agent
+                // kills it, as Mesos does for frameworks that are not
+                // partition-aware; its resources were already given back.
+                tracing::info!(
+                    agent_id,
+                    framework_id,
+                    task_id = task.task_id.value,
+                    "a returning agent still runs a task that has ended here; it is killed there"
+                );
+                self.send_to_agent(
+                    agent_id,
+                    link::master_message::Kind::KillTask(link::KillTask {
+                        framework_id: task.framework_id.clone(),
+                        task_id: task.task_id.clone(),
+                        kill_policy: None,
+                    }),
+                );
+                continue;
+            }
+            if ended_here && !framework.tasks.contains_key(&task.task_id.value) {
+                continue; // completed and acknowledged: nothing left to book
+            }
             let entry = framework
                 .tasks
                 .entry(task.task_id.value.clone())
                 .or_insert_with(|| TaskEntry::restored(task.clone(), retry));
-            if entry.state() == TaskState::TaskUnreachable || is_terminal(entry.state()) {
+            if entry.state() == TaskState::TaskUnreachable {
                 entry.task.state = task.state;
             }
             // Already given back and now over: nothing to book.
