@@ -509,3 +509,57 @@ async fn a_task_reported_lost_stays_lost_when_its_agent_returns_and_is_killed_th
     assert_eq!(held[0]["state"], "TASK_LOST", "{tasks}");
     master.shutdown().await;
 }
+
+#[tokio::test]
+async fn after_a_master_restart_a_framework_with_failover_timeout_0_has_time_to_resubscribe() {
+    let dir = support::work_dir("restart-zero");
+    let first =
+        support::master_with(butte_master_lite::MasterConfig::for_work_dir(dir.clone())).await;
+    let agent = TestAgent::connect(&first, "cpus:2;mem:2048").await;
+    let zero = || json!({"user": "root", "name": "zero", "failover_timeout": 0});
+    let mut scheduler = Scheduler::subscribe(&first, zero()).await;
+    let offers = scheduler.next("OFFERS", 5).await;
+    assert_eq!(
+        scheduler
+            .call(launch(
+                &offers["offers"]["offers"][0],
+                &[("kept", "sleep 600", 1.0, 64.0)]
+            ))
+            .await,
+        202
+    );
+    scheduler.await_state("kept", "TASK_RUNNING", 5).await;
+    let framework_id = scheduler.framework_id.clone();
+    agent.disconnect();
+    first.shutdown().await;
+    drop(scheduler);
+
+    let mut config = butte_master_lite::MasterConfig::for_work_dir(dir);
+    config.agent_reregister_timeout = Duration::from_secs(3);
+    let second = support::master_with(config).await;
+    // Many ticks later, but within the agents' re-register window: the
+    // framework is still there, though its own failover_timeout is 0.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let frameworks = reqwest::get(format!("http://{}/frameworks", second.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        frameworks.contains(&framework_id),
+        "kept for its scheduler to find the new master: {frameworks}"
+    );
+    let mut info = zero();
+    info["id"] = json!({"value": framework_id});
+    let _again = Scheduler::subscribe(&second, info).await;
+    let tasks: serde_json::Value = reqwest::get(format!("http://{}/tasks", second.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tasks["tasks"][0]["id"], "kept", "{tasks}");
+    assert_eq!(tasks["tasks"][0]["state"], "TASK_RUNNING", "{tasks}");
+    second.shutdown().await;
+}

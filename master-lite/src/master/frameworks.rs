@@ -86,6 +86,9 @@ pub struct Framework {
     pub tasks: BTreeMap<String, TaskEntry>,
     pub completed_tasks: VecDeque<butte_api::mesos::v1::Task>,
     pub offers: HashSet<String>,
+    /// Read back from the registry after a master restart and not yet
+    /// re-subscribed: its scheduler had no chance to come back before now.
+    pub restored: bool,
 }
 
 impl Framework {
@@ -98,6 +101,7 @@ impl Framework {
             tasks: BTreeMap::new(),
             completed_tasks: VecDeque::new(),
             offers: HashSet::new(),
+            restored: false,
         }
     }
 
@@ -127,6 +131,7 @@ impl Framework {
     /// pending updates: each task's oldest is sent again.
     fn connect(&mut self, stream: EventStream) {
         self.connection = Connection::Connected(stream);
+        self.restored = false;
         for entry in self.tasks.values_mut() {
             entry.updates.resend_now();
         }
@@ -278,7 +283,8 @@ impl Master {
         );
         self.allocator.set_framework_active(&id, false);
         let connection = Connection::Disconnected { since: now };
-        let framework = Framework::new(info, connection, self.start_time);
+        let mut framework = Framework::new(info, connection, self.start_time);
+        framework.restored = true;
         self.frameworks.insert(id, framework);
     }
 
@@ -320,12 +326,24 @@ impl Master {
         );
     }
 
-    /// Removes the frameworks whose schedulers stayed away past their failover timeout.
+    /// Removes the frameworks whose schedulers stayed away past their
+    /// failover timeout. After a master restart a framework gets at least
+    /// the agents' re-register window to re-subscribe, whatever its own
+    /// timeout (a `failover_timeout` of 0 would otherwise lose every task
+    /// at the first tick, before its scheduler could find the new master).
     pub(super) fn fail_over_frameworks(&mut self, now: Instant) {
+        let restart_window = self.config.agent_reregister_timeout;
         let failed_over: Vec<String> = self
             .frameworks
             .iter()
-            .filter(|(_, f)| f.connection.failed_over(f.failover_timeout(), now))
+            .filter(|(_, f)| {
+                let window = if f.restored {
+                    f.failover_timeout().max(restart_window)
+                } else {
+                    f.failover_timeout()
+                };
+                f.connection.failed_over(window, now)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in failed_over {
