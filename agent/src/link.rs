@@ -27,6 +27,9 @@ pub enum LinkError {
     /// the master's first answer was not Registered
     #[error("the master answered registration with {0}")]
     Unexpected(String),
+    /// the master answered nothing, not even a heartbeat, for this long
+    #[error("the master sent nothing for {0:?}; taking the link for dead")]
+    Silent(Duration),
     /// the link's outbound queue is gone (the session is over)
     #[error("the link's outbound queue is closed")]
     Closed,
@@ -53,8 +56,22 @@ pub async fn run(agent: Agent) {
     }
 }
 
+/// How many heartbeat intervals without a word from the master before the
+/// link is taken for dead (a master that hangs, or a partition that keeps
+/// the TCP connection open) and a new one is opened.
+const SILENT_INTERVALS: u32 = 3;
+
 async fn session(agent: &Agent) -> Result<(), LinkError> {
-    let mut client = AgentLinkClient::connect(format!("http://{}", agent.config.master)).await?;
+    // HTTP/2 pings find a dead peer or path even while no message flows.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", agent.config.master))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await?;
+    let mut client = AgentLinkClient::new(channel);
     let (outbound, receiver) = mpsc::unbounded_channel();
     if !agent.connect(outbound.clone()) {
         return Err(LinkError::Closed);
@@ -74,17 +91,23 @@ async fn session(agent: &Agent) -> Result<(), LinkError> {
     agent.registered(registered.agent_id.value);
     let interval = Duration::from_secs_f64(registered.heartbeat_interval_seconds.clamp(0.1, 60.0));
     let mut heartbeat = tokio::time::interval(interval);
+    let silence = interval * SILENT_INTERVALS;
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             message = inbound.message() => {
                 match message? {
                     Some(message) => {
+                        last_heard = tokio::time::Instant::now();
                         if let Some(kind) = message.kind {
                             agent.handle(kind);
                         }
                     }
                     None => return Ok(()),
                 }
+            }
+            _ = tokio::time::sleep_until(last_heard + silence) => {
+                return Err(LinkError::Silent(silence));
             }
             _ = heartbeat.tick() => {
                 outbound.send(link::AgentMessage { kind: Some(agent_message::Kind::Heartbeat(link::Heartbeat {})) })?;

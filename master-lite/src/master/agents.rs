@@ -307,10 +307,16 @@ impl Master {
         }
     }
 
+    /// The agent's heartbeat: it is alive, and it hears back that we are
+    /// (an agent that hears nothing for a while opens a new link).
     pub fn agent_heartbeat(&mut self, agent_id: &str) {
         if let Some(agent) = self.agents.get_mut(agent_id) {
             agent.last_seen = Instant::now();
         }
+        let _ = self.send_to_agent(
+            agent_id,
+            link::master_message::Kind::Heartbeat(link::Heartbeat {}),
+        );
     }
 
     /// The agent's total changed (e.g. a faulty GPU withdrawn): its
