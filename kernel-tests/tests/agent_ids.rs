@@ -10,10 +10,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Child, Command};
 use std::time::Duration;
 
-use butte_api::agent_link::v1::agent_link_server::{AgentLink, AgentLinkServer};
+use butte_api::agent_link::v1::agent_link_server::AgentLink;
 use butte_api::agent_link::v1::{
     AgentMessage, LaunchTasks, MasterMessage, Registered, StatusAck, agent_message, master_message,
 };
@@ -22,12 +21,12 @@ use butte_api::mesos::v1::{
     Resource, TaskGroupInfo, TaskId, TaskInfo, TaskState, TaskStatus, executor_info, value,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 mod common;
-use common::cluster::binary;
+use common::fake_master;
 
 const PORT: u16 = 15_176;
 const AGENT_PORT: u16 = 15_177;
@@ -194,24 +193,9 @@ fn launches() -> (Vec<LaunchTasks>, HashMap<(String, String), &'static str>) {
     (launches, expected)
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_agent_refuses_every_bad_id_itself_and_nothing_outside_its_work_dir_moves() {
     let base = Path::new("/var/lib/butte-kernel-tests").join(format!("ids-{}", std::process::id()));
-    let work_dir = base.join("agent");
-    std::fs::create_dir_all(&work_dir).unwrap();
     // Where a traversal through the framework id would land, and a canary in it.
     let canary = Path::new("/var/tmp/butte-kt-canary");
     std::fs::create_dir_all(canary.join("inside")).unwrap();
@@ -229,34 +213,8 @@ fn the_agent_refuses_every_bad_id_itself_and_nothing_outside_its_work_dir_moves(
         updates: updates_tx,
         launches: std::sync::Mutex::new(Some(launches)),
     };
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", PORT)))
-        .unwrap();
-    runtime.spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentLinkServer::new(master))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let log = std::fs::File::create(base.join("agent.log")).unwrap();
-    let _agent = Agent(
-        Command::new(binary("butte-agent"))
-            .args(["--master", &format!("127.0.0.1:{PORT}")])
-            .args(["--port", &AGENT_PORT.to_string()])
-            .args(["--resources", "cpus:2;mem:1024"])
-            .args([
-                "--container-prefix",
-                "ktids-",
-                "--cgroup-subtree",
-                "butte/ktids",
-            ])
-            .args(["--status-update-retry", "1"])
-            .arg("--work-dir")
-            .arg(&work_dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    fake_master::serve(&runtime, PORT, master);
+    let _agent = fake_master::start_agent(&base, PORT, AGENT_PORT, "ktids", "cpus:2;mem:1024");
 
     let mut seen: HashMap<(String, String), TaskStatus> = HashMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60) * common::slowdown();

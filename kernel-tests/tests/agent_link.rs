@@ -8,23 +8,22 @@
 
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use butte_api::agent_link::v1::agent_link_server::{AgentLink, AgentLinkServer};
+use butte_api::agent_link::v1::agent_link_server::AgentLink;
 use butte_api::agent_link::v1::{
     AgentMessage, MasterMessage, Registered, agent_message, master_message,
 };
 use butte_api::mesos::v1::{AgentId, MasterInfo};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 mod common;
-use common::cluster::binary;
+use common::fake_master;
 
 const PORT: u16 = 15_178;
 const AGENT_PORT: u16 = 15_179;
@@ -74,55 +73,20 @@ impl AgentLink for SilentMaster {
     }
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn an_agent_whose_master_goes_silent_opens_a_new_link() {
     let base =
         Path::new("/var/lib/butte-kernel-tests").join(format!("link-{}", std::process::id()));
-    std::fs::create_dir_all(base.join("agent")).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let sessions = Arc::new(AtomicUsize::new(0));
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", PORT)))
-        .unwrap();
-    runtime.spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentLinkServer::new(SilentMaster {
-                sessions: sessions.clone(),
-            }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+    fake_master::serve(
+        &runtime,
+        PORT,
+        SilentMaster {
+            sessions: sessions.clone(),
+        },
     );
-    let log = std::fs::File::create(base.join("agent.log")).unwrap();
-    let agent = Agent(
-        Command::new(binary("butte-agent"))
-            .args(["--master", &format!("127.0.0.1:{PORT}")])
-            .args(["--port", &AGENT_PORT.to_string()])
-            .args(["--resources", "cpus:1;mem:256"])
-            .args([
-                "--container-prefix",
-                "ktlink-",
-                "--cgroup-subtree",
-                "butte/ktlink",
-            ])
-            .arg("--work-dir")
-            .arg(base.join("agent"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let agent = fake_master::start_agent(&base, PORT, AGENT_PORT, "ktlink", "cpus:1;mem:256");
     // 3 intervals of 0.5 s of silence, then the backoff (200 ms) and a new link.
     let deadline = Instant::now() + Duration::from_secs(15) * common::slowdown();
     while sessions.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {

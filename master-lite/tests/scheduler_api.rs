@@ -240,17 +240,7 @@ async fn resubscribing_scheduler_keeps_its_tasks_and_gets_pending_updates() {
     let master = master("failover").await;
     let agent = TestAgent::connect(&master, "cpus:2;mem:2048").await;
     let mut scheduler = Scheduler::subscribe(&master, framework("failover")).await;
-    let offers = scheduler.next("OFFERS", 5).await;
-    assert_eq!(
-        scheduler
-            .call(launch(
-                &offers["offers"]["offers"][0],
-                &[("keep", "sleep 600", 1.0, 64.0)]
-            ))
-            .await,
-        202
-    );
-    scheduler.await_state("keep", "TASK_RUNNING", 5).await;
+    support::run_sleeper(&mut scheduler, "keep").await;
     let framework_id = scheduler.framework_id.clone();
     scheduler.disconnect();
 
@@ -274,17 +264,7 @@ async fn master_restart_keeps_frameworks_agents_and_tasks() {
         support::master_with(butte_master_lite::MasterConfig::for_work_dir(dir.clone())).await;
     let agent = TestAgent::connect(&first, "cpus:2;mem:2048").await;
     let mut scheduler = Scheduler::subscribe(&first, framework("restart")).await;
-    let offers = scheduler.next("OFFERS", 5).await;
-    assert_eq!(
-        scheduler
-            .call(launch(
-                &offers["offers"]["offers"][0],
-                &[("survivor", "sleep 600", 1.0, 64.0)]
-            ))
-            .await,
-        202
-    );
-    scheduler.await_state("survivor", "TASK_RUNNING", 5).await;
+    support::run_sleeper(&mut scheduler, "survivor").await;
     let (framework_id, agent_id) = (scheduler.framework_id.clone(), agent.agent_id.clone());
     scheduler.disconnect();
     agent.disconnect();
@@ -453,17 +433,7 @@ async fn a_task_reported_lost_stays_lost_when_its_agent_returns_and_is_killed_th
     let agent = TestAgent::connect(&master, "cpus:2;mem:2048").await;
     let agent_id = agent.agent_id.clone();
     let mut scheduler = Scheduler::subscribe(&master, framework("lost-stays")).await;
-    let offers = scheduler.next("OFFERS", 5).await;
-    assert_eq!(
-        scheduler
-            .call(launch(
-                &offers["offers"]["offers"][0],
-                &[("held", "sleep 600", 1.0, 64.0)]
-            ))
-            .await,
-        202
-    );
-    scheduler.await_state("held", "TASK_RUNNING", 5).await;
+    support::run_sleeper(&mut scheduler, "held").await;
     agent.disconnect();
     // Not PARTITION_AWARE: past the re-register timeout the task is LOST.
     scheduler.await_state("held", "TASK_LOST", 10).await;
@@ -518,17 +488,7 @@ async fn after_a_master_restart_a_framework_with_failover_timeout_0_has_time_to_
     let agent = TestAgent::connect(&first, "cpus:2;mem:2048").await;
     let zero = || json!({"user": "root", "name": "zero", "failover_timeout": 0});
     let mut scheduler = Scheduler::subscribe(&first, zero()).await;
-    let offers = scheduler.next("OFFERS", 5).await;
-    assert_eq!(
-        scheduler
-            .call(launch(
-                &offers["offers"]["offers"][0],
-                &[("kept", "sleep 600", 1.0, 64.0)]
-            ))
-            .await,
-        202
-    );
-    scheduler.await_state("kept", "TASK_RUNNING", 5).await;
+    support::run_sleeper(&mut scheduler, "kept").await;
     let framework_id = scheduler.framework_id.clone();
     agent.disconnect();
     first.shutdown().await;

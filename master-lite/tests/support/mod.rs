@@ -368,6 +368,18 @@ impl Scheduler {
     }
 }
 
+/// Launches `task_id` (`sleep 600`, 1 cpu, 64 MB: the fake agent runs it
+/// until killed) on the next offer and waits until it runs.
+pub async fn run_sleeper(scheduler: &mut Scheduler, task_id: &str) {
+    let offers = scheduler.next("OFFERS", 5).await;
+    let call = launch(
+        &offers["offers"]["offers"][0],
+        &[(task_id, "sleep 600", 1.0, 64.0)],
+    );
+    assert_eq!(scheduler.call(call).await, 202);
+    scheduler.await_state(task_id, "TASK_RUNNING", 5).await;
+}
+
 /// A LAUNCH of command tasks on one offer.
 pub fn launch(offer: &Value, tasks: &[(&str, &str, f64, f64)]) -> Value {
     let task_infos: Vec<Value> = tasks
