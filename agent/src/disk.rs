@@ -11,6 +11,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use butte_isolators::quota::ProjectQuotas;
+
 use crate::agent::{Agent, TaskKey};
 
 /// A sandbox to measure: its task, where it is, and its limit in bytes.
@@ -37,10 +39,8 @@ pub fn spawn(agent: Agent, interval: Duration) {
                 watched
                     .into_iter()
                     .map(|w| {
-                        // The kernel's count where it holds the limit itself.
-                        let held = quotas.as_ref().and_then(|q| q.usage(&w.container_id));
-                        let used = held.unwrap_or_else(|| usage(&w.sandbox));
-                        (w, used, held.is_some())
+                        let used = measure(quotas.as_deref(), &w.container_id, &w.sandbox);
+                        (w, used)
                     })
                     .collect::<Vec<_>>()
             })
@@ -48,17 +48,43 @@ pub fn spawn(agent: Agent, interval: Duration) {
             let Ok(measured) = measured else {
                 continue;
             };
-            for (watched, used, held_by_kernel) in measured {
-                agent.disk_measured(&watched.key, used);
-                if !held_by_kernel
+            for (watched, used) in measured {
+                agent.disk_measured(&watched.key, used.bytes());
+                if let Measured::Walked(bytes) = used
                     && agent.config.enforce_container_disk_quota
-                    && used > watched.limit_bytes
+                    && bytes > watched.limit_bytes
                 {
-                    agent.disk_exceeded(&watched.key, used, watched.limit_bytes);
+                    agent.disk_exceeded(&watched.key, bytes, watched.limit_bytes);
                 }
             }
         }
     });
+}
+
+/// What a sandbox holds, and who holds it to its limit.
+#[derive(Debug, Clone, Copy)]
+pub enum Measured {
+    /// The project quota's count: the kernel refuses writes past the limit.
+    HeldByKernel(u64),
+    /// A du walk: the agent must act on it (disk/du).
+    Walked(u64),
+}
+
+impl Measured {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Measured::HeldByKernel(bytes) | Measured::Walked(bytes) => bytes,
+        }
+    }
+}
+
+/// Measures `container_id`'s sandbox: the kernel's count where a project
+/// quota holds it, else a walk. Blocking (the walk reads the whole tree).
+pub fn measure(quotas: Option<&ProjectQuotas>, container_id: &str, sandbox: &Path) -> Measured {
+    match quotas.and_then(|q| q.usage(container_id)) {
+        Some(bytes) => Measured::HeldByKernel(bytes),
+        None => Measured::Walked(usage(sandbox)),
+    }
 }
 
 /// Bytes a directory tree holds on disk, as `du` counts them: allocated

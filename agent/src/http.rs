@@ -175,17 +175,17 @@ fn encode<M: Message + Name>(message: &M, protobuf: bool) -> Response {
 fn containers(agent: &Agent) -> response::GetContainers {
     let mut sampled = sampled_containers(agent);
     for (key, container) in &mut sampled {
-        // The sandbox is measured now, as the disk watcher does (the
-        // project quota's count, else Mesos's disk/du walk), outside the
-        // agent's lock.
-        let held = agent
-            .quotas
-            .as_ref()
-            .and_then(|q| q.usage(&container.container_id.value));
+        // The sandbox is measured now, as the disk watcher does, outside
+        // the agent's lock.
         if let (Some((sandbox, limit_bytes)), Some(statistics)) =
             (agent.disk_of(key), container.resource_statistics.as_mut())
         {
-            statistics.disk_used_bytes = Some(held.unwrap_or_else(|| crate::disk::usage(&sandbox)));
+            let used = crate::disk::measure(
+                agent.quotas.as_deref(),
+                &container.container_id.value,
+                &sandbox,
+            );
+            statistics.disk_used_bytes = Some(used.bytes());
             statistics.disk_limit_bytes = (limit_bytes > 0).then_some(limit_bytes);
         }
     }

@@ -69,6 +69,9 @@ pub struct ProjectQuotas {
     range: RangeInclusive<u32>,
     /// Containers whose sandbox this agent gave a project, and its id.
     assigned: Mutex<HashMap<String, u32>>,
+    /// Where the next search for a free id starts: after the last one given,
+    /// so a launch does not ask the kernel about every id still in use.
+    next: std::sync::atomic::AtomicU32,
 }
 
 impl ProjectQuotas {
@@ -109,6 +112,7 @@ impl ProjectQuotas {
         }
         Ok(Self {
             dir,
+            next: std::sync::atomic::AtomicU32::new(*range.start()),
             range,
             assigned: Mutex::default(),
         })
@@ -128,10 +132,14 @@ impl ProjectQuotas {
         let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
         let in_use: std::collections::HashSet<u32> = assigned.values().copied().collect();
         // A free id: not held by this agent and charged nothing (a sandbox
-        // left from before still holds its id until it is removed).
-        let project = self
-            .range
-            .clone()
+        // left from before still holds its id until it is removed); the
+        // search goes round the range from where the last one ended.
+        let start = self
+            .next
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .clamp(*self.range.start(), *self.range.end());
+        let project = (start..=*self.range.end())
+            .chain(*self.range.start()..start)
             .filter(|id| !in_use.contains(id))
             .find(|&id| {
                 self.usage_of(id)
@@ -159,6 +167,10 @@ impl ProjectQuotas {
         )
         .map_err(io_error("set the project's limit"))?;
         assigned.insert(container.to_owned(), project);
+        self.next.store(
+            project.saturating_add(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(project)
     }
 

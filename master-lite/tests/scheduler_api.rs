@@ -53,12 +53,7 @@ async fn offers_launch_and_updates_flow_to_acknowledged_finish() {
         agent.unacked.lock().unwrap().is_empty(),
         "every update acknowledged back to the agent"
     );
-    let state: serde_json::Value = reqwest::get(format!("http://{}/state", master.addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state: serde_json::Value = support::get_json(&master, "/state").await;
     assert_eq!(
         state["frameworks"][0]["completed_tasks"][0]["state"], "TASK_FINISHED",
         "{state}"
@@ -172,12 +167,7 @@ async fn kill_reconcile_and_teardown() {
     scheduler.await_state("long", "TASK_KILLED", 5).await;
 
     assert_eq!(scheduler.call(json!({"type": "TEARDOWN"})).await, 202);
-    let frameworks: serde_json::Value = reqwest::get(format!("http://{}/frameworks", master.addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let frameworks: serde_json::Value = support::get_json(&master, "/frameworks").await;
     assert_eq!(frameworks["frameworks"].as_array().unwrap().len(), 0);
     assert_eq!(
         frameworks["completed_frameworks"].as_array().unwrap().len(),
@@ -271,34 +261,13 @@ async fn master_restart_keeps_frameworks_agents_and_tasks() {
     first.shutdown().await;
 
     let second = support::master_with(butte_master_lite::MasterConfig::for_work_dir(dir)).await;
-    let tasks: serde_json::Value = reqwest::get(format!("http://{}/tasks", second.addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tasks: serde_json::Value = support::get_json(&second, "/tasks").await;
     assert_eq!(tasks["tasks"][0]["id"], "survivor", "{tasks}");
     assert_eq!(tasks["tasks"][0]["state"], "TASK_RUNNING");
     assert_eq!(tasks["tasks"][0]["framework_id"], framework_id.as_str());
 
     // The agent comes back with its task; the scheduler re-subscribes with its id and can kill it.
-    let running = butte_api::mesos::v1::Task {
-        name: "survivor".into(),
-        task_id: butte_api::mesos::v1::TaskId {
-            value: "survivor".into(),
-        },
-        framework_id: butte_api::mesos::v1::FrameworkId {
-            value: framework_id.clone(),
-        },
-        agent_id: butte_api::mesos::v1::AgentId {
-            value: agent_id.clone(),
-        },
-        state: TaskState::TaskRunning as i32,
-        resources: butte_api::resources::Resources::parse("cpus:1;mem:64")
-            .unwrap()
-            .to_proto(Some("*")),
-        ..Default::default()
-    };
+    let running = support::running_task(&framework_id, &agent_id, "survivor");
     let back = TestAgent::connect_as(
         &second,
         "cpus:2;mem:2048",
@@ -439,20 +408,7 @@ async fn a_task_reported_lost_stays_lost_when_its_agent_returns_and_is_killed_th
     scheduler.await_state("held", "TASK_LOST", 10).await;
 
     // The agent comes back, still running it.
-    let task = butte_api::mesos::v1::Task {
-        name: "held".into(),
-        task_id: butte_api::mesos::v1::TaskId {
-            value: "held".into(),
-        },
-        framework_id: butte_api::mesos::v1::FrameworkId {
-            value: scheduler.framework_id.clone(),
-        },
-        agent_id: butte_api::mesos::v1::AgentId {
-            value: agent_id.clone(),
-        },
-        state: TaskState::TaskRunning as i32,
-        ..Default::default()
-    };
+    let task = support::running_task(&scheduler.framework_id, &agent_id, "held");
     let back = TestAgent::connect_as(&master, "cpus:2;mem:2048", Some(agent_id), vec![task]).await;
     // The framework was told the task ended: it stays ended (no RUNNING
     // after LOST), and the agent is told to kill it, as Mesos does for a
@@ -463,12 +419,7 @@ async fn a_task_reported_lost_stays_lost_when_its_agent_returns_and_is_killed_th
         matches!(kind, butte_api::agent_link::v1::master_message::Kind::KillTask(kill) if kill.task_id.value == "held")
     });
     assert!(killed, "the returning agent is told to kill the lost task");
-    let tasks: serde_json::Value = reqwest::get(format!("http://{}/tasks", master.addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tasks: serde_json::Value = support::get_json(&master, "/tasks").await;
     let held: Vec<_> = tasks["tasks"]
         .as_array()
         .unwrap()
@@ -513,12 +464,7 @@ async fn after_a_master_restart_a_framework_with_failover_timeout_0_has_time_to_
     let mut info = zero();
     info["id"] = json!({"value": framework_id});
     let _again = Scheduler::subscribe(&second, info).await;
-    let tasks: serde_json::Value = reqwest::get(format!("http://{}/tasks", second.addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tasks: serde_json::Value = support::get_json(&second, "/tasks").await;
     assert_eq!(tasks["tasks"][0]["id"], "kept", "{tasks}");
     assert_eq!(tasks["tasks"][0]["state"], "TASK_RUNNING", "{tasks}");
     second.shutdown().await;

@@ -380,6 +380,43 @@ pub async fn run_sleeper(scheduler: &mut Scheduler, task_id: &str) {
     scheduler.await_state(task_id, "TASK_RUNNING", 5).await;
 }
 
+/// A task as an agent reports it running at (re-)registration: one that
+/// `run_sleeper` launched (1 cpu, 64 MB).
+pub fn running_task(
+    framework_id: &str,
+    agent_id: &str,
+    task_id: &str,
+) -> butte_api::mesos::v1::Task {
+    use butte_api::mesos::v1::{AgentId, Task};
+    Task {
+        name: task_id.into(),
+        task_id: TaskId {
+            value: task_id.into(),
+        },
+        framework_id: FrameworkId {
+            value: framework_id.into(),
+        },
+        agent_id: AgentId {
+            value: agent_id.into(),
+        },
+        state: TaskState::TaskRunning as i32,
+        resources: Resources::parse("cpus:1;mem:64")
+            .unwrap()
+            .to_proto(Some("*")),
+        ..Default::default()
+    }
+}
+
+/// The master's JSON at `path` (a v0 view).
+pub async fn get_json(master: &RunningMaster, path: &str) -> Value {
+    reqwest::get(format!("http://{}{path}", master.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A LAUNCH of command tasks on one offer.
 pub fn launch(offer: &Value, tasks: &[(&str, &str, f64, f64)]) -> Value {
     let task_infos: Vec<Value> = tasks
