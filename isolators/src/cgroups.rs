@@ -191,8 +191,11 @@ fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
     if !dir.exists() {
         return Ok(());
     }
-    if has_cgroup_kill()
-        && let Err(e) = fs::write(dir.join("cgroup.kill"), "1")
+    // Only v2 directories have it (a v1 controller's would be refused with
+    // EACCES on every destroy).
+    let kill = dir.join("cgroup.kill");
+    if kill.exists()
+        && let Err(e) = fs::write(&kill, "1")
         && e.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(dir = %dir.display(), error = %e, "cgroup.kill failed; killing process by process");
