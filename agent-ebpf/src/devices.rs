@@ -5,9 +5,12 @@
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData};
-use aya::programs::{CgroupAttachMode, CgroupDevice};
+use std::os::fd::AsFd;
+
+use aya::programs::CgroupDevice;
 use aya::{Ebpf, Pod};
 
+use crate::pins::{Pins, attach_cgroup};
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/devices.bpf.o"));
@@ -154,26 +157,41 @@ pub fn v1_rule(rule: &DeviceRule) -> String {
 
 pub struct DeviceFence {
     _bpf: Ebpf,
+    /// The link, when not pinned (it detaches when dropped).
+    _link: std::os::fd::OwnedFd,
     rules: HashMap<MapData, u64, RawRules>,
     denied: HashMap<MapData, u64, u64>,
 }
 
 impl DeviceFence {
-    /// Loads the program and attaches it to `subtree` (a v2 cgroup directory).
-    pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
-        let mut bpf = Ebpf::load(OBJECT).map_err(|e| failed("devices", "load", &e))?;
+    /// Loads the program and attaches it to `subtree` (a v2 cgroup
+    /// directory); with `pins`, over the pinned maps and link (see `pins`).
+    pub fn attach(subtree: &Path, pins: Option<&Pins>) -> Result<Self, FenceError> {
+        let (mut bpf, maps_dir) =
+            crate::load("devices", OBJECT, pins, &["task_devices", "denied_opens"])?;
         let cgroup = crate::open_cgroup(subtree)?;
         let program: &mut CgroupDevice = crate::program_mut(&mut bpf, "devices")?;
         program
             .load()
             .map_err(|e| failed("devices", "load into the kernel", &e))?;
-        program
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| failed("devices", "attach", &e))?;
+        let fd = crate::program_fd(program.fd(), "devices")?;
+        const BPF_CGROUP_DEVICE: u32 = 6;
+        let link = attach_cgroup(
+            pins,
+            "devices",
+            "devices",
+            fd.as_fd(),
+            cgroup.as_fd(),
+            BPF_CGROUP_DEVICE,
+        )?;
+        if let (Some(pins), Some(dir)) = (pins, maps_dir) {
+            pins.prune_maps("devices", &dir);
+        }
         let rules = crate::take_cgroup_map(&mut bpf, "task_devices")?;
         let denied = crate::take_cgroup_map(&mut bpf, "denied_opens")?;
         Ok(Self {
             _bpf: bpf,
+            _link: link,
             rules,
             denied,
         })

@@ -6,6 +6,7 @@
 pub mod accounting;
 pub mod devices;
 pub mod network;
+pub mod pins;
 pub mod ports;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum FenceError {
     /// the cgroup directory is unusable
     #[error("cannot open cgroup {path}: {detail}")]
     Cgroup { path: String, detail: String },
+    #[error("eBPF pin {path}: {detail}")]
+    Pin { path: String, detail: String },
 }
 
 /// An error with its causes, `outer: inner: os error`, so a failed load or
@@ -92,6 +95,38 @@ pub(crate) fn take_cgroup_map<V: aya::Pod>(
 }
 
 /// Opens the cgroup directory programs attach to.
+/// Loads an object. With pins, the maps named are pinned (or, pinned by an
+/// earlier agent, reused) in the object's maps directory, returned too.
+pub(crate) fn load(
+    object: &'static str,
+    bytes: &[u8],
+    pins: Option<&pins::Pins>,
+    maps: &[&'static str],
+) -> Result<(aya::Ebpf, Option<std::path::PathBuf>), FenceError> {
+    let mut loader = aya::EbpfLoader::new();
+    let dir = match pins {
+        Some(pins) => Some(pins.maps_dir(object, bytes)?),
+        None => None,
+    };
+    if let Some(dir) = &dir {
+        for &map in maps {
+            loader.map_pin_path(map, dir.join(map));
+        }
+    }
+    let bpf = loader.load(bytes).map_err(|e| failed(object, "load", &e))?;
+    Ok((bpf, dir))
+}
+
+/// A loaded program's fd, owned (to switch a pinned link to it).
+pub(crate) fn program_fd(
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<aya::programs::ProgramFd, FenceError> {
+    fd.map_err(|e| failed(name, "get its fd", &e))?
+        .try_clone()
+        .map_err(|e| failed(name, "get its fd", &e))
+}
+
 pub(crate) fn open_cgroup(path: &std::path::Path) -> Result<std::fs::File, FenceError> {
     std::fs::File::open(path).map_err(|e| FenceError::Cgroup {
         path: path.display().to_string(),

@@ -5,9 +5,12 @@
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use std::os::fd::AsFd;
+
+use aya::programs::CgroupSkb;
 use aya::{Ebpf, Pod};
 
+use crate::pins::{Pins, attach_cgroup};
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/network.bpf.o"));
@@ -79,26 +82,39 @@ pub struct Network {
     stats: HashMap<MapData, u64, NetStats>,
     egress: HashMap<MapData, u64, Bucket>,
     ingress: HashMap<MapData, u64, Bucket>,
+    /// The links, when not pinned (they detach when dropped).
+    _links: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Network {
-    /// Loads the programs and attaches them to `subtree` (a v2 cgroup directory).
-    pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
-        let mut bpf = Ebpf::load(OBJECT).map_err(|e| failed("network", "load", &e))?;
+    /// Loads the programs and attaches them to `subtree` (a v2 cgroup
+    /// directory); with `pins`, over the pinned maps and links (see `pins`).
+    pub fn attach(subtree: &Path, pins: Option<&Pins>) -> Result<Self, FenceError> {
+        let maps = ["task_net", "egress_limits", "ingress_limits"];
+        let (mut bpf, maps_dir) = crate::load("network", OBJECT, pins, &maps)?;
         let cgroup = crate::open_cgroup(subtree)?;
-        for (name, direction) in [
-            ("egress", CgroupSkbAttachType::Egress),
-            ("ingress", CgroupSkbAttachType::Ingress),
-        ] {
+        let mut links = Vec::new();
+        // BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS.
+        for (name, attach_type) in [("egress", 1), ("ingress", 0)] {
             let program: &mut CgroupSkb = crate::program_mut(&mut bpf, name)?;
             program
                 .load()
                 .map_err(|e| failed(name, "load into the kernel", &e))?;
-            program
-                .attach(&cgroup, direction, CgroupAttachMode::Single)
-                .map_err(|e| failed(name, "attach", &e))?;
+            let fd = crate::program_fd(program.fd(), name)?;
+            links.push(attach_cgroup(
+                pins,
+                "network",
+                name,
+                fd.as_fd(),
+                cgroup.as_fd(),
+                attach_type,
+            )?);
+        }
+        if let (Some(pins), Some(dir)) = (pins, maps_dir) {
+            pins.prune_maps("network", &dir);
         }
         Ok(Self {
+            _links: links,
             stats: crate::take_cgroup_map(&mut bpf, "task_net")?,
             egress: crate::take_cgroup_map(&mut bpf, "egress_limits")?,
             ingress: crate::take_cgroup_map(&mut bpf, "ingress_limits")?,
@@ -106,8 +122,14 @@ impl Network {
         })
     }
 
-    /// Starts counting the task in `cgroup_id` and applies its limits.
-    pub fn track(&mut self, cgroup_id: u64, limits: Limits) -> Result<(), FenceError> {
+    /// Starts counting the task in `cgroup_id` and applies its limits;
+    /// `keep_counts`: counts it already has stay (a recovered task).
+    pub fn track(
+        &mut self,
+        cgroup_id: u64,
+        limits: Limits,
+        keep_counts: bool,
+    ) -> Result<(), FenceError> {
         if let Some(rate) = limits.egress_mbit_per_s {
             self.egress
                 .insert(cgroup_id, bucket(rate), 0)
@@ -117,6 +139,9 @@ impl Network {
                     .insert(cgroup_id, bucket(rate), 0)
                     .map_err(|e| crate::insert_failed("ingress_limits", &e))?;
             }
+        }
+        if keep_counts && self.stats.get(&cgroup_id, 0).is_ok() {
+            return Ok(());
         }
         self.stats
             .insert(cgroup_id, NetStats::default(), 0)

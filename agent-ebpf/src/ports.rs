@@ -7,12 +7,18 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use std::os::fd::AsFd;
+
+use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, Pod};
 
+use crate::pins::{Pins, attach_cgroup};
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ports.bpf.o"));
+
+const BPF_CGROUP_INET4_BIND: u32 = 8;
+const BPF_CGROUP_INET6_BIND: u32 = 9;
 
 /// Ranges one task may have (the C side's MAX_RANGES).
 pub const MAX_RANGES: usize = 16;
@@ -42,28 +48,46 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, FenceError> {
 /// The loaded and attached port programs, with their maps.
 pub struct PortFence {
     _bpf: Ebpf,
+    /// The links, when not pinned (they detach when dropped).
+    _links: Vec<std::os::fd::OwnedFd>,
     ports: HashMap<MapData, u64, PortRanges>,
     denied: HashMap<MapData, u64, u64>,
 }
 
 impl PortFence {
-    /// Loads the programs and attaches them to `subtree` (a v2 cgroup directory).
-    pub fn attach(subtree: &Path) -> Result<Self, FenceError> {
-        let mut bpf = Ebpf::load(OBJECT).map_err(|e| failed("ports", "load", &e))?;
+    /// Loads the programs and attaches them to `subtree` (a v2 cgroup
+    /// directory); with `pins`, over the pinned maps and links (see `pins`).
+    pub fn attach(subtree: &Path, pins: Option<&Pins>) -> Result<Self, FenceError> {
+        let (mut bpf, maps_dir) =
+            crate::load("ports", OBJECT, pins, &["task_ports", "denied_binds"])?;
         let cgroup = crate::open_cgroup(subtree)?;
-        for name in ["bind4", "bind6"] {
+        let mut links = Vec::new();
+        for (name, attach_type) in [
+            ("bind4", BPF_CGROUP_INET4_BIND),
+            ("bind6", BPF_CGROUP_INET6_BIND),
+        ] {
             let program: &mut CgroupSockAddr = crate::program_mut(&mut bpf, name)?;
             program
                 .load()
                 .map_err(|e| failed("bind", "load into the kernel", &e))?;
-            program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| failed("bind", "attach", &e))?;
+            let fd = crate::program_fd(program.fd(), name)?;
+            links.push(attach_cgroup(
+                pins,
+                "ports",
+                name,
+                fd.as_fd(),
+                cgroup.as_fd(),
+                attach_type,
+            )?);
+        }
+        if let (Some(pins), Some(dir)) = (pins, maps_dir) {
+            pins.prune_maps("ports", &dir);
         }
         let ports = crate::take_cgroup_map(&mut bpf, "task_ports")?;
         let denied = crate::take_cgroup_map(&mut bpf, "denied_binds")?;
         Ok(Self {
             _bpf: bpf,
+            _links: links,
             ports,
             denied,
         })

@@ -1,21 +1,45 @@
 //! Checkpoints under `--work-dir/meta`: one file per framework and per task,
-//! written whole (write, fsync, rename) at each state change, so a later
-//! agent can recover its tasks.
+//! written whole (write, fsync, rename) at each change, so that a later
+//! agent recovers its tasks; and one record directory per container, where
+//! its supervisor notes its start and its end.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use butte_api::mesos::v1::{FrameworkInfo, Task};
+use butte_api::mesos::v1::FrameworkInfo;
 use prost::Message;
 
 use crate::workdir::beneath;
+
+pub use butte_api::agent_checkpoint::TaskCheckpoint;
+
+/// A task read back, with its framework.
+pub struct Recovered {
+    pub framework: FrameworkInfo,
+    pub task: TaskCheckpoint,
+}
+
+const TASK_FILE: &str = "checkpoint.pb";
+const FRAMEWORK_FILE: &str = "framework.pb";
 
 pub struct Checkpoint {
     meta: PathBuf,
 }
 
-/// Writes `bytes` to `path` atomically: a reader sees the old file or the new one.
+/// Writes `bytes` to `path` atomically and durably: a reader sees the old
+/// file or the new one, also after a power cut.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_replacing(path, bytes, true)
+}
+
+/// Writes `bytes` to `path` atomically for readers, without waiting for the
+/// disk: for records that only need to outlive a process (a container's
+/// start and end: after a power cut its container is gone anyway).
+pub fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_replacing(path, bytes, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("checkpoint path has no parent"))?;
@@ -24,7 +48,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
     let written = std::fs::File::create(&temp).and_then(|mut file| {
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         std::fs::rename(&temp, path)
     });
     if let Err(error) = written {
@@ -32,7 +58,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&temp);
         return Err(error);
     }
-    std::fs::File::open(dir)?.sync_all()
+    if durable {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// An id that would take a checkpoint path outside the work dir.
@@ -63,23 +92,94 @@ impl Checkpoint {
     pub fn framework(&self, info: &FrameworkInfo) -> std::io::Result<()> {
         let id = info.id.as_ref().map_or("unknown", |f| f.value.as_str());
         write_atomic(
-            &self.framework_dir(id)?.join("framework.pb"),
+            &self.framework_dir(id)?.join(FRAMEWORK_FILE),
             &info.encode_to_vec(),
         )
     }
 
-    pub fn task(&self, task: &Task) -> std::io::Result<()> {
+    pub fn task(&self, checkpoint: &TaskCheckpoint) -> std::io::Result<()> {
+        let task = &checkpoint.task;
         let dir = self.task_dir(&task.framework_id.value, &task.task_id.value)?;
-        write_atomic(&dir.join("task.pb"), &task.encode_to_vec())
+        write_atomic(&dir.join(TASK_FILE), &checkpoint.encode_to_vec())
+    }
+
+    /// Every task checkpointed, with its framework. A file that cannot be
+    /// read or decoded is logged and skipped (its container, if any, is then
+    /// a leftover and removed).
+    pub fn recover(&self) -> Vec<Recovered> {
+        let _ = std::fs::remove_dir_all(self.meta.join("trash"));
+        let mut recovered = Vec::new();
+        for framework_dir in subdirs(&self.meta.join("frameworks")) {
+            let framework = match read_pb::<FrameworkInfo>(&framework_dir.join(FRAMEWORK_FILE)) {
+                Ok(framework) => framework,
+                Err(error) => {
+                    tracing::error!(dir = %framework_dir.display(), %error, "cannot read a framework's checkpoint; its tasks are not recovered");
+                    continue;
+                }
+            };
+            for task_dir in subdirs(&framework_dir.join("tasks")) {
+                match read_pb::<TaskCheckpoint>(&task_dir.join(TASK_FILE)) {
+                    Ok(task) => recovered.push(Recovered {
+                        framework: framework.clone(),
+                        task,
+                    }),
+                    // Killed before its first write landed: nothing was started.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                        tracing::info!(dir = %task_dir.display(), "a task directory without a checkpoint; removed");
+                        let _ = self.remove_dir(&task_dir);
+                    }
+                    Err(error) => {
+                        tracing::error!(dir = %task_dir.display(), %error, "cannot read a task's checkpoint; it is not recovered")
+                    }
+                }
+            }
+        }
+        recovered
+    }
+
+    /// Where a container's supervisor records its start and end.
+    pub fn container_dir(&self, container_id: &str) -> std::io::Result<PathBuf> {
+        beneath(
+            &self.meta.join("containers"),
+            &[("container_id", container_id)],
+        )
+        .map_err(refused)
+    }
+
+    /// Forgets an ended container's records.
+    pub fn remove_container(&self, container_id: &str) -> std::io::Result<()> {
+        self.remove_dir(&self.container_dir(container_id)?)
+    }
+
+    /// Forgets every task and container (`--recover cleanup`, or a drain).
+    pub fn clear(&self) -> std::io::Result<()> {
+        for dir in ["frameworks", "containers", "trash"] {
+            match std::fs::remove_dir_all(self.meta.join(dir)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Forgets a finished task (its last update was acknowledged).
     pub fn remove_task(&self, framework_id: &str, task_id: &str) -> std::io::Result<()> {
-        let dir = self.task_dir(framework_id, task_id)?;
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        self.remove_dir(&self.task_dir(framework_id, task_id)?)
+    }
+
+    /// Removes a directory in one step as readers see it: renamed into
+    /// `meta/trash` first, so that a kill -9 part way leaves no half-removed
+    /// checkpoint behind, only trash (cleared at the next start).
+    fn remove_dir(&self, dir: &Path) -> std::io::Result<()> {
+        let trash = self.meta.join("trash");
+        std::fs::create_dir_all(&trash)?;
+        let doomed = trash.join(uuid::Uuid::new_v4().simple().to_string());
+        match std::fs::rename(dir, &doomed) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(()) => {}
         }
+        std::fs::remove_dir_all(&doomed)
     }
 
     pub fn agent_id(&self) -> Option<String> {
@@ -93,10 +193,26 @@ impl Checkpoint {
     }
 }
 
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn read_pb<M: Message + Default>(path: &Path) -> std::io::Result<M> {
+    let bytes = std::fs::read(path)?;
+    M::decode(bytes.as_slice()).map_err(std::io::Error::other)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use butte_api::mesos::v1::{FrameworkId, TaskId};
+    use butte_api::mesos::v1::{FrameworkId, Task, TaskId};
 
     #[test]
     fn task_checkpoint_round_trips_and_is_removed() {
@@ -108,12 +224,22 @@ mod tests {
             state: 1,
             ..Default::default()
         };
-        checkpoint.task(&task).unwrap();
-        let path = dir.join("meta/frameworks/f/tasks/t/task.pb");
-        assert_eq!(
-            Task::decode(std::fs::read(&path).unwrap().as_slice()).unwrap(),
-            task
-        );
+        let saved = TaskCheckpoint {
+            task,
+            container_id: "c".into(),
+            ..Default::default()
+        };
+        checkpoint.task(&saved).unwrap();
+        checkpoint
+            .framework(&FrameworkInfo {
+                id: Some(FrameworkId { value: "f".into() }),
+                ..Default::default()
+            })
+            .unwrap();
+        let path = dir.join("meta/frameworks/f/tasks/t/checkpoint.pb");
+        let recovered = checkpoint.recover();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].task, saved);
         checkpoint.remove_task("f", "t").unwrap();
         assert!(!path.exists());
         std::fs::remove_dir_all(dir).unwrap();
@@ -171,8 +297,12 @@ mod tests {
                 },
                 ..Default::default()
             };
+            let saved = TaskCheckpoint {
+                task,
+                ..Default::default()
+            };
             assert!(
-                checkpoint.task(&task).is_err(),
+                checkpoint.task(&saved).is_err(),
                 "{framework_id:?}/{task_id:?}"
             );
         }

@@ -93,6 +93,19 @@ pub struct AgentConfig {
     /// Log format: text or json.
     #[arg(long, env = "BUTTE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// What a starting agent does with the tasks a previous run left
+    /// (Mesos's --recover): `reconnect` takes them back (their containers
+    /// kept running and fenced while no agent ran); `cleanup` kills them,
+    /// forgets them and exits (before an incompatible upgrade).
+    #[arg(long, env = "BUTTE_RECOVER", value_enum, default_value_t = Recover::Reconnect)]
+    pub recover: Recover,
+}
+
+/// `--recover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Recover {
+    Reconnect,
+    Cleanup,
 }
 
 impl AgentConfig {

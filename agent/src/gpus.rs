@@ -12,7 +12,7 @@ use butte_gpu::{Choice, GpuSample, Inventory, choose};
 pub use butte_api::resources::MIG_PREFIX;
 
 /// The GPUs (or MIG instances) one container was given.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Assignment {
     /// Whole GPUs, NVML indices ascending.
     pub gpus: Vec<u32>,
@@ -333,6 +333,18 @@ impl GpuBooks {
     }
 
     /// The container ended: its GPUs are free again.
+    /// Books again what a container recovered after a restart holds.
+    pub fn restore(&mut self, container: &str, assignment: &Assignment) {
+        for &index in &assignment.gpus {
+            self.held.insert(index, container.to_owned());
+        }
+        if assignment.gpus.is_empty() {
+            for uuid in &assignment.uuids {
+                self.held_mig.insert(uuid.clone(), container.to_owned());
+            }
+        }
+    }
+
     pub fn release(&mut self, container: &str) {
         self.held.retain(|_, holder| holder != container);
         self.held_mig.retain(|_, holder| holder != container);

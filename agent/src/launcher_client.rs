@@ -1,14 +1,18 @@
 //! The agent's side of the launcher socket: launch requests answered in
-//! order, and a stream of container exits.
+//! order. When the launcher process ends (killed, or crashed), launches in
+//! flight fail, and another launcher is started; running containers do not
+//! notice, their supervisors being no children of the launcher's fate.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
 
-use crate::launcher::{LaunchRequest, Reply, Request};
+use crate::launcher::{self, LaunchRequest, Reply, Request, Started};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
@@ -20,7 +24,8 @@ pub enum LauncherError {
     Failed(String),
 }
 
-/// How a container's first process ended.
+/// How a container's first process ended; neither set: not known (it ended
+/// while nothing watched it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerExit {
     pub code: Option<i32>,
@@ -29,106 +34,135 @@ pub struct ContainerExit {
 
 #[derive(Clone)]
 pub struct LauncherClient {
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// None while a launcher is being started again.
+    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
     /// Launch replies come back in request order.
-    waiting: Arc<Mutex<VecDeque<oneshot::Sender<Reply>>>>,
+    waiting: Mutex<VecDeque<oneshot::Sender<Reply>>>,
+    /// Launcher processes started after the first.
+    restarts: AtomicU64,
+}
+
+impl Inner {
+    fn waiting(&self) -> MutexGuard<'_, VecDeque<oneshot::Sender<Reply>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type Connection = (OwnedReadHalf, OwnedWriteHalf, std::process::Child);
+
+fn connect() -> std::io::Result<Connection> {
+    let (socket, child) = launcher::start()?;
+    socket.set_nonblocking(true)?;
+    let (reader, writer) = tokio::net::UnixStream::from_std(socket)?.into_split();
+    Ok((reader, writer, child))
 }
 
 impl LauncherClient {
-    /// Wraps the agent's end of the socket; exits arrive on the returned channel.
-    pub fn new(
-        socket: std::os::unix::net::UnixStream,
-    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<(String, ContainerExit)>)> {
-        socket.set_nonblocking(true)?;
-        let (mut reader, writer) = tokio::net::UnixStream::from_std(socket)?.into_split();
-        let waiting: Arc<Mutex<VecDeque<oneshot::Sender<Reply>>>> = Arc::default();
-        let (exits_tx, exits) = mpsc::unbounded_channel();
-        let queue = waiting.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut len = [0u8; 4];
-                if reader.read_exact(&mut len).await.is_err() {
-                    break;
-                }
-                let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-                if reader.read_exact(&mut body).await.is_err() {
-                    break;
-                }
-                let Ok(reply) = serde_json::from_slice::<Reply>(&body) else {
-                    break;
-                };
-                match reply {
-                    Reply::Exited {
-                        container_id,
-                        code,
-                        signal,
-                    } => {
-                        let _ = exits_tx.send((container_id, ContainerExit { code, signal }));
-                    }
-                    other => {
-                        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-                        if let Some(next) = next {
-                            let _ = next.send(other);
-                        }
-                    }
-                }
-            }
-            tracing::error!("the launcher closed its socket; no container can be launched");
+    /// Starts the launcher process (call inside the runtime).
+    pub fn start() -> std::io::Result<Self> {
+        let (reader, writer, child) = connect()?;
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(Some(writer)),
+            waiting: Mutex::default(),
+            restarts: AtomicU64::new(0),
         });
-        Ok((
-            Self {
-                writer: Arc::new(tokio::sync::Mutex::new(writer)),
-                waiting,
-            },
-            exits,
-        ))
+        tokio::spawn(serve(inner.clone(), reader, child));
+        Ok(Self { inner })
     }
 
-    async fn send(&self, request: &Request) -> Result<(), LauncherError> {
-        let body = serde_json::to_vec(request).map_err(|e| LauncherError::Gone(e.to_string()))?;
-        let mut framed = (body.len() as u32).to_le_bytes().to_vec();
-        framed.extend_from_slice(&body);
-        self.writer
-            .lock()
-            .await
-            .write_all(&framed)
-            .await
-            .map_err(|e| LauncherError::Gone(e.to_string()))
+    /// Launcher processes started after the first (each one's end was
+    /// survived by every running container).
+    pub fn restarts(&self) -> u64 {
+        self.inner.restarts.load(Ordering::Relaxed)
     }
 
-    /// Launches a container; returns (pid, clone-to-exec microseconds).
-    pub async fn launch(&self, request: LaunchRequest) -> Result<(i32, u64), LauncherError> {
+    /// Launches a container; what it started and its clone-to-exec microseconds.
+    pub async fn launch(&self, request: LaunchRequest) -> Result<(Started, u64), LauncherError> {
         let (tx, rx) = oneshot::channel();
-        // Queue and send under the writer lock so replies keep request order.
-        let mut writer = self.writer.lock().await;
-        self.waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(tx);
         let body = serde_json::to_vec(&Request::Launch(Box::new(request)))
             .map_err(|e| LauncherError::Gone(e.to_string()))?;
         let mut framed = (body.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(&body);
-        writer
-            .write_all(&framed)
-            .await
-            .map_err(|e| LauncherError::Gone(e.to_string()))?;
-        drop(writer);
+        {
+            // Queue and send under the writer lock so replies keep request order.
+            let mut writer = self.inner.writer.lock().await;
+            let Some(socket) = writer.as_mut() else {
+                return Err(LauncherError::Gone("it is being started again".into()));
+            };
+            self.inner.waiting().push_back(tx);
+            socket
+                .write_all(&framed)
+                .await
+                .map_err(|e| LauncherError::Gone(e.to_string()))?;
+        }
         match rx
             .await
-            .map_err(|_| LauncherError::Gone("no reply".into()))?
+            .map_err(|_| LauncherError::Gone("it ended during the launch".into()))?
         {
-            Reply::Launched { pid, micros, .. } => Ok((pid, micros)),
+            Reply::Launched {
+                started, micros, ..
+            } => Ok((started, micros)),
             Reply::LaunchFailed { error, .. } => Err(LauncherError::Failed(error)),
-            Reply::Exited { .. } => Err(LauncherError::Gone("unexpected reply".into())),
         }
     }
+}
 
-    pub async fn signal(&self, container_id: &str, signal: i32) -> Result<(), LauncherError> {
-        self.send(&Request::Signal {
-            container_id: container_id.to_owned(),
-            signal,
-        })
-        .await
+/// Hands replies to their launches; when the launcher ends, fails the
+/// launches in flight and starts another.
+async fn serve(inner: Arc<Inner>, mut reader: OwnedReadHalf, mut child: std::process::Child) {
+    loop {
+        while let Some(reply) = read_reply(&mut reader).await {
+            let next = inner.waiting().pop_front();
+            if let Some(next) = next {
+                let _ = next.send(reply);
+            }
+        }
+        {
+            let mut writer = inner.writer.lock().await;
+            *writer = None;
+            // Dropped senders fail their launches.
+            inner.waiting().clear();
+        }
+        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        tracing::error!(
+            ?status,
+            "the launcher process ended; starting another (running containers are not affected)"
+        );
+        loop {
+            match connect() {
+                Ok((new_reader, writer, new_child)) => {
+                    reader = new_reader;
+                    child = new_child;
+                    *inner.writer.lock().await = Some(writer);
+                    inner.restarts.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("a new launcher process is running");
+                    break;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot start a launcher process; trying again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
+}
+
+async fn read_reply(reader: &mut OwnedReadHalf) -> Option<Reply> {
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len).await.ok()?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > launcher::MAX_MESSAGE {
+        tracing::error!(
+            len,
+            "a launcher reply over the limit; the launcher is taken for broken"
+        );
+        return None;
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.ok()?;
+    serde_json::from_slice(&body).ok()
 }

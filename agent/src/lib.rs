@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cgroup_reader;
 pub mod checkpoint;
 pub mod config;
+pub mod containers;
 pub mod disk;
 pub mod gpu_telemetry;
 pub mod gpus;

@@ -5,15 +5,22 @@ use anyhow::Context;
 use butte_api::daemon::{init_logging, shutdown_signal};
 use clap::Parser;
 
-use butte_agent::agent::{Agent, Confinement};
+use butte_agent::agent::{Agent, Confinement, ContainerRuntime};
+use butte_agent::config::Recover;
+use butte_agent::containers::Containers;
 use butte_agent::launcher_client::LauncherClient;
 use butte_agent::seccomp_profiles::SeccompProfiles;
 use butte_agent::{AgentConfig, disk, http, launcher, link, resources, telemetry};
 use butte_agent_ebpf::accounting::Events;
+use butte_agent_ebpf::pins::Pins;
 use butte_isolators::fences::{Fence, Fences, Unenforced};
 use butte_isolators::quota::ProjectQuotas;
 
 fn main() -> anyhow::Result<()> {
+    // The same binary, exec'd by the agent, runs its launcher.
+    if let Some(code) = launcher::run_if_launcher() {
+        std::process::exit(code);
+    }
     let config = AgentConfig::parse();
     init_logging(&config.log_format)?;
     if config.work_dir.starts_with("/tmp") {
@@ -42,7 +49,14 @@ fn main() -> anyhow::Result<()> {
         cgroup_kill = butte_isolators::cgroups::has_cgroup_kill(),
         "kernel features"
     );
-    let mut fences = attach_fences(&isolator.v2_subtree(), &mut total);
+    let pins = match Pins::open(&config.cgroup_subtree().to_string_lossy()) {
+        Ok(pins) => Some(pins),
+        Err(error) => {
+            tracing::error!(%error, "cannot pin the eBPF fences; they hold only while this agent runs");
+            None
+        }
+    };
+    let mut fences = attach_fences(&isolator.v2_subtree(), pins, &mut total);
     let events = fences.take_events();
     if !(0.1..=60.0).contains(&config.telemetry_interval) {
         anyhow::bail!(
@@ -56,18 +70,20 @@ fn main() -> anyhow::Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     let quotas = project_quotas(&config);
-    // The launcher forks before any thread exists: nothing forks from the runtime.
-    let socket = launcher::fork_launcher().context("cannot start the launcher process")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let (launcher, mut exits) = LauncherClient::new(socket)?;
+        let launcher = LauncherClient::start().context("cannot start the launcher process")?;
+        let (containers, mut exits) = Containers::new();
         let agent = Agent::new(
             config,
             total.clone(),
             isolator.clone(),
-            launcher,
+            ContainerRuntime {
+                launcher,
+                containers,
+            },
             fences,
             gpus,
             Confinement {
@@ -75,8 +91,6 @@ fn main() -> anyhow::Result<()> {
                 quotas,
             },
         );
-        agent.remove_leftovers();
-        tracing::info!(resources = %total, "butte agent starting");
         let exits_agent = agent.clone();
         tokio::spawn(async move {
             while let Some((container_id, exit)) = exits.recv().await {
@@ -85,6 +99,22 @@ fn main() -> anyhow::Result<()> {
                 tokio::task::spawn_blocking(move || agent.container_exited(&container_id, exit));
             }
         });
+        if agent.config.recover == Recover::Cleanup {
+            let recovery = agent.recover();
+            tracing::info!(?recovery, "--recover cleanup: killing every task a previous run left, then exiting");
+            drain(&agent, &*isolator).await;
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let recovery = agent.recover();
+        tracing::info!(
+            running = recovery.running,
+            ended_meanwhile = recovery.ended,
+            unacknowledged = recovery.unacknowledged,
+            millis = started.elapsed().as_millis() as u64,
+            "recovered the tasks of the previous run"
+        );
+        tracing::info!(resources = %total, "butte agent starting");
         tokio::spawn(link::run(agent.clone()));
         let every = agent.config.disk_watch_interval.clamp(0.1, 3600.0);
         disk::spawn(agent.clone(), Duration::from_secs_f64(every));
@@ -106,12 +136,50 @@ fn main() -> anyhow::Result<()> {
                 tracing::error!(%error, "the agent's HTTP server stopped");
             }
         });
-        shutdown_signal().await;
-        tracing::info!("stopping: killing tasks");
-        agent.shutdown().await;
-        isolator.remove_subtree();
+        match stop_signal().await {
+            Stop::Leave => tracing::info!(
+                "stopping; tasks keep running, fenced, and the next agent on this work dir takes them back"
+            ),
+            Stop::Drain => {
+                tracing::info!("SIGUSR1: killing every task and removing what the agent made");
+                drain(&agent, &*isolator).await;
+            }
+        }
         anyhow::Ok(())
     })
+}
+
+/// How the agent was asked to stop.
+enum Stop {
+    /// SIGTERM or SIGINT: its tasks keep running for the next agent.
+    Leave,
+    /// SIGUSR1 (as Mesos): the node is given up, every task killed.
+    Drain,
+}
+
+async fn stop_signal() -> Stop {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::user_defined1()) {
+        Ok(mut drain) => tokio::select! {
+            _ = shutdown_signal() => Stop::Leave,
+            _ = drain.recv() => Stop::Drain,
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGUSR1; the agent cannot be drained");
+            shutdown_signal().await;
+            Stop::Leave
+        }
+    }
+}
+
+/// Kills every task and removes the agent's cgroups, pins and checkpoints.
+async fn drain(agent: &Agent, isolator: &dyn butte_isolators::cgroups::Isolator) {
+    agent.shutdown().await;
+    agent.fences().unpin();
+    isolator.remove_subtree();
+    if let Err(error) = agent.checkpoint().clear() {
+        tracing::error!(%error, "cannot remove the task checkpoints");
+    }
 }
 
 /// Hard disk limits where the work dir's filesystem enforces project
@@ -134,8 +202,12 @@ fn project_quotas(config: &AgentConfig) -> Option<ProjectQuotas> {
 
 /// Attaches the eBPF fences at the agent's subtree. Every resource offered
 /// is enforced: what a fence would hold is not offered without it.
-fn attach_fences(subtree: &std::path::Path, total: &mut butte_api::resources::Resources) -> Fences {
-    let (fences, unenforced) = Fences::attach(subtree);
+fn attach_fences(
+    subtree: &std::path::Path,
+    pins: Option<Pins>,
+    total: &mut butte_api::resources::Resources,
+) -> Fences {
+    let (fences, unenforced) = Fences::attach(subtree, pins);
     for Unenforced { fence, error } in unenforced {
         match fence {
             Fence::Ports => {

@@ -17,7 +17,11 @@ pub fn init_logging(format: &str) -> Result<(), UnknownLogFormat> {
             .json()
             .with_env_filter(filter)
             .init(),
-        "text" => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        // Colours for a terminal only: a log file gets plain text.
+        "text" => tracing_subscriber::fmt()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_env_filter(filter)
+            .init(),
         other => return Err(UnknownLogFormat(other.to_owned())),
     }
     Ok(())

@@ -6,7 +6,7 @@
 use prost::Message;
 
 use crate::mesos::v1::scheduler::Call;
-use crate::mesos::v1::{Resource, Task};
+use crate::mesos::v1::Resource;
 use crate::recordio::Decoder;
 use crate::resources::Resources;
 
@@ -61,9 +61,15 @@ pub fn resources(data: &[u8]) {
     }
 }
 
-/// A task checkpoint as an agent would read it back.
+/// A task checkpoint as an agent reads it back at recovery: the task, its
+/// resources, its GPUs' JSON and its pending updates.
 pub fn checkpoint(data: &[u8]) {
-    if let Ok(task) = Task::decode(data) {
-        let _ = crate::json::to_value(&task);
+    if let Ok(checkpoint) = crate::agent_checkpoint::TaskCheckpoint::decode(data) {
+        let _ = crate::json::to_value(&checkpoint.task);
+        let _ = crate::resources::Resources::from_proto(&checkpoint.task.resources);
+        let _ = serde_json::from_str::<serde_json::Value>(&checkpoint.gpus_json);
+        for update in &checkpoint.pending {
+            let _ = crate::json::to_value(&update.status);
+        }
     }
 }

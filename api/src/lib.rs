@@ -2,6 +2,7 @@
 //! `.proto` subset, Mesos's field names and numbers), the agent<->master gRPC
 //! link, Mesos's JSON mapping, RecordIO framing and resource arithmetic.
 
+pub mod agent_checkpoint;
 pub mod daemon;
 pub mod fuzz;
 pub mod ids;

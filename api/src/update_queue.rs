@@ -112,6 +112,11 @@ impl<U: Update> UpdateQueue<U> {
         self.pending.is_empty()
     }
 
+    /// Every update not yet acknowledged, oldest first.
+    pub fn pending(&self) -> impl Iterator<Item = &U> {
+        self.pending.iter()
+    }
+
     pub fn len(&self) -> usize {
         self.pending.len()
     }

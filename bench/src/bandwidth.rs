@@ -160,7 +160,9 @@ fn with_butte(isolator: &dyn Isolator, network: &mut Network, mbit: f64, seconds
         egress_mbit_per_s: Some(mbit),
         police_ingress: false,
     };
-    network.track(key, limits).unwrap_or_else(|e| panic!("{e}"));
+    network
+        .track(key, limits, false)
+        .unwrap_or_else(|e| panic!("{e}"));
     let sandbox = PathBuf::from(WORK).join(&id);
     std::fs::create_dir_all(&sandbox).unwrap_or_else(|e| panic!("sandbox: {e}"));
     let spec = ContainerSpec {
@@ -189,7 +191,8 @@ fn main() {
         .max(1);
     let isolator = detect(Path::new("/sys/fs/cgroup"), Path::new("butte/bench-bw"))
         .unwrap_or_else(|e| panic!("cgroups (run as root): {e}"));
-    let mut network = Network::attach(&isolator.v2_subtree()).unwrap_or_else(|e| panic!("{e}"));
+    let mut network =
+        Network::attach(&isolator.v2_subtree(), None).unwrap_or_else(|e| panic!("{e}"));
     let mut server = set_up();
     let started = Instant::now();
     println!("iperf3 TCP over a veth for {seconds} s each; achieved / configured");

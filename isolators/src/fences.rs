@@ -11,6 +11,7 @@ use butte_agent_ebpf::FenceError;
 use butte_agent_ebpf::accounting::{Accounting, Events, TaskStats};
 use butte_agent_ebpf::devices::{DeviceFence, DeviceRule, default_rules};
 use butte_agent_ebpf::network::{self, NetStats, Network};
+use butte_agent_ebpf::pins::Pins;
 use butte_agent_ebpf::ports::{PortFence, cgroup_id};
 
 /// What one task's container is fenced to.
@@ -73,38 +74,51 @@ pub struct Fences {
     accounting: Option<Accounting>,
     /// eBPF map keys (v2 cgroup ids) by container id.
     keys: HashMap<String, u64>,
+    /// Where the fences are pinned, so that they hold while no agent runs.
+    pins: Option<Pins>,
 }
 
 impl Fences {
     /// Loads every program and attaches the cgroup ones at `subtree` (a v2
-    /// cgroup directory). A fence that cannot load is left out and named in
-    /// the second value: the caller must not offer what it would enforce.
-    pub fn attach(subtree: &Path) -> (Self, Vec<Unenforced>) {
+    /// cgroup directory); with `pins`, pinned there (the fences then hold
+    /// while no agent runs, and a later agent takes them over). A fence
+    /// that cannot load is left out and named in the second value: the
+    /// caller must not offer what it would enforce.
+    pub fn attach(subtree: &Path, pins: Option<Pins>) -> (Self, Vec<Unenforced>) {
         let mut unenforced = Vec::new();
         let mut keep =
             |fence: Fence, error: FenceError| unenforced.push(Unenforced { fence, error });
+        let pinned = pins.as_ref();
         let fences = Self {
-            ports: PortFence::attach(subtree)
+            ports: PortFence::attach(subtree, pinned)
                 .map_err(|e| keep(Fence::Ports, e))
                 .ok(),
-            devices: DeviceFence::attach(subtree)
+            devices: DeviceFence::attach(subtree, pinned)
                 .map_err(|e| keep(Fence::Devices, e))
                 .ok(),
-            network: Network::attach(subtree)
+            network: Network::attach(subtree, pinned)
                 .map_err(|e| keep(Fence::Network, e))
                 .ok(),
             accounting: Accounting::attach()
                 .map_err(|e| keep(Fence::Accounting, e))
                 .ok(),
             keys: HashMap::new(),
+            pins,
         };
         (fences, unenforced)
     }
 
+    /// Removes the pins (the agent is drained): the programs detach.
+    pub fn unpin(&mut self) {
+        if let Some(pins) = self.pins.take() {
+            pins.remove();
+        }
+    }
+
     /// Every fence, or the first that cannot load (benchmarks and tests,
-    /// which measure all of them).
+    /// which measure all of them). Not pinned.
     pub fn attach_all(subtree: &Path) -> Result<Self, FenceError> {
-        let (fences, unenforced) = Self::attach(subtree);
+        let (fences, unenforced) = Self::attach(subtree, None);
         match unenforced.into_iter().next() {
             Some(missing) => Err(missing.error),
             None => Ok(fences),
@@ -134,18 +148,39 @@ impl Fences {
         cgroup: &Path,
         fence: &TaskFence,
     ) -> Result<u64, FenceError> {
+        self.write_entries(container_id, cgroup, fence, false)
+    }
+
+    /// Writes the entries of a container recovered after a restart: as
+    /// `fence`, but the counts it has in pinned maps are kept.
+    pub fn refence(
+        &mut self,
+        container_id: &str,
+        cgroup: &Path,
+        fence: &TaskFence,
+    ) -> Result<u64, FenceError> {
+        self.write_entries(container_id, cgroup, fence, true)
+    }
+
+    fn write_entries(
+        &mut self,
+        container_id: &str,
+        cgroup: &Path,
+        fence: &TaskFence,
+        keep_counts: bool,
+    ) -> Result<u64, FenceError> {
         let key = cgroup_id(cgroup)?;
         // Recorded before any entry is written, so that a failure below
         // removes whatever was written.
         self.keys.insert(container_id.to_owned(), key);
-        let written = self.write(key, fence);
+        let written = self.write(key, fence, keep_counts);
         if written.is_err() {
             self.unfence(container_id);
         }
         written.map(|()| key)
     }
 
-    fn write(&mut self, key: u64, fence: &TaskFence) -> Result<(), FenceError> {
+    fn write(&mut self, key: u64, fence: &TaskFence, keep_counts: bool) -> Result<(), FenceError> {
         if let Some(ports) = self.ports.as_mut() {
             ports.allow(key, &fence.ports)?;
         }
@@ -157,7 +192,7 @@ impl Fences {
                 egress_mbit_per_s: fence.egress_mbit_per_s,
                 police_ingress: fence.police_ingress,
             };
-            network.track(key, limits)?;
+            network.track(key, limits, keep_counts)?;
         }
         if let Some(accounting) = self.accounting.as_mut() {
             accounting.track(key)?;
@@ -168,6 +203,13 @@ impl Fences {
     /// Removes the container's entries from every fence; its key, if it was fenced.
     pub fn unfence(&mut self, container_id: &str) -> Option<u64> {
         let key = self.keys.remove(container_id)?;
+        self.forget(key);
+        Some(key)
+    }
+
+    /// Removes the entries under a cgroup's key (a container left by a
+    /// previous run, whose entries the pinned maps still hold).
+    pub fn forget(&mut self, key: u64) {
         if let Some(ports) = self.ports.as_mut() {
             ports.forget(key);
         }
@@ -180,7 +222,6 @@ impl Fences {
         if let Some(accounting) = self.accounting.as_mut() {
             accounting.forget(key);
         }
-        Some(key)
     }
 
     /// The map key of a fenced container.

@@ -5,4 +5,5 @@
 pub mod cgroups;
 pub mod container;
 pub mod fences;
+pub mod process;
 pub mod quota;

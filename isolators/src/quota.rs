@@ -174,6 +174,23 @@ impl ProjectQuotas {
         Ok(project)
     }
 
+    /// Holds again the sandbox of a container recovered after a restart:
+    /// its project id is read back from the directory. Its id, if it had one.
+    pub fn restore(&self, container: &str, sandbox: &Path) -> Option<u32> {
+        let dir = open_dir(sandbox).ok()?;
+        let mut attributes = FsXattr::default();
+        ioctl(&dir, FS_IOC_FSGETXATTR, &mut attributes).ok()?;
+        let project = attributes.projid;
+        if !self.range.contains(&project) {
+            return None;
+        }
+        self.assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(container.to_owned(), project);
+        Some(project)
+    }
+
     /// Bytes charged to `container`'s sandbox, if this agent gave it a project.
     pub fn usage(&self, container: &str) -> Option<u64> {
         let project = *self

@@ -238,7 +238,7 @@ fn an_agent_that_cannot_load_its_port_fence_says_why_and_offers_no_ports() {
     );
     let log = std::fs::read_to_string(cluster.dir.join("agent.log")).unwrap();
     assert!(
-        log.contains("eBPF program bind failed to attach")
+        log.contains("eBPF program bind4 failed to attach")
             && log.contains("Bad file descriptor (os error 9)")
             && log.contains("ports cannot be enforced")
             && log.contains("eBPF program egress failed to attach")

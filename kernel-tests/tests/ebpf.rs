@@ -184,7 +184,7 @@ fn iperf3_client(
     let id = unique(&format!("iperf-{port}"));
     let placement = isolator.create(&id, &limits(1.0, 256.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
-    network.track(key, net_limits).unwrap();
+    network.track(key, net_limits, false).unwrap();
     let sandbox = sandbox(&id);
     // The server's own ACKs must not be counted: it runs outside the subtree.
     let server = Reaped(vec![iperf3_server(port)]);
@@ -223,7 +223,9 @@ fn send_to_sink(
     let id = unique(&format!("send-{port}"));
     let placement = isolator.create(&id, &limits(1.0, 256.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
-    network.track(key, network::Limits::default()).unwrap();
+    network
+        .track(key, network::Limits::default(), false)
+        .unwrap();
     let sandbox = sandbox(&id);
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let sink = std::thread::spawn(move || {
@@ -249,7 +251,7 @@ fn send_to_sink(
 fn network_bytes_are_counted_and_egress_is_held_to_its_limit() {
     let subtree = format!("butte/kt-net-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut network = Network::attach(&isolator.v2_subtree()).unwrap();
+    let mut network = Network::attach(&isolator.v2_subtree(), None).unwrap();
 
     // Unlimited: 20 MB sent to a sink on the host. The programs count IP
     // packets: the payload plus 52 B of IPv4 + TCP (timestamps) headers per

@@ -22,6 +22,7 @@ impl Agent {
             if let Err(error) = self.isolator.destroy(container_id) {
                 tracing::error!(container_id, %error, "cannot remove the task group's cgroups");
             }
+            self.forget_container(container_id);
             return;
         }
         let found = {
@@ -68,11 +69,7 @@ impl Agent {
         if failed && left > 0 {
             self.kill_group(group, Duration::ZERO);
         } else if left == 0 {
-            let launcher = self.launcher.clone();
-            let group = group.to_owned();
-            tokio::runtime::Handle::current().spawn(async move {
-                let _ = launcher.signal(&group, libc::SIGKILL).await;
-            });
+            self.containers.signal(group, libc::SIGKILL);
         }
     }
 
@@ -92,10 +89,24 @@ impl Agent {
             }
         }
         self.update(key, change);
-        let mut guard = self.lock();
-        guard.tasks.remove(key);
-        guard.latest.remove(key);
-        guard.disk_struck.remove(key);
+        let removed = {
+            let mut guard = self.lock();
+            guard.latest.remove(key);
+            guard.disk_struck.remove(key);
+            guard.tasks.remove(key)
+        };
+        // The terminal state is checkpointed: the container's records may go.
+        if let Some(record) = removed {
+            self.forget_container(&record.container_id);
+        }
+    }
+
+    /// Lets go of an ended container and its records.
+    fn forget_container(&self, container_id: &str) {
+        self.containers.forget(container_id);
+        if let Err(error) = self.checkpoint.remove_container(container_id) {
+            tracing::warn!(container_id, %error, "cannot remove the container's records");
+        }
     }
 
     /// SIGTERM to every process of the task, SIGKILL when `grace` runs out.
@@ -118,11 +129,11 @@ impl Agent {
         if !grace.is_zero() {
             self.terminate_all(&container_id);
         }
-        let launcher = self.launcher.clone();
+        let containers = self.containers.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             // Killing the pid namespace's init takes down every process in it.
-            let _ = launcher.signal(&container_id, libc::SIGKILL).await;
+            containers.signal(&container_id, libc::SIGKILL);
         });
     }
 
@@ -144,14 +155,14 @@ impl Agent {
         if !grace.is_zero() {
             self.terminate_all(group);
         }
-        let launcher = self.launcher.clone();
+        let held = self.containers.clone();
         let group = group.to_owned();
         tokio::runtime::Handle::current().spawn(async move {
             tokio::time::sleep(grace).await;
             for container_id in containers {
-                let _ = launcher.signal(&container_id, libc::SIGKILL).await;
+                held.signal(&container_id, libc::SIGKILL);
             }
-            let _ = launcher.signal(&group, libc::SIGKILL).await;
+            held.signal(&group, libc::SIGKILL);
         });
     }
 
@@ -295,6 +306,9 @@ fn outcome(exit: ContainerExit, oom: bool, killing: bool) -> Change {
             format!("Command terminated by signal {signal}"),
             Some(Reason::CommandExecutorFailed),
         ),
-        (None, None) => failed("Command ended for an unknown reason".to_owned(), None),
+        // It ended while nothing watched it (its supervisor was killed too).
+        (None, None) => Change::to(TaskState::TaskLost)
+            .message("the task's container ended while no agent or supervisor watched it; how it ended is not known")
+            .reason(Some(Reason::ExecutorTerminated)),
     }
 }

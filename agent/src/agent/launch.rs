@@ -67,6 +67,12 @@ pub enum LaunchError {
     /// the task's eBPF fence entries could not be written
     #[error(transparent)]
     Fence(#[from] FenceError),
+    /// the container's record directory could not be named
+    #[error("cannot place the records of container {container_id}: {source}")]
+    Record {
+        container_id: String,
+        source: std::io::Error,
+    },
     /// the launcher could not start the container (`what` says which)
     #[error("{what} failed: {source}")]
     Launcher {
@@ -371,6 +377,12 @@ impl Agent {
         give_sandbox(&sandbox, &privileges)?;
         let mut env = self.task_env(framework, &task, &container_id, &sandbox, executor_id);
         env.extend(gpus.iter().flat_map(Assignment::env));
+        let Some(init) = self.containers.started(group_id) else {
+            return Err(LaunchError::Launcher {
+                what: "joining the task group",
+                source: LauncherError::Failed("the task group's container is not running".into()),
+            });
+        };
         let request = LaunchRequest {
             container_id: container_id.clone(),
             argv: command_argv(&task)?,
@@ -380,8 +392,9 @@ impl Agent {
             cgroup: placement.unified.clone(),
             v1_procs: placement.v1_procs.clone(),
             tmp_mb: 1,
-            join: Some(group_id.to_owned()),
+            join: Some(init.process),
             privileges,
+            record_dir: self.record_dir(&container_id)?,
         };
         let micros = self.start(request, "joining the task group").await?;
         if self.kill_if_asked(key, &container_id) {
@@ -410,6 +423,7 @@ impl Agent {
             tmp_mb: tmp_mb(total),
             join: None,
             privileges: Privileges::default(),
+            record_dir: self.record_dir(group_id)?,
         };
         self.start(request, "task group container launch").await?;
         Ok((placement, gpus))
@@ -445,18 +459,32 @@ impl Agent {
             tmp_mb: tmp_mb(resources),
             join: None,
             privileges,
+            record_dir: self.record_dir(container_id)?,
         };
         self.start(request, "container launch").await
     }
 
-    /// Has the launcher start a container; its clone-to-exec microseconds.
+    /// Has the launcher start a container, and watches it; its
+    /// clone-to-exec microseconds.
     async fn start(&self, request: LaunchRequest, what: &'static str) -> Result<u64, LaunchError> {
-        let (_, micros) = self
+        let (container_id, record_dir) = (request.container_id.clone(), request.record_dir.clone());
+        let (started, micros) = self
             .launcher
             .launch(request)
             .await
             .map_err(|source| LaunchError::Launcher { what, source })?;
+        self.containers.watch(&container_id, &record_dir, started);
         Ok(micros)
+    }
+
+    /// Where a container's supervisor records its start and its end.
+    fn record_dir(&self, container_id: &str) -> Result<PathBuf, LaunchError> {
+        self.checkpoint
+            .container_dir(container_id)
+            .map_err(|source| LaunchError::Record {
+                container_id: container_id.to_owned(),
+                source,
+            })
     }
 
     /// The sandbox, the GPUs, the cgroups sized from `resources`, and the
@@ -614,7 +642,7 @@ fn create_sandbox(sandbox: &Path) -> Result<(), LaunchError> {
 
 /// What a container is fenced to: its port ranges (none: only port 0), its
 /// egress limit, and its GPUs' device nodes beyond the defaults.
-fn task_fence(
+pub(super) fn task_fence(
     resources: &Resources,
     police_ingress: bool,
     gpus: Option<&Assignment>,
@@ -657,7 +685,7 @@ fn command_argv(task: &TaskInfo) -> Result<Vec<String>, LaunchError> {
 }
 
 /// Whether the task asks for its ingress to be policed (label `POLICE_INGRESS_LABEL` = `true`).
-fn polices_ingress(task: &TaskInfo) -> bool {
+pub(super) fn polices_ingress(task: &TaskInfo) -> bool {
     task.labels.as_ref().is_some_and(|labels| {
         labels
             .labels

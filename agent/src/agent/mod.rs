@@ -5,6 +5,7 @@
 
 mod exit;
 mod launch;
+mod recover;
 mod status;
 mod tasks;
 
@@ -21,11 +22,13 @@ use butte_isolators::fences::Fences;
 use tokio::sync::mpsc;
 
 pub use launch::{LaunchError, POLICE_INGRESS_LABEL};
+pub use recover::Recovery;
 use status::StatusStream;
 pub use tasks::{TaskKey, TaskRecord, TaskTable};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::AgentConfig;
+use crate::containers::Containers;
 use crate::gpus::{GpuBooks, Gpus};
 use crate::launcher_client::LauncherClient;
 use crate::metrics::ContainerStarts;
@@ -96,6 +99,8 @@ pub struct Agent {
     pub config: Arc<AgentConfig>,
     isolator: Arc<dyn Isolator>,
     launcher: LauncherClient,
+    /// The running containers: their first processes and their ends.
+    containers: Arc<Containers>,
     checkpoint: Arc<Checkpoint>,
     status: Arc<StatusStream>,
     /// The eBPF fences that loaded (none offers what it cannot enforce).
@@ -108,6 +113,12 @@ pub struct Agent {
     seccomp_profiles: Arc<SeccompProfiles>,
     /// Hard disk limits, where the work dir's filesystem has project quotas.
     pub quotas: Option<Arc<ProjectQuotas>>,
+}
+
+/// What starts containers and holds the running ones.
+pub struct ContainerRuntime {
+    pub launcher: LauncherClient,
+    pub containers: Containers,
 }
 
 /// What holds a task beyond its cgroups and fences, set up at start.
@@ -123,7 +134,7 @@ impl Agent {
         config: AgentConfig,
         total: Resources,
         isolator: Arc<dyn Isolator>,
-        launcher: LauncherClient,
+        runtime: ContainerRuntime,
         fences: Fences,
         gpus: Option<Gpus>,
         confinement: Confinement,
@@ -132,6 +143,10 @@ impl Agent {
             seccomp_profiles,
             quotas,
         } = confinement;
+        let ContainerRuntime {
+            launcher,
+            containers,
+        } = runtime;
         let (gpu_backend, gpus) = match gpus {
             Some(Gpus { backend, books }) => (Some(backend), Some(books)),
             None => (None, None),
@@ -146,6 +161,7 @@ impl Agent {
             config: Arc::new(config),
             isolator,
             launcher,
+            containers: Arc::new(containers),
             status: Arc::new(StatusStream::new(retry, checkpoint.clone())),
             checkpoint,
             fences: Arc::new(Mutex::new(fences)),
@@ -169,16 +185,32 @@ impl Agent {
         &*self.isolator
     }
 
-    /// Removes containers a previous run left behind (it died without cleaning up).
+    /// Removes the containers (cgroups) and container records of this
+    /// agent's prefix that no task holds: a previous run's, not recovered.
     pub fn remove_leftovers(&self) {
+        let in_use: std::collections::HashSet<String> = {
+            let state = self.lock();
+            state
+                .tasks
+                .iter()
+                .flat_map(|(_, r)| [r.container_id.clone(), r.cgroup_id.clone()])
+                .collect()
+        };
         match self.isolator.list() {
             Ok(ids) => {
                 let prefix = self.config.container_prefix();
-                for id in ids.into_iter().filter(|id| id.starts_with(&prefix)) {
+                for id in ids
+                    .into_iter()
+                    .filter(|id| id.starts_with(&prefix) && !in_use.contains(id))
+                {
                     tracing::warn!(
                         container_id = id,
                         "removing a container left by a previous agent run"
                     );
+                    if let Ok(key) = butte_agent_ebpf::ports::cgroup_id(&self.isolator.v2_dir(&id))
+                    {
+                        self.fences().forget(key);
+                    }
                     if let Err(error) = self.isolator.destroy(&id) {
                         tracing::error!(container_id = id, %error, "cannot remove leftover container");
                     }
@@ -186,6 +218,23 @@ impl Agent {
             }
             Err(error) => tracing::error!(%error, "cannot list leftover containers"),
         }
+        let records = self.config.work_dir.join("meta/containers");
+        for entry in std::fs::read_dir(records).into_iter().flatten().flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !in_use.contains(&id) {
+                let _ = self.checkpoint.remove_container(&id);
+            }
+        }
+    }
+
+    /// The checkpoints under `--work-dir/meta`.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// The launcher (its restarts show in `/metrics`).
+    pub fn launcher(&self) -> &LauncherClient {
+        &self.launcher
     }
 
     // ---- the link -------------------------------------------------------------------
@@ -199,12 +248,21 @@ impl Agent {
 
     /// What to register with: this agent and the tasks it holds.
     fn register_message(&self) -> link::AgentMessage {
+        // Under the agent's lock, where tasks end and their updates queue:
+        // a task is in the books or among the unacknowledged ends, never
+        // in neither.
         let state = self.lock();
-        let running: Vec<Task> = state
+        let ended = self.status.unacknowledged_ends();
+        let mut running: Vec<Task> = state
             .tasks
             .iter()
             .map(|(_, r)| r.to_proto(state.agent_id.as_deref()))
             .collect();
+        running.extend(ended.into_iter().filter(|task| {
+            !state
+                .tasks
+                .contains(&TaskKey::new(&task.framework_id.value, &task.task_id.value))
+        }));
         link::AgentMessage {
             kind: Some(agent_message::Kind::Register(link::Register {
                 agent_info: butte_api::mesos::v1::AgentInfo {
@@ -417,11 +475,7 @@ impl Agent {
     fn kill_if_asked(&self, key: &TaskKey, container_id: &str) -> bool {
         let killing = self.lock().tasks.get(key).is_some_and(|r| r.is_killing());
         if killing {
-            let launcher = self.launcher.clone();
-            let container_id = container_id.to_owned();
-            tokio::spawn(async move {
-                let _ = launcher.signal(&container_id, libc::SIGKILL).await;
-            });
+            self.containers.signal(container_id, libc::SIGKILL);
         }
         killing
     }

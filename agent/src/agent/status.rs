@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::tasks::TaskKey;
 use super::{Agent, AgentState};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TaskCheckpoint};
 
 /// The agent's side of the link for status updates (and the channel every
 /// other message to the master goes out on).
@@ -29,11 +29,27 @@ pub struct StatusStream {
 #[derive(Default)]
 struct Streams {
     queues: BTreeMap<TaskKey, UpdateQueue<link::StatusUpdate>>,
-    /// Per task with a checkpoint: writes and the final removal take its
-    /// lock, and a write after the removal (true) is skipped, so a slow
-    /// write never brings back the checkpoint of a task that has ended.
-    checkpoints: HashMap<TaskKey, Arc<Mutex<bool>>>,
+    /// Per task with a checkpoint: what it holds (see `Slot`).
+    checkpoints: HashMap<TaskKey, Arc<Mutex<Slot>>>,
+    /// Numbers the checkpoints queued, so that a slow write never lands
+    /// over a newer one.
+    sequence: u64,
+    /// Each task with updates pending, as of its newest update.
+    tasks: HashMap<TaskKey, Task>,
     outbound: Option<mpsc::UnboundedSender<link::AgentMessage>>,
+}
+
+/// A task's checkpoint file, as last written. Writes and the final removal
+/// take its lock; a write after the removal, or older than the last one
+/// written, is skipped, so a slow write never brings back the checkpoint of
+/// a task that has ended, nor an older state.
+#[derive(Default)]
+struct Slot {
+    removed: bool,
+    written: u64,
+    /// The task as last written (without its pending updates, read fresh
+    /// at each write).
+    latest: Option<TaskCheckpoint>,
 }
 
 /// A queued update's checkpoint, written once the agent's lock is released.
@@ -41,17 +57,19 @@ struct Streams {
 pub struct Queued<'a> {
     stream: &'a StatusStream,
     key: TaskKey,
-    task: Option<(Task, Arc<Mutex<bool>>)>,
+    task: Option<(TaskCheckpoint, Arc<Mutex<Slot>>, u64)>,
 }
 
 impl Queued<'_> {
-    /// Checkpoints the task as it was when its update was queued, then
-    /// sends what is due.
+    /// Checkpoints the task as it was when its update was queued, with
+    /// every update not yet acknowledged, then sends what is due.
     pub fn write(self) {
-        if let Some((task, slot)) = self.task {
-            let removed = slot.lock().unwrap_or_else(|p| p.into_inner());
-            if !*removed && let Err(error) = self.stream.checkpoint.task(&task) {
-                tracing::error!(%error, task_id = self.key.task_id, "cannot checkpoint the task");
+        if let Some((task, slot, sequence)) = self.task {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if !slot.removed && sequence > slot.written {
+                slot.written = sequence;
+                slot.latest = Some(task);
+                self.stream.write_checkpoint(&self.key, &slot);
             }
         }
         self.stream.flush();
@@ -70,6 +88,62 @@ impl StatusStream {
 
     fn lock(&self) -> MutexGuard<'_, Streams> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the slot's task with the updates pending now. Called with
+    /// the slot locked (never the streams: they are taken here).
+    fn write_checkpoint(&self, key: &TaskKey, slot: &Slot) {
+        let Some(latest) = &slot.latest else {
+            return;
+        };
+        let mut checkpoint = latest.clone();
+        checkpoint.pending = self
+            .lock()
+            .queues
+            .get(key)
+            .map(|queue| queue.pending().cloned().collect())
+            .unwrap_or_default();
+        tracing::debug!(%key, state = ?checkpoint.task.state(), pending = checkpoint.pending.len(), "checkpointing the task");
+        if let Err(error) = self.checkpoint.task(&checkpoint) {
+            tracing::error!(%error, task_id = key.task_id, "cannot checkpoint the task");
+        }
+    }
+
+    /// Tasks that ended here but whose end the master has not acknowledged,
+    /// with their last state (registration carries them, so that the
+    /// master does not take them for lost before their updates arrive).
+    pub fn unacknowledged_ends(&self) -> Vec<Task> {
+        let streams = self.lock();
+        streams
+            .tasks
+            .values()
+            .filter(|task| is_terminal(task.state()))
+            .cloned()
+            .collect()
+    }
+
+    /// A task read back from its checkpoint: its unacknowledged updates
+    /// queue again, in order, to go out once the master registers us.
+    pub fn restore(&self, key: &TaskKey, mut checkpoint: TaskCheckpoint) {
+        let pending = std::mem::take(&mut checkpoint.pending);
+        let mut streams = self.lock();
+        if !pending.is_empty() {
+            let queue = streams
+                .queues
+                .entry(key.clone())
+                .or_insert_with(|| UpdateQueue::new(self.retry));
+            for update in pending {
+                queue.push(update);
+            }
+        }
+        streams.tasks.insert(key.clone(), checkpoint.task.clone());
+        let slot = Slot {
+            latest: Some(checkpoint),
+            ..Slot::default()
+        };
+        streams
+            .checkpoints
+            .insert(key.clone(), Arc::new(Mutex::new(slot)));
     }
 
     /// A new link to the master: `register` goes out first, before any
@@ -122,7 +196,7 @@ impl StatusStream {
         _held: &AgentState,
         key: &TaskKey,
         update: link::StatusUpdate,
-        task: Option<Task>,
+        task: Option<TaskCheckpoint>,
     ) -> Queued<'_> {
         let mut streams = self.lock();
         streams
@@ -130,9 +204,14 @@ impl StatusStream {
             .entry(key.clone())
             .or_insert_with(|| UpdateQueue::new(self.retry))
             .push(update);
+        streams.sequence += 1;
+        let sequence = streams.sequence;
+        if let Some(task) = &task {
+            streams.tasks.insert(key.clone(), task.task.clone());
+        }
         let task = task.map(|task| {
             let slot = streams.checkpoints.entry(key.clone()).or_default();
-            (task, slot.clone())
+            (task, slot.clone(), sequence)
         });
         Queued {
             stream: self,
@@ -160,7 +239,7 @@ impl StatusStream {
     /// The master has the update `uuid` of a task. Once a task's terminal
     /// update is acknowledged and nothing is left, its checkpoint goes.
     pub fn acknowledge(&self, key: &TaskKey, uuid: &[u8]) {
-        let ended = {
+        let (ended, slot) = {
             let mut streams = self.lock();
             let Some(queue) = streams.queues.get_mut(key) else {
                 return;
@@ -171,19 +250,27 @@ impl StatusStream {
             let drained = queue.is_empty();
             if drained {
                 streams.queues.remove(key);
+                streams.tasks.remove(key);
             }
-            (drained && is_terminal(acked.status.state())).then(|| streams.checkpoints.remove(key))
+            if drained && is_terminal(acked.status.state()) {
+                (true, streams.checkpoints.remove(key))
+            } else {
+                (false, streams.checkpoints.get(key).cloned())
+            }
         };
-        if let Some(slot) = ended {
-            // Held across the removal: a write still in flight waits, then skips.
-            let mut removed = slot
-                .as_ref()
-                .map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()));
-            if let Some(removed) = removed.as_mut() {
-                **removed = true;
-            }
-            if let Err(error) = self.checkpoint.remove_task(&key.framework_id, &key.task_id) {
-                tracing::error!(%error, task_id = key.task_id, "cannot remove the task's checkpoint");
+        if let Some(slot) = slot {
+            // Held across the write or removal: a write still in flight
+            // waits, then skips.
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if ended {
+                tracing::debug!(%key, "the task's end is acknowledged; its checkpoint goes");
+                slot.removed = true;
+                if let Err(error) = self.checkpoint.remove_task(&key.framework_id, &key.task_id) {
+                    tracing::error!(%error, task_id = key.task_id, "cannot remove the task's checkpoint");
+                }
+            } else if !slot.removed {
+                // The acknowledged update must not come back after a restart.
+                self.write_checkpoint(key, &slot);
             }
         }
         self.flush();
@@ -273,7 +360,7 @@ impl Agent {
             Some(gpus) if state == TaskState::TaskRunning => gpus.labels(),
             _ => Vec::new(),
         };
-        let task = Some(record.to_proto(agent_id.as_deref()));
+        let task = Some(record.to_checkpoint(agent_id.as_deref()));
         labels.extend(extra_labels);
         let status = TaskStatus {
             task_id: TaskId {
@@ -332,6 +419,13 @@ mod tests {
         )
     }
 
+    fn checkpointed(task: Task) -> TaskCheckpoint {
+        TaskCheckpoint {
+            task,
+            ..Default::default()
+        }
+    }
+
     fn held() -> AgentState {
         AgentState::new(None, butte_api::resources::Resources::new(), None)
     }
@@ -361,10 +455,10 @@ mod tests {
         // RUNNING is queued first but its checkpoint write is slow.
         let (running, running_task) = update(&key, TaskState::TaskRunning);
         let held = held();
-        let late = stream.queue(&held, &key, running, Some(running_task));
+        let late = stream.queue(&held, &key, running, Some(checkpointed(running_task)));
         let (finished, finished_task) = update(&key, TaskState::TaskFinished);
         stream
-            .queue(&held, &key, finished, Some(finished_task))
+            .queue(&held, &key, finished, Some(checkpointed(finished_task)))
             .write();
         assert!(task_dir.exists(), "the task is checkpointed");
 
@@ -382,6 +476,52 @@ mod tests {
         assert!(
             !task_dir.exists(),
             "the slow write of RUNNING does not bring the checkpoint back"
+        );
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+
+    #[test]
+    fn unacknowledged_updates_come_back_in_order_after_a_restart() {
+        let work_dir =
+            std::env::temp_dir().join(format!("butte-status-restart-{}", std::process::id()));
+        let checkpoint = Arc::new(Checkpoint::new(&work_dir));
+        checkpoint
+            .framework(&butte_api::mesos::v1::FrameworkInfo {
+                id: Some(FrameworkId { value: "f".into() }),
+                ..Default::default()
+            })
+            .expect("framework");
+        let key = TaskKey::new("f", "t");
+        let held = held();
+        let before = StatusStream::new(Duration::from_secs(10), checkpoint.clone());
+        let (running, running_task) = update(&key, TaskState::TaskRunning);
+        let (finished, finished_task) = update(&key, TaskState::TaskFinished);
+        for (update, task) in [(&running, running_task), (&finished, finished_task)] {
+            before
+                .queue(&held, &key, update.clone(), Some(checkpointed(task)))
+                .write();
+        }
+        // No link ever: the agent dies with both updates unacknowledged.
+        drop(before);
+
+        let recovered = checkpoint.recover();
+        assert_eq!(recovered.len(), 1);
+        let after = StatusStream::new(Duration::from_secs(10), checkpoint.clone());
+        after.restore(&key, recovered[0].task.clone());
+        let ends = after.unacknowledged_ends();
+        assert_eq!(ends.len(), 1, "registration carries the task that ended");
+        assert_eq!(ends[0].state(), TaskState::TaskFinished);
+        let (sender, mut outbound) = mpsc::unbounded_channel();
+        assert!(after.connect(sender, link::AgentMessage { kind: None }));
+        after.registered();
+        let first = sent(&mut outbound);
+        assert_eq!(first, vec![running.status.clone()], "the oldest, as it was");
+        after.acknowledge(&key, running.status.uuid());
+        assert_eq!(sent(&mut outbound), vec![finished.status.clone()]);
+        after.acknowledge(&key, finished.status.uuid());
+        assert!(
+            checkpoint.recover().is_empty(),
+            "the acknowledged end is forgotten"
         );
         let _ = std::fs::remove_dir_all(&work_dir);
     }

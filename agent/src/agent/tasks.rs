@@ -10,6 +10,7 @@ use butte_api::mesos::v1::{AgentId, FrameworkId, Task, TaskInfo, TaskState};
 use butte_api::resources::Resources;
 use butte_api::task_state::may_transition;
 
+use crate::checkpoint::TaskCheckpoint;
 use crate::gpus::Assignment;
 
 /// A task on this agent: its framework's id and its own.
@@ -84,6 +85,55 @@ impl TaskRecord {
         (self.resources.scalar("disk") * 1024.0 * 1024.0) as u64
     }
 
+    /// The task as its checkpoint keeps it (its pending updates are added
+    /// by the status stream).
+    pub fn to_checkpoint(&self, agent_id: Option<&str>) -> TaskCheckpoint {
+        TaskCheckpoint {
+            task: self.to_proto(agent_id),
+            container_id: self.container_id.clone(),
+            cgroup_id: self.cgroup_id.clone(),
+            group: self.group.clone(),
+            executor_id: self.executor_id.clone(),
+            sandbox: self.sandbox.to_string_lossy().into_owned(),
+            gpus_json: self
+                .gpus
+                .as_ref()
+                .and_then(|gpus| serde_json::to_string(gpus).ok())
+                .unwrap_or_default(),
+            killing: self.killing,
+            pending: Vec::new(),
+        }
+    }
+
+    /// A task read back from its checkpoint.
+    pub fn from_checkpoint(checkpoint: &TaskCheckpoint) -> (TaskKey, Self) {
+        let task = &checkpoint.task;
+        let key = TaskKey::new(&task.framework_id.value, &task.task_id.value);
+        let info = TaskInfo {
+            name: task.name.clone(),
+            task_id: task.task_id.clone(),
+            agent_id: task.agent_id.clone(),
+            resources: task.resources.clone(),
+            labels: task.labels.clone(),
+            ..Default::default()
+        };
+        let record = Self {
+            framework_id: key.framework_id.clone(),
+            state: task.state(),
+            killing: checkpoint.killing,
+            container_id: checkpoint.container_id.clone(),
+            cgroup_id: checkpoint.cgroup_id.clone(),
+            group: checkpoint.group.clone(),
+            executor_id: checkpoint.executor_id.clone(),
+            resources: Resources::from_proto(&task.resources).unwrap_or_default(),
+            sandbox: PathBuf::from(&checkpoint.sandbox),
+            gpus: serde_json::from_str(&checkpoint.gpus_json).ok(),
+            disk_used_bytes: None,
+            info,
+        };
+        (key, record)
+    }
+
     /// The task as the master's registration and the checkpoint see it.
     pub fn to_proto(&self, agent_id: Option<&str>) -> Task {
         Task {
@@ -149,6 +199,13 @@ impl TaskTable {
         );
         self.containers
             .insert(placing.container_id.to_owned(), key.clone());
+    }
+
+    /// Books a task recovered after a restart (and its container's index).
+    pub fn restore(&mut self, key: TaskKey, record: TaskRecord) {
+        self.containers
+            .insert(record.container_id.clone(), key.clone());
+        self.tasks.insert(key, record);
     }
 
     /// Drops a task that ended, and its container's index.

@@ -65,6 +65,10 @@ pub struct Cluster {
     pub prefix: String,
     /// The agent's cgroup subtree, e.g. `butte/kt15151`.
     pub subtree: String,
+    resources: String,
+    agent_args: Vec<String>,
+    /// Agent processes started so far.
+    agent_runs: u32,
 }
 
 impl Cluster {
@@ -118,42 +122,74 @@ impl Cluster {
         wait_for("the master", || http_get(master_port, "/health").is_some());
         let prefix = format!("kt{agent_port}-");
         let subtree = format!("butte/kt{agent_port}");
-        let agent = Command::new(binary("butte-agent"))
-            .args([
-                "--master",
-                &format!("127.0.0.1:{master_port}"),
-                "--port",
-                &agent_port.to_string(),
-            ])
-            .args([
-                "--resources",
-                resources,
-                "--container-prefix",
-                &prefix,
-                "--status-update-retry",
-                "1",
-                "--cgroup-subtree",
-                &subtree,
-            ])
-            .args(agent_args)
-            .arg("--work-dir")
-            .arg(dir.join("agent"))
-            .stdout(log("agent.log"))
-            .stderr(log("agent.err"))
-            .spawn()
-            .unwrap();
-        wait_for("the agent to register", || {
-            http_get(master_port, "/metrics/snapshot")
-                .is_some_and(|body| body.contains("\"master/slaves_active\":1.0"))
-        });
-        Cluster {
+        let mut cluster = Cluster {
             master,
-            agent: Some(agent),
+            agent: None,
             master_port,
             agent_port,
             dir,
             prefix,
             subtree,
+            resources: resources.to_owned(),
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            agent_runs: 0,
+        };
+        cluster.start_agent();
+        wait_for("the agent to register", || {
+            http_get(master_port, "/metrics/snapshot")
+                .is_some_and(|body| body.contains("\"master/slaves_active\":1.0"))
+        });
+        cluster
+    }
+
+    /// Starts the agent (again, after `kill_agent`: same flags, same work
+    /// dir; its log goes to agent.log, then agent-2.log, ...).
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "the agent runs already");
+        self.agent_runs += 1;
+        let log_name = match self.agent_runs {
+            1 => "agent".to_owned(),
+            n => format!("agent-{n}"),
+        };
+        let log =
+            |ext: &str| std::fs::File::create(self.dir.join(format!("{log_name}.{ext}"))).unwrap();
+        let agent = Command::new(binary("butte-agent"))
+            .args([
+                "--master",
+                &format!("127.0.0.1:{}", self.master_port),
+                "--port",
+                &self.agent_port.to_string(),
+            ])
+            .args([
+                "--resources",
+                &self.resources,
+                "--container-prefix",
+                &self.prefix,
+                "--status-update-retry",
+                "1",
+                "--cgroup-subtree",
+                &self.subtree,
+            ])
+            .args(&self.agent_args)
+            .arg("--work-dir")
+            .arg(self.dir.join("agent"))
+            .stdout(log("log"))
+            .stderr(log("err"))
+            .spawn()
+            .unwrap();
+        self.agent = Some(agent);
+    }
+
+    /// The agent's pid, while it runs.
+    pub fn agent_pid(&self) -> Option<i32> {
+        self.agent.as_ref().map(|a| a.id() as i32)
+    }
+
+    /// kill -9 of the agent (its tasks, launcher aside, keep running).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill().unwrap();
+            agent.wait().unwrap();
         }
     }
 
@@ -211,6 +247,20 @@ impl Cluster {
         panic!("no sandbox for {task_id} under {}", frameworks.display());
     }
 
+    /// The host pids in a task's container (its cgroup, found from its
+    /// sandbox, whose last component is its container id).
+    pub fn container_pids(&self, task_id: &str) -> Vec<i32> {
+        let sandbox = self.sandbox(task_id);
+        let container = sandbox.file_name().unwrap();
+        for subtree in self.subtrees() {
+            let procs = subtree.join(container).join("cgroup.procs");
+            if let Ok(text) = std::fs::read_to_string(&procs) {
+                return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            }
+        }
+        Vec::new()
+    }
+
     /// Our cgroups still present, in any hierarchy.
     pub fn cgroups_left(&self) -> Vec<PathBuf> {
         let mut left = Vec::new();
@@ -243,16 +293,18 @@ impl Cluster {
             .collect()
     }
 
+    /// Drains the agent (SIGUSR1: every task killed, its cgroups, pins and
+    /// checkpoints removed) and waits for it to exit.
     pub fn stop_agent(&mut self) {
         if let Some(mut agent) = self.agent.take() {
             // SAFETY: kill(2) on our own child.
             #[allow(unsafe_code)]
             unsafe {
-                libc::kill(agent.id() as i32, libc::SIGTERM);
+                libc::kill(agent.id() as i32, libc::SIGUSR1);
             }
-            let deadline = Instant::now() + Duration::from_secs(15);
+            let deadline = Instant::now() + Duration::from_secs(15) * super::slowdown();
             while agent.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+                assert!(Instant::now() < deadline, "agent did not stop on SIGUSR1");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }

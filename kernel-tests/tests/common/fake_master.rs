@@ -22,8 +22,8 @@ pub fn serve<S: AgentLink>(runtime: &tokio::runtime::Runtime, port: u16, service
     );
 }
 
-/// The agent binary, stopped with SIGTERM (so it removes its cgroups) and
-/// reaped on drop.
+/// The agent binary, drained with SIGUSR1 (so it kills its tasks and
+/// removes its cgroups, pins and checkpoints) and reaped on drop.
 pub struct AgentProcess(Child);
 
 impl Drop for AgentProcess {
@@ -31,7 +31,7 @@ impl Drop for AgentProcess {
         // SAFETY: kill(2) on our own child's pid.
         #[allow(unsafe_code)]
         unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
+            libc::kill(self.0.id() as i32, libc::SIGUSR1);
         }
         let _ = self.0.wait();
     }

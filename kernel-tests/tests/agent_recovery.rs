@@ -1,0 +1,187 @@
+//! Work survives the agent: through master + agent + a mesoshttp framework
+//! (tests/recovery_framework.py), with tasks running,
+//! 1. the launcher alone is killed -9: no task notices, a task ends and is
+//!    reported, and the next launch works (a new launcher);
+//! 2. the agent is killed -9; while no agent runs, one task finishes, one
+//!    fails, one is killed -9 by hand, and one tries a bind outside its
+//!    ports, which the pinned fence still refuses; the agent is started
+//!    again on the same work dir: the framework hears each real end, once,
+//!    never TASK_LOST, and the task that kept running is killed as asked.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+
+mod common;
+use common::cluster::{Cluster, wait_for};
+
+const MASTER_PORT: u16 = 15_182;
+const AGENT_PORT: u16 = 15_183;
+
+/// The launcher process of `agent` (its child named butte-launcher).
+fn launcher_of(agent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (name, rest) = stat.split_once(") ")?;
+            let parent: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (name.ends_with("(butte-launcher") && parent == agent).then_some(pid)
+        })
+}
+
+fn kill(pid: i32) {
+    // SAFETY: kill(2) has no memory effects.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 {pid}");
+}
+
+fn tell(cluster: &Cluster, task_id: &str) {
+    std::fs::write(cluster.sandbox(task_id).join("go"), "").unwrap();
+}
+
+/// The framework's next JSON line (its failures say why).
+fn next_line(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    cluster: &Cluster,
+) -> serde_json::Value {
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with("FAILED") {
+            panic!(
+                "{line}\nagent log (newest first):\n{}",
+                cluster.agent_log_tail(30)
+            );
+        }
+        if let Ok(value) = serde_json::from_str(&line) {
+            return value;
+        }
+    }
+    panic!(
+        "the framework ended early; agent log (newest first):\n{}",
+        cluster.agent_log_tail(30)
+    );
+}
+
+fn expect_phase(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    cluster: &Cluster,
+    phase: &str,
+) {
+    let value = next_line(lines, cluster);
+    assert_eq!(value["phase"], phase, "{value}");
+}
+
+fn binds(sandbox: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(sandbox.join("bind")).ok()?;
+    (text.lines().count() == 2).then_some(text)
+}
+
+#[test]
+fn tasks_live_through_the_launchers_death_and_the_agents_kill_9() {
+    let mut cluster = Cluster::start(
+        "recovery",
+        MASTER_PORT,
+        AGENT_PORT,
+        "cpus:2;mem:1024;ports:[31000-31010]",
+    );
+    let mut framework = cluster
+        .framework("recovery_framework.py", "recovery", 240)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(cluster.dir.join("framework.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(framework.stdout.take().unwrap()).lines();
+    expect_phase(&mut lines, &cluster, "running");
+
+    // 1. The launcher alone.
+    let agent = cluster.agent_pid().unwrap();
+    let launcher = launcher_of(agent).expect("the agent's launcher");
+    kill(launcher);
+    wait_for("a new launcher", || {
+        launcher_of(agent).is_some_and(|pid| pid != launcher)
+    });
+    tell(&cluster, "finish");
+    expect_phase(&mut lines, &cluster, "agent");
+
+    // 2. The agent, kill -9; the tasks go on without it.
+    let long = cluster.container_pids("long");
+    assert!(!long.is_empty(), "long runs");
+    cluster.kill_agent();
+    tell(&cluster, "fail");
+    tell(&cluster, "fenced");
+    let killed = cluster.container_pids("killed");
+    assert!(!killed.is_empty(), "killed runs");
+    for pid in killed {
+        kill(pid);
+    }
+    let fenced = cluster.sandbox("fenced");
+    wait_for("the fenced task's binds", || binds(&fenced).is_some());
+    let tried = binds(&fenced).unwrap();
+    assert!(
+        tried.contains("31001 EPERM") || tried.contains("31001 EACCES"),
+        "a bind outside the task's ports is refused while no agent runs:\n{tried}"
+    );
+    assert!(tried.contains("31000 ok"), "its own port binds:\n{tried}");
+    wait_for("fail and killed to end", || {
+        cluster.container_pids("fail").is_empty() && cluster.container_pids("killed").is_empty()
+    });
+    assert_eq!(
+        cluster.container_pids("long"),
+        long,
+        "long ran on untouched"
+    );
+    cluster.start_agent();
+
+    let result = next_line(&mut lines, &cluster);
+    let status = framework.wait().unwrap();
+    assert!(status.success(), "framework: {result}");
+    let final_ = &result["final"];
+    let ended = |task: &str| -> (String, String) {
+        let ends = final_[task]
+            .as_array()
+            .unwrap_or_else(|| panic!("{task} never ended: {result}"));
+        assert_eq!(ends.len(), 1, "{task} ended once: {ends:?}");
+        (
+            ends[0][0].as_str().unwrap().to_owned(),
+            ends[0][1].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(ended("finish").0, "TASK_FINISHED");
+    assert_eq!(
+        ended("after").0,
+        "TASK_FINISHED",
+        "a launch after the launcher's death"
+    );
+    assert_eq!(ended("fenced").0, "TASK_FINISHED");
+    let (state, message) = ended("fail");
+    assert_eq!(state, "TASK_FAILED");
+    assert!(message.contains("status 7"), "{message}");
+    let (state, message) = ended("killed");
+    assert_eq!(state, "TASK_FAILED");
+    assert!(message.contains("signal 9"), "{message}");
+    assert_eq!(ended("long").0, "TASK_KILLED");
+    let seen = result["seen"].as_array().unwrap();
+    assert!(
+        !seen.iter().any(|u| u[1] == "TASK_LOST"),
+        "no task was reported lost: {seen:?}"
+    );
+    let log = std::fs::read_to_string(cluster.dir.join("agent-2.log")).unwrap();
+    assert!(
+        log.contains("recovered the tasks of the previous run")
+            && log.contains("running=1")
+            && log.contains("ended_meanwhile=3"),
+        "the new agent took back 1 running task and 3 that ended meanwhile:\n{log}"
+    );
+    cluster.stop_agent();
+    assert!(
+        cluster.cgroups_left().is_empty(),
+        "drained: {:?}",
+        cluster.cgroups_left()
+    );
+}
