@@ -81,6 +81,15 @@ pub struct AgentConfig {
     /// Seconds between measurements of the sandboxes (0.1 to 3600).
     #[arg(long, env = "BUTTE_DISK_WATCH_INTERVAL", default_value_t = 15.0)]
     pub disk_watch_interval: f64,
+    /// How long an ended task's sandbox is kept, at most (Mesos's
+    /// --gc_delay): seconds or a duration such as `1weeks`, `2days`, `3hrs`.
+    #[arg(long, env = "BUTTE_GC_DELAY", default_value = "1weeks", value_parser = crate::gc::parse_duration)]
+    pub gc_delay: std::time::Duration,
+    /// The fraction of the work dir's disk to keep free: sandboxes are kept
+    /// `gc_delay × (1 − headroom − used)`, so a filling disk collects them
+    /// sooner (Mesos's --gc_disk_headroom; 0 to 1).
+    #[arg(long, env = "BUTTE_GC_DISK_HEADROOM", default_value_t = 0.1)]
+    pub gc_disk_headroom: f64,
     /// Processes and threads a task may have at once.
     #[arg(long, env = "BUTTE_TASK_PIDS_MAX", default_value_t = 4096)]
     pub task_pids_max: u64,

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod containers;
 pub mod disk;
+pub mod gc;
 pub mod gpu_telemetry;
 pub mod gpus;
 pub mod http;

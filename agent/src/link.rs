@@ -2,15 +2,69 @@
 //! after a reconnect), heartbeat, hand master messages to the agent, and
 //! reconnect with a capped backoff when the link drops.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use butte_api::agent_link::v1::{
     self as link, agent_link_client::AgentLinkClient, agent_message, master_message,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::agent::Agent;
+
+/// Messages that may wait to go to the master. A master or path too slow
+/// for a second of telemetry at 4,096 tasks is not kept up with forever.
+pub const OUTBOUND_BOUND: usize = 1024;
+
+/// The link's outbound queue, bounded by `OUTBOUND_BOUND`. What does not
+/// fit is dropped and said in the log: status updates stay in their
+/// queues and are sent again, telemetry and heartbeats are lost.
+#[derive(Clone)]
+pub struct Outbound {
+    sender: mpsc::Sender<link::AgentMessage>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Outbound {
+    pub fn new(bound: usize) -> (Self, mpsc::Receiver<link::AgentMessage>) {
+        let (sender, receiver) = mpsc::channel(bound);
+        let dropped = Arc::default();
+        (Self { sender, dropped }, receiver)
+    }
+
+    /// Queues `message`; false when the link is gone (not when it is full).
+    pub fn send(&self, message: link::AgentMessage) -> bool {
+        match self.sender.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped == 1 || dropped.is_multiple_of(1000) {
+                    let kind = match message.kind {
+                        Some(agent_message::Kind::StatusUpdate(_)) => {
+                            "a status update (it is sent again)"
+                        }
+                        Some(agent_message::Kind::Telemetry(_)) => "a telemetry batch",
+                        _ => "a message",
+                    };
+                    tracing::warn!(
+                        bound = self.sender.max_capacity(),
+                        dropped,
+                        "the link to the master is backed up; dropping {kind}"
+                    );
+                }
+                true
+            }
+        }
+    }
+
+    /// Messages dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
 
 /// Why a link to the master ended.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +87,6 @@ pub enum LinkError {
     /// the link's outbound queue is gone (the session is over)
     #[error("the link's outbound queue is closed")]
     Closed,
-}
-
-impl<T> From<mpsc::error::SendError<T>> for LinkError {
-    fn from(_: mpsc::error::SendError<T>) -> Self {
-        LinkError::Closed
-    }
 }
 
 pub async fn run(agent: Agent) {
@@ -72,12 +120,12 @@ async fn session(agent: &Agent) -> Result<(), LinkError> {
             .connect()
             .await?;
     let mut client = AgentLinkClient::new(channel);
-    let (outbound, receiver) = mpsc::unbounded_channel();
+    let (outbound, receiver) = Outbound::new(OUTBOUND_BOUND);
     if !agent.connect(outbound.clone()) {
         return Err(LinkError::Closed);
     }
     let mut inbound = client
-        .session(UnboundedReceiverStream::new(receiver))
+        .session(ReceiverStream::new(receiver))
         .await?
         .into_inner();
     let first = inbound.message().await?.ok_or(LinkError::ClosedEarly)?;
@@ -110,9 +158,34 @@ async fn session(agent: &Agent) -> Result<(), LinkError> {
                 return Err(LinkError::Silent(silence));
             }
             _ = heartbeat.tick() => {
-                outbound.send(link::AgentMessage { kind: Some(agent_message::Kind::Heartbeat(link::Heartbeat {})) })?;
+                if !outbound.send(link::AgentMessage { kind: Some(agent_message::Kind::Heartbeat(link::Heartbeat {})) }) {
+                    return Err(LinkError::Closed);
+                }
                 agent.flush_updates();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat() -> link::AgentMessage {
+        link::AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(link::Heartbeat {})),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_a_closed_one_says_so() {
+        let (outbound, mut receiver) = Outbound::new(2);
+        assert!(outbound.send(heartbeat()) && outbound.send(heartbeat()));
+        assert!(outbound.send(heartbeat()), "full is not closed");
+        assert_eq!(outbound.dropped(), 1);
+        assert!(receiver.try_recv().is_ok() && receiver.try_recv().is_ok());
+        assert!(receiver.try_recv().is_err(), "the third was dropped");
+        drop(receiver);
+        assert!(!outbound.send(heartbeat()), "the link is gone");
     }
 }

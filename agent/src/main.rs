@@ -10,7 +10,7 @@ use butte_agent::config::Recover;
 use butte_agent::containers::Containers;
 use butte_agent::launcher_client::LauncherClient;
 use butte_agent::seccomp_profiles::SeccompProfiles;
-use butte_agent::{AgentConfig, disk, http, launcher, link, resources, telemetry};
+use butte_agent::{AgentConfig, disk, gc, http, launcher, link, resources, telemetry};
 use butte_agent_ebpf::accounting::Events;
 use butte_agent_ebpf::pins::Pins;
 use butte_isolators::fences::{Fence, Fences, Unenforced};
@@ -62,6 +62,12 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!(
             "--telemetry-interval {} is out of range; give 0.1 to 60 seconds",
             config.telemetry_interval
+        );
+    }
+    if !(0.0..=1.0).contains(&config.gc_disk_headroom) {
+        anyhow::bail!(
+            "--gc-disk-headroom {} is out of range; give a fraction from 0 to 1 (e.g. 0.1)",
+            config.gc_disk_headroom
         );
     }
     let seccomp_profiles = SeccompProfiles::load(
@@ -118,6 +124,11 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(link::run(agent.clone()));
         let every = agent.config.disk_watch_interval.clamp(0.1, 3600.0);
         disk::spawn(agent.clone(), Duration::from_secs_f64(every));
+        let policy = gc::Policy {
+            delay: agent.config.gc_delay,
+            headroom: agent.config.gc_disk_headroom,
+        };
+        gc::spawn(agent.clone(), policy, Duration::from_secs_f64(every));
         if let Some(events) = events {
             tokio::spawn(read_events(agent.clone(), events));
         }

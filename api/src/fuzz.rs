@@ -5,8 +5,8 @@
 
 use prost::Message;
 
-use crate::mesos::v1::scheduler::Call;
 use crate::mesos::v1::Resource;
+use crate::mesos::v1::scheduler::Call;
 use crate::recordio::Decoder;
 use crate::resources::Resources;
 

@@ -28,7 +28,7 @@ pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Respon
         .r#type
         .and_then(|t| call::Type::try_from(t).ok())
         .unwrap_or(call::Type::Unknown);
-    let master = shared.lock();
+    let mut master = shared.lock();
     let mut answer = ApiResponse {
         r#type: Some(response::Type::Unknown as i32),
         ..Default::default()
@@ -77,6 +77,28 @@ pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Respon
             answer.get_roles = Some(response::GetRoles {
                 roles: roles(&master),
             });
+        }
+        call::Type::MarkAgentGone => {
+            let Some(agent_id) = call
+                .mark_agent_gone
+                .as_ref()
+                .map(|m| m.agent_id.value.clone())
+            else {
+                return Err(HttpError::bad_request(
+                    "MARK_AGENT_GONE needs 'mark_agent_gone.agent_id'",
+                ));
+            };
+            return match master.mark_agent_gone(&agent_id) {
+                Ok(()) => Ok(StatusCode::OK.into_response()),
+                Err(crate::master::MarkGoneError::Unknown(id)) => Err(HttpError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no agent {id} is known to this master"),
+                )),
+                Err(error) => Err(HttpError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the master could not persist the change: {error}"),
+                )),
+            };
         }
         call::Type::Unknown => {
             return Err(HttpError::bad_request(

@@ -47,6 +47,8 @@ pub struct Recovered {
     pub master_id: Option<String>,
     pub next_framework: u64,
     pub next_agent: u64,
+    /// Agents the operator marked gone (MARK_AGENT_GONE): never admitted again.
+    pub gone_agents: Vec<String>,
     pub frameworks: Vec<FrameworkInfo>,
     pub agents: Vec<AgentInfo>,
     pub tasks: Vec<Task>,
@@ -98,6 +100,17 @@ impl Registry {
         };
         recovered.next_framework = counter("next_framework")?;
         recovered.next_agent = counter("next_agent")?;
+        recovered.gone_agents = meta
+            .get("gone_agents")
+            .map_err(|e| err(&e))?
+            .map(|v| {
+                v.value()
+                    .split(',')
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
         recovered.frameworks = read_all(&txn, FRAMEWORKS, "frameworks")?;
         recovered.agents = read_all(&txn, AGENTS, "agents")?;
         recovered.tasks = read_all(&txn, TASKS, "tasks")?;

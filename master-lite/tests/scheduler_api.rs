@@ -469,3 +469,70 @@ async fn after_a_master_restart_a_framework_with_failover_timeout_0_has_time_to_
     assert_eq!(tasks["tasks"][0]["state"], "TASK_RUNNING", "{tasks}");
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_agent_marked_gone_ends_its_tasks_and_is_never_admitted_again() {
+    let dir = support::work_dir("gone");
+    let first =
+        support::master_with(butte_master_lite::MasterConfig::for_work_dir(dir.clone())).await;
+    let agent = TestAgent::connect(&first, "cpus:4;mem:4096").await;
+    let mut aware = Scheduler::subscribe(
+        &first,
+        json!({"user": "root", "name": "aware", "capabilities": [{"type": "PARTITION_AWARE"}]}),
+    )
+    .await;
+    support::run_sleeper(&mut aware, "aware-task").await;
+    let mut plain = Scheduler::subscribe(&first, framework("plain")).await;
+    support::run_sleeper(&mut plain, "plain-task").await;
+
+    let api = format!("http://{}/api/v1", first.addr);
+    let mark = |id: &str| {
+        let body =
+            json!({"type": "MARK_AGENT_GONE", "mark_agent_gone": {"agent_id": {"value": id}}});
+        let api = api.clone();
+        async move {
+            reqwest::Client::new()
+                .post(api)
+                .json(&body)
+                .send()
+                .await
+                .expect("posted")
+                .status()
+        }
+    };
+    assert_eq!(mark("no-such-agent").await, 404);
+    assert_eq!(mark(&agent.agent_id).await, 200);
+    assert_eq!(
+        mark(&agent.agent_id).await,
+        200,
+        "marking again changes nothing"
+    );
+
+    let gone = aware
+        .await_state("aware-task", "TASK_GONE_BY_OPERATOR", 5)
+        .await;
+    assert_eq!(gone["reason"], "REASON_AGENT_REMOVED_BY_OPERATOR", "{gone}");
+    let lost = plain.await_state("plain-task", "TASK_LOST", 5).await;
+    assert_eq!(lost["reason"], "REASON_AGENT_REMOVED_BY_OPERATOR", "{lost}");
+    let refused = support::registration_refused(&first, &agent.agent_id).await;
+    assert!(
+        refused.contains("marked agent") && refused.contains("gone"),
+        "{refused}"
+    );
+
+    // Still gone after the master restarts.
+    let agent_id = agent.agent_id.clone();
+    agent.disconnect();
+    aware.disconnect();
+    plain.disconnect();
+    first.shutdown().await;
+    let second = support::master_with(butte_master_lite::MasterConfig::for_work_dir(dir)).await;
+    let refused = support::registration_refused(&second, &agent_id).await;
+    assert!(refused.contains("gone"), "{refused}");
+    let agents = support::get_json(&second, "/slaves").await;
+    assert_eq!(
+        agents["slaves"].as_array().map(Vec::len),
+        Some(0),
+        "{agents}"
+    );
+}

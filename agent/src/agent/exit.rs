@@ -95,9 +95,13 @@ impl Agent {
             guard.disk_struck.remove(key);
             guard.tasks.remove(key)
         };
-        // The terminal state is checkpointed: the container's records may go.
+        // The terminal state is checkpointed: the container's records may go,
+        // and its sandbox's age (for sandbox GC) counts from now.
         if let Some(record) = removed {
             self.forget_container(&record.container_id);
+            if !record.sandbox.as_os_str().is_empty() {
+                crate::gc::mark_ended(&super::container_sandbox(&record));
+            }
         }
     }
 

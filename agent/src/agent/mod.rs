@@ -19,7 +19,6 @@ use butte_api::resources::Resources;
 use butte_api::telemetry::v1::{TaskSample, TelemetryBatch};
 use butte_isolators::cgroups::Isolator;
 use butte_isolators::fences::Fences;
-use tokio::sync::mpsc;
 
 pub use launch::{LaunchError, POLICE_INGRESS_LABEL};
 pub use recover::Recovery;
@@ -69,6 +68,20 @@ impl AgentState {
             latest: HashMap::new(),
             gpus,
         }
+    }
+}
+
+/// The sandbox of the container a task runs in: its own, or its group's
+/// (`GROUP/tasks/TASK` for a group task).
+fn container_sandbox(record: &TaskRecord) -> std::path::PathBuf {
+    match &record.group {
+        Some(_) => record
+            .sandbox
+            .parent()
+            .and_then(std::path::Path::parent)
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+        None => record.sandbox.clone(),
     }
 }
 
@@ -241,7 +254,7 @@ impl Agent {
 
     /// A new link to the master: registers on it (with the tasks still
     /// here) before anything else goes out; false when it is already gone.
-    pub fn connect(&self, outbound: mpsc::UnboundedSender<link::AgentMessage>) -> bool {
+    pub fn connect(&self, outbound: crate::link::Outbound) -> bool {
         let register = self.register_message();
         self.status.connect(outbound, register)
     }
@@ -404,6 +417,17 @@ impl Agent {
         let record = state.tasks.get(key)?;
         (!record.sandbox.as_os_str().is_empty())
             .then(|| (record.sandbox.clone(), record.disk_limit_bytes()))
+    }
+
+    /// The container sandboxes of the tasks here (a group task's is its
+    /// group's): what sandbox GC must leave alone.
+    pub fn sandboxes_in_use(&self) -> HashSet<std::path::PathBuf> {
+        let state = self.lock();
+        state
+            .tasks
+            .iter()
+            .map(|(_, record)| container_sandbox(record))
+            .collect()
     }
 
     /// The sandboxes to hold to their `disk` (tasks not already ending).

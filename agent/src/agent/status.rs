@@ -12,11 +12,11 @@ use butte_api::mesos::v1::{
 };
 use butte_api::task_state::is_terminal;
 use butte_api::update_queue::{Retry, UpdateQueue, new_uuid, unix_now};
-use tokio::sync::mpsc;
 
 use super::tasks::TaskKey;
 use super::{Agent, AgentState};
 use crate::checkpoint::{Checkpoint, TaskCheckpoint};
+use crate::link::Outbound;
 
 /// The agent's side of the link for status updates (and the channel every
 /// other message to the master goes out on).
@@ -36,7 +36,7 @@ struct Streams {
     sequence: u64,
     /// Each task with updates pending, as of its newest update.
     tasks: HashMap<TaskKey, Task>,
-    outbound: Option<mpsc::UnboundedSender<link::AgentMessage>>,
+    outbound: Option<Outbound>,
 }
 
 /// A task's checkpoint file, as last written. Writes and the final removal
@@ -149,13 +149,9 @@ impl StatusStream {
     /// A new link to the master: `register` goes out first, before any
     /// update or telemetry can (the master refuses a link that does not
     /// open with Register); false when the link is already gone.
-    pub fn connect(
-        &self,
-        outbound: mpsc::UnboundedSender<link::AgentMessage>,
-        register: link::AgentMessage,
-    ) -> bool {
+    pub fn connect(&self, outbound: Outbound, register: link::AgentMessage) -> bool {
         let mut streams = self.lock();
-        if outbound.send(register).is_err() {
+        if !outbound.send(register) {
             return false;
         }
         streams.outbound = Some(outbound);
@@ -181,9 +177,7 @@ impl StatusStream {
         let Some(outbound) = streams.outbound.as_ref() else {
             return false;
         };
-        outbound
-            .send(link::AgentMessage { kind: Some(kind) })
-            .is_ok()
+        outbound.send(link::AgentMessage { kind: Some(kind) })
     }
 
     /// Queues an update. It takes the agent's locked state (`_held`) to be
@@ -229,7 +223,7 @@ impl StatusStream {
         let now = Instant::now();
         for queue in streams.queues.values_mut() {
             if let Some(update) = queue.due(now) {
-                let _ = outbound.send(link::AgentMessage {
+                outbound.send(link::AgentMessage {
                     kind: Some(agent_message::Kind::StatusUpdate(update)),
                 });
             }
@@ -391,6 +385,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     fn update(key: &TaskKey, state: TaskState) -> (link::StatusUpdate, Task) {
         let status = TaskStatus {
@@ -430,7 +425,7 @@ mod tests {
         AgentState::new(None, butte_api::resources::Resources::new(), None)
     }
 
-    fn sent(outbound: &mut mpsc::UnboundedReceiver<link::AgentMessage>) -> Vec<TaskStatus> {
+    fn sent(outbound: &mut mpsc::Receiver<link::AgentMessage>) -> Vec<TaskStatus> {
         let mut sent = Vec::new();
         while let Ok(message) = outbound.try_recv() {
             if let Some(agent_message::Kind::StatusUpdate(update)) = message.kind {
@@ -446,7 +441,7 @@ mod tests {
             std::env::temp_dir().join(format!("butte-status-stream-{}", std::process::id()));
         let checkpoint = Arc::new(Checkpoint::new(&work_dir));
         let stream = StatusStream::new(Duration::from_secs(10), checkpoint);
-        let (sender, mut outbound) = mpsc::unbounded_channel();
+        let (sender, mut outbound) = Outbound::new(64);
         assert!(stream.connect(sender, link::AgentMessage { kind: None }));
         let _register = outbound.try_recv();
         let key = TaskKey::new("f", "t");
@@ -511,7 +506,7 @@ mod tests {
         let ends = after.unacknowledged_ends();
         assert_eq!(ends.len(), 1, "registration carries the task that ended");
         assert_eq!(ends[0].state(), TaskState::TaskFinished);
-        let (sender, mut outbound) = mpsc::unbounded_channel();
+        let (sender, mut outbound) = Outbound::new(64);
         assert!(after.connect(sender, link::AgentMessage { kind: None }));
         after.registered();
         let first = sent(&mut outbound);

@@ -138,6 +138,20 @@ pub enum RegisterError {
     /// The registry could not record the agent.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The operator marked this agent gone.
+    #[error(
+        "the operator marked agent {0} gone (MARK_AGENT_GONE); start the agent on a new --work-dir to join as a new agent"
+    )]
+    Gone(String),
+}
+
+/// Why MARK_AGENT_GONE was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MarkGoneError {
+    #[error("no agent {0} is known to this master")]
+    Unknown(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl Master {
@@ -152,6 +166,13 @@ impl Master {
             return Err(RegisterError::NoHostname);
         }
         let mut info = register.agent_info;
+        if let Some(id) = info
+            .id
+            .as_ref()
+            .filter(|id| self.gone_agents.contains(&id.value))
+        {
+            return Err(RegisterError::Gone(id.value.clone()));
+        }
         let now = Instant::now();
         let (agent_id, reregister) = self.agent_id_of(&info);
         info.id = Some(AgentId {
@@ -427,6 +448,58 @@ impl Master {
             agent_id,
             "agent unreachable; its tasks are reported unreachable or lost"
         );
+    }
+
+    /// The operator says an agent is gone for good (MARK_AGENT_GONE, e.g.
+    /// its machine was decommissioned): its tasks end as
+    /// TASK_GONE_BY_OPERATOR (TASK_LOST for frameworks that are not
+    /// partition-aware), its resources leave, its link closes, and it is
+    /// never admitted again. Marking a gone agent again changes nothing.
+    pub fn mark_agent_gone(&mut self, agent_id: &str) -> Result<(), MarkGoneError> {
+        if self.gone_agents.contains(agent_id) {
+            return Ok(());
+        }
+        if !self.agents.contains_key(agent_id) {
+            return Err(MarkGoneError::Unknown(agent_id.to_owned()));
+        }
+        // Recorded first: an agent marked gone must stay gone after a restart.
+        let mut gone = self.gone_agents.clone();
+        gone.insert(agent_id.to_owned());
+        let list: Vec<&str> = gone.iter().map(String::as_str).collect();
+        self.registry.put_meta("gone_agents", &list.join(","))?;
+        self.gone_agents = gone;
+        self.rescind_agent_offers(agent_id);
+        self.allocator.remove_agent(agent_id);
+        let mut updates = Vec::new();
+        for (framework_id, framework) in &self.frameworks {
+            let state = if framework.has_capability(capability::Type::PartitionAware) {
+                TaskState::TaskGoneByOperator
+            } else {
+                TaskState::TaskLost
+            };
+            for entry in framework.tasks.values() {
+                if entry.task.agent_id.value == agent_id && !is_terminal(entry.state()) {
+                    updates.push((framework_id.clone(), entry.task.task_id.clone(), state));
+                }
+            }
+        }
+        for (framework_id, task_id, state) in updates {
+            let status = lost_on(
+                agent_id,
+                &task_id,
+                state,
+                task_status::Reason::AgentRemovedByOperator,
+                "the operator marked the agent gone",
+            );
+            self.apply_update(&framework_id, status, false);
+        }
+        // Dropping the agent drops its link's sender: the link closes.
+        self.agents.remove(agent_id);
+        let result = self.registry.remove_agent(agent_id);
+        self.persist(result);
+        tracing::warn!(agent_id, "the operator marked the agent gone");
+        self.want_allocation();
+        Ok(())
     }
 
     /// Gives a task's resources back to the allocator, if they are booked.

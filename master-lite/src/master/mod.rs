@@ -8,7 +8,7 @@ mod launch;
 mod offers;
 mod updates;
 
-pub use agents::{Agent, AgentLink, RegisterError};
+pub use agents::{Agent, AgentLink, MarkGoneError, RegisterError};
 pub use frameworks::{Connection, EventStream, Framework, Subscription, roles_of};
 pub use launch::check_launch_resources;
 pub use offers::OutstandingOffer;
@@ -183,6 +183,8 @@ pub struct Master {
     next_offer: u64,
     next_framework: u64,
     next_agent: u64,
+    /// Agents the operator marked gone: their registrations are refused.
+    pub gone_agents: std::collections::BTreeSet<String>,
     next_epoch: u64,
     pub started: Instant,
     pub start_time: f64,
@@ -235,6 +237,7 @@ impl Master {
             next_offer: 0,
             next_framework: recovered.next_framework,
             next_agent: recovered.next_agent,
+            gone_agents: recovered.gone_agents.iter().cloned().collect(),
             next_epoch: 0,
             started: Instant::now(),
             start_time: unix_now(),

@@ -440,3 +440,40 @@ pub fn launch(offer: &Value, tasks: &[(&str, &str, f64, f64)]) -> Value {
         "filters": {"refuse_seconds": 0.1}
     }})
 }
+
+/// The reason an agent registering as `agent_id` is refused (it must be).
+pub async fn registration_refused(
+    master: &butte_master_lite::RunningMaster,
+    agent_id: &str,
+) -> String {
+    use butte_api::agent_link::v1::agent_link_client::AgentLinkClient;
+    use butte_api::agent_link::v1::{AgentMessage, Register, agent_message};
+    use butte_api::mesos::v1::{AgentId, AgentInfo};
+    let mut client = AgentLinkClient::connect(format!("http://{}", master.addr))
+        .await
+        .expect("grpc connects");
+    let register = AgentMessage {
+        kind: Some(agent_message::Kind::Register(Register {
+            agent_info: AgentInfo {
+                hostname: "127.0.0.1".into(),
+                id: Some(AgentId {
+                    value: agent_id.into(),
+                }),
+                ..Default::default()
+            },
+            total_resources: butte_api::resources::Resources::parse("cpus:1;mem:64")
+                .expect("resources")
+                .to_proto(None),
+            ..Default::default()
+        })),
+    };
+    let opened = client.session(tokio_stream::iter(vec![register])).await;
+    let status = match opened {
+        Err(status) => status,
+        Ok(stream) => match stream.into_inner().message().await {
+            Err(status) => status,
+            Ok(first) => panic!("registration answered: {first:?}"),
+        },
+    };
+    status.message().to_owned()
+}

@@ -1,0 +1,203 @@
+//! Sandbox garbage collection, as Mesos's `--gc_delay` and
+//! `--gc_disk_headroom`: an ended task's sandbox stays for its framework and
+//! the operator to read, then goes. A sandbox may be kept at most
+//! `gc_delay × max(0, 1 − headroom − used)`, `used` the fraction of the work
+//! dir's filesystem in use, so a filling disk shortens the wait to nothing.
+//! The age is the sandbox directory's mtime, which the agent sets when its
+//! task ends; nothing else is kept, so a restart forgets no sandbox.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::agent::Agent;
+
+/// `--gc-delay` and `--gc-disk-headroom`.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub delay: Duration,
+    pub headroom: f64,
+}
+
+impl Policy {
+    /// How long an ended sandbox may stay when `used` (0 to 1) of the disk is in use.
+    pub fn max_age(&self, used: f64) -> Duration {
+        let keep = (1.0 - self.headroom - used).clamp(0.0, 1.0);
+        self.delay.mul_f64(keep)
+    }
+}
+
+/// Sweeps the sandboxes every `interval`, off the runtime threads.
+pub fn spawn(agent: Agent, policy: Policy, interval: Duration) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let in_use = agent.sandboxes_in_use();
+            let root = agent.config.work_dir.join("sandboxes");
+            let swept = tokio::task::spawn_blocking(move || {
+                let used = disk_used(&root).unwrap_or(0.0);
+                sweep(&root, &in_use, policy.max_age(used), SystemTime::now())
+            })
+            .await;
+            for path in swept.unwrap_or_default() {
+                tracing::info!(sandbox = %path.display(), "sandbox collected");
+            }
+        }
+    });
+}
+
+/// Marks a sandbox as ended now (its age counts from here).
+pub fn mark_ended(sandbox: &Path) {
+    let now = SystemTime::now();
+    if let Err(error) = std::fs::File::open(sandbox).and_then(|dir| dir.set_modified(now)) {
+        tracing::debug!(sandbox = %sandbox.display(), %error, "cannot mark the sandbox's end");
+    }
+}
+
+/// Removes every container sandbox (`ROOT/FRAMEWORK/EXECUTOR/CONTAINER`)
+/// not in use and older than `max_age`, then the directories it leaves
+/// empty; the sandboxes removed.
+pub fn sweep(
+    root: &Path,
+    in_use: &HashSet<PathBuf>,
+    max_age: Duration,
+    now: SystemTime,
+) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for framework in subdirs(root) {
+        for executor in subdirs(&framework) {
+            for container in subdirs(&executor) {
+                if in_use.contains(&container) {
+                    continue;
+                }
+                let age = std::fs::symlink_metadata(&container)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|modified| now.duration_since(modified).ok())
+                    .unwrap_or(Duration::ZERO);
+                if age < max_age {
+                    continue;
+                }
+                match std::fs::remove_dir_all(&container) {
+                    Ok(()) => removed.push(container),
+                    Err(error) => {
+                        tracing::warn!(sandbox = %container.display(), %error, "cannot collect a sandbox")
+                    }
+                }
+            }
+            // Only once empty: rmdir refuses anything else.
+            let _ = std::fs::remove_dir(&executor);
+        }
+        let _ = std::fs::remove_dir(&framework);
+    }
+    removed
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        // Not followed: a task may have left a link in its sandbox's place.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The fraction of `dir`'s filesystem in use (0 to 1), as Mesos counts it:
+/// blocks not free over all blocks.
+fn disk_used(dir: &Path) -> Option<f64> {
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct for a valid path.
+    #[allow(unsafe_code)]
+    let stat = unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c_dir.as_ptr(), &mut stat) == 0).then_some(stat)
+    }?;
+    let total = stat.f_blocks as f64;
+    (total > 0.0).then(|| 1.0 - stat.f_bfree as f64 / total)
+}
+
+/// `--gc-delay`: seconds, or a Mesos duration (`1weeks`, `2days`, `3hrs`,
+/// `10mins`, `30secs`, `500ms`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 1weeks, 2days, 3600)"))?;
+    let seconds = match unit {
+        "" | "s" | "secs" => 1.0,
+        "ms" => 1e-3,
+        "mins" => 60.0,
+        "hrs" => 3600.0,
+        "days" => 86_400.0,
+        "weeks" => 604_800.0,
+        other => {
+            return Err(format!(
+                "{other:?} in {text:?} is not a unit: use secs, mins, hrs, days or weeks"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(value * seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filling_disk_shortens_the_wait_to_nothing() {
+        let policy = Policy {
+            delay: Duration::from_secs(1000),
+            headroom: 0.1,
+        };
+        assert_eq!(policy.max_age(0.0), Duration::from_secs(900));
+        assert_eq!(policy.max_age(0.5), Duration::from_secs(400));
+        assert_eq!(policy.max_age(0.95), Duration::ZERO);
+    }
+
+    #[test]
+    fn durations_read_as_mesos_writes_them() {
+        assert_eq!(parse_duration("1weeks"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5hrs"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("3 fortnights").is_err());
+        assert!(parse_duration("-1days").is_err());
+        assert!(parse_duration("1e400weeks").is_err());
+    }
+
+    #[test]
+    fn only_old_sandboxes_out_of_use_go_and_empty_parents_with_them() {
+        let root = std::env::temp_dir().join(format!("butte-gc-{}", std::process::id()));
+        let old = root.join("f/task-old/c1");
+        let recent = root.join("f/task-recent/c2");
+        let running = root.join("g/task-running/c3");
+        for dir in [&old, &recent, &running] {
+            std::fs::create_dir_all(dir.join("sub")).expect("dirs");
+            std::fs::write(dir.join("stdout"), "x").expect("file");
+        }
+        let now = SystemTime::now();
+        let hour_ago = now - Duration::from_secs(3600);
+        for dir in [&old, &running] {
+            std::fs::File::open(dir)
+                .and_then(|d| d.set_modified(hour_ago))
+                .expect("mtime");
+        }
+        let in_use: HashSet<PathBuf> = [running.clone()].into();
+        let removed = sweep(&root, &in_use, Duration::from_secs(60), now);
+        assert_eq!(removed, vec![old.clone()]);
+        assert!(
+            !root.join("f/task-old").exists(),
+            "its empty parent goes too"
+        );
+        assert!(recent.join("stdout").exists() && running.join("stdout").exists());
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
+}
