@@ -69,6 +69,16 @@ pub struct Cluster {
     agent_args: Vec<String>,
     /// Agent processes started so far.
     agent_runs: u32,
+    /// The port the agent reaches the master on.
+    agent_to_master: u16,
+}
+
+/// A cluster's ports: the master's, the agent's, and the one the agent
+/// reaches the master on (the master's, or a proxy's).
+pub struct Ports {
+    pub master: u16,
+    pub agent: u16,
+    pub agent_to_master: u16,
 }
 
 impl Cluster {
@@ -96,6 +106,33 @@ impl Cluster {
         agent_args: &[&str],
         prepare: impl FnOnce(&Path),
     ) -> Cluster {
+        let ports = Ports {
+            master: master_port,
+            agent: agent_port,
+            agent_to_master: master_port,
+        };
+        Self::start_full(name, ports, resources, agent_args, &[], prepare)
+    }
+
+    /// As `start_with`, the agent reaching the master through
+    /// `via_port` (a proxy the test cuts), the master given `master_args`.
+    pub fn start_via(name: &str, ports: Ports, resources: &str, master_args: &[&str]) -> Cluster {
+        Self::start_full(name, ports, resources, &[], master_args, |_| {})
+    }
+
+    fn start_full(
+        name: &str,
+        ports: Ports,
+        resources: &str,
+        agent_args: &[&str],
+        master_args: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) -> Cluster {
+        let Ports {
+            master: master_port,
+            agent: agent_port,
+            agent_to_master,
+        } = ports;
         let dir = PathBuf::from(format!(
             "/var/lib/butte-kernel-tests/{name}-{}",
             std::process::id()
@@ -113,6 +150,7 @@ impl Cluster {
                 "--allocation-interval",
                 "0.2",
             ])
+            .args(master_args)
             .arg("--work-dir")
             .arg(dir.join("master"))
             .stdout(log("master.log"))
@@ -133,6 +171,7 @@ impl Cluster {
             resources: resources.to_owned(),
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
             agent_runs: 0,
+            agent_to_master,
         };
         cluster.start_agent();
         wait_for("the agent to register", || {
@@ -156,7 +195,7 @@ impl Cluster {
         let agent = Command::new(binary("butte-agent"))
             .args([
                 "--master",
-                &format!("127.0.0.1:{}", self.master_port),
+                &format!("127.0.0.1:{}", self.agent_to_master),
                 "--port",
                 &self.agent_port.to_string(),
             ])

@@ -206,7 +206,7 @@ impl Master {
                 agent_id: AgentId {
                     value: agent_id.clone(),
                 },
-                heartbeat_interval_seconds: AGENT_HEARTBEAT_SECONDS,
+                heartbeat_interval_seconds: self.agent_heartbeat_seconds(),
                 master_info: self.info.clone(),
             }),
         );
@@ -214,6 +214,13 @@ impl Master {
         tracing::info!(agent_id, reregister, "agent registered");
         self.want_allocation();
         Ok((agent_id, epoch))
+    }
+
+    /// How often agents heartbeat: every `AGENT_HEARTBEAT_SECONDS`, or
+    /// three times within `--agent-ping-timeout` when that is shorter, so
+    /// that a short timeout never drops a healthy agent.
+    fn agent_heartbeat_seconds(&self) -> f64 {
+        AGENT_HEARTBEAT_SECONDS.min(self.config.agent_ping_timeout.as_secs_f64() / 3.0)
     }
 
     /// The agent's id, and whether it is re-registering; a new agent gets the next id.

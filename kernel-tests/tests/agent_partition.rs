@@ -1,0 +1,241 @@
+//! The agent's link to the master cut by a relay on loopback that drops
+//! every byte (`common::link_cut`), with a partition-aware framework and one
+//! that is not, both real mesoshttp clients (tests/driven_framework.py):
+//! 1. a short cut, within the master's re-register window: a task that
+//!    ends during it is reported as it ended, never lost or unreachable;
+//! 2. a long cut, past it: the master marks the agent unreachable. The
+//!    partition-aware framework sees TASK_UNREACHABLE, then, once the link
+//!    heals, the real end of its task that finished meanwhile and its
+//!    running task RUNNING again on reconciliation; the other framework
+//!    sees TASK_LOST, once, and its task is killed on the agent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+mod common;
+use common::cluster::{Cluster, Ports, wait_for};
+use common::link_cut::LinkCut;
+
+const MASTER_PORT: u16 = 15_184;
+const AGENT_PORT: u16 = 15_185;
+const RELAY_PORT: u16 = 15_186;
+const WAIT_FOR_GO: &str = "while [ ! -e $MESOS_SANDBOX/go ]; do sleep 0.1; done; exit 0";
+
+/// A running driven_framework.py: its updates as they come, its stdin.
+struct Driven {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<Value>,
+    /// Every update received so far: (task, state, reason).
+    seen: Vec<(String, String, String)>,
+    /// Where `until` starts looking in `seen`.
+    mark: usize,
+}
+
+impl Driven {
+    fn start(cluster: &Cluster, name: &str, aware: bool, tasks: &[(&str, &str)]) -> Driven {
+        let tasks = serde_json::to_string(tasks).unwrap();
+        let mut child = cluster
+            .framework("driven_framework.py", name, 600)
+            .args([if aware { "1" } else { "0" }, &tasks])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(cluster.dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(value) = serde_json::from_str(&line) {
+                    let _ = sender.send(value);
+                }
+            }
+        });
+        let stdin = child.stdin.take().unwrap();
+        Driven {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+            mark: 0,
+        }
+    }
+
+    /// From here on, `until` looks only at updates received later.
+    fn mark(&mut self) {
+        self.mark = self.seen.len();
+    }
+
+    /// Updates until `task` reaches `state` (since the mark, received or
+    /// to come); whether it did, and its reason.
+    fn until(&mut self, task: &str, state: &str, limit: Duration) -> String {
+        let found = |seen: &[(String, String, String)]| {
+            seen.iter()
+                .find(|(t, s, _)| t == task && s == state)
+                .map(|(_, _, reason)| reason.clone())
+        };
+        if let Some(reason) = found(&self.seen[self.mark..]) {
+            return reason;
+        }
+        let deadline = Instant::now() + limit * common::slowdown();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                panic!("{task} never reached {state}; seen: {:?}", self.seen);
+            };
+            let Some(update) = line.get("update") else {
+                continue;
+            };
+            let field = |name: &str| update[name].as_str().unwrap_or_default().to_owned();
+            self.seen
+                .push((field("task"), field("state"), field("reason")));
+            if field("task") == task && field("state") == state {
+                return field("reason");
+            }
+        }
+    }
+
+    fn states_of(&self, task: &str) -> Vec<&str> {
+        self.seen
+            .iter()
+            .filter(|(t, _, _)| t == task)
+            .map(|(_, s, _)| s.as_str())
+            .collect()
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tell(cluster: &Cluster, task_id: &str) {
+    std::fs::write(cluster.sandbox(task_id).join("go"), "").unwrap();
+}
+
+#[test]
+fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() {
+    // Timers, short enough for a test; under scripts/vm-test's emulation a
+    // little longer, so that a slow heartbeat is not taken for a cut.
+    let scale = common::slowdown().min(3);
+    let (ping, reregister) = (2 * scale, 3 * scale);
+    let relay = LinkCut::start(RELAY_PORT, MASTER_PORT);
+    let mut cluster = Cluster::start_via(
+        "partition",
+        Ports {
+            master: MASTER_PORT,
+            agent: AGENT_PORT,
+            agent_to_master: RELAY_PORT,
+        },
+        "cpus:2;mem:1024",
+        &[
+            "--agent-ping-timeout",
+            &ping.to_string(),
+            "--agent-reregister-timeout",
+            &reregister.to_string(),
+        ],
+    );
+    let mut aware = Driven::start(
+        &cluster,
+        "aware",
+        true,
+        &[
+            ("short-end", WAIT_FOR_GO),
+            ("long-end", WAIT_FOR_GO),
+            ("stay", "sleep 600"),
+        ],
+    );
+    for task in ["short-end", "long-end", "stay"] {
+        aware.until(task, "TASK_RUNNING", Duration::from_secs(60));
+    }
+    let mut plain = Driven::start(&cluster, "plain", false, &[("plain-stay", "sleep 600")]);
+    plain.until("plain-stay", "TASK_RUNNING", Duration::from_secs(60));
+
+    // 1. A cut shorter than the master's patience.
+    aware.mark();
+    relay.cut();
+    tell(&cluster, "short-end");
+    std::thread::sleep(Duration::from_secs(u64::from(ping)));
+    relay.heal();
+    aware.until("short-end", "TASK_FINISHED", Duration::from_secs(60));
+    assert_eq!(
+        aware.states_of("short-end").last(),
+        Some(&"TASK_FINISHED"),
+        "{:?}",
+        aware.seen
+    );
+    assert!(
+        !aware
+            .seen
+            .iter()
+            .any(|(_, s, _)| s == "TASK_LOST" || s == "TASK_UNREACHABLE"),
+        "a short cut makes nothing lost or unreachable: {:?}",
+        aware.seen
+    );
+
+    // 2. A cut past it: the agent is unreachable.
+    aware.mark();
+    relay.cut();
+    let reason = aware.until("stay", "TASK_UNREACHABLE", Duration::from_secs(60));
+    assert_eq!(reason, "REASON_AGENT_REMOVED");
+    aware.until("long-end", "TASK_UNREACHABLE", Duration::from_secs(60));
+    plain.until("plain-stay", "TASK_LOST", Duration::from_secs(60));
+    tell(&cluster, "long-end");
+    wait_for("long-end to end on the agent", || {
+        cluster.container_pids("long-end").is_empty()
+    });
+    relay.heal();
+    aware.until("long-end", "TASK_FINISHED", Duration::from_secs(60));
+    aware.mark();
+    aware.send("reconcile stay");
+    aware.until("stay", "TASK_RUNNING", Duration::from_secs(60));
+    wait_for("the lost task killed on the agent", || {
+        cluster.container_pids("plain-stay").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    while let Ok(line) = plain.lines.try_recv() {
+        if let Some(update) = line.get("update") {
+            let field = |name: &str| update[name].as_str().unwrap_or_default().to_owned();
+            plain
+                .seen
+                .push((field("task"), field("state"), field("reason")));
+        }
+    }
+    let ends: Vec<&str> = plain
+        .states_of("plain-stay")
+        .into_iter()
+        .filter(|s| *s != "TASK_STARTING" && *s != "TASK_RUNNING")
+        .collect();
+    assert_eq!(
+        ends,
+        vec!["TASK_LOST"],
+        "lost once, never taken back: {:?}",
+        plain.seen
+    );
+
+    aware.mark();
+    aware.send("kill stay");
+    aware.until("stay", "TASK_KILLED", Duration::from_secs(60));
+    drop(aware);
+    drop(plain);
+    cluster.stop_agent();
+}
