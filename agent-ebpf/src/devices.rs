@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use aya::programs::CgroupDevice;
 use aya::{Ebpf, Pod};
 
-use crate::pins::{Pins, attach_cgroup};
+use crate::pins::{Links, Pins, attach_cgroup};
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/devices.bpf.o"));
@@ -157,8 +157,8 @@ pub fn v1_rule(rule: &DeviceRule) -> String {
 
 pub struct DeviceFence {
     _bpf: Ebpf,
-    /// The link, when not pinned (it detaches when dropped).
-    _link: std::os::fd::OwnedFd,
+    /// Its link (see `pins::Links`).
+    links: Links,
     rules: HashMap<MapData, u64, RawRules>,
     denied: HashMap<MapData, u64, u64>,
 }
@@ -170,31 +170,34 @@ impl DeviceFence {
         let (mut bpf, maps_dir) =
             crate::load("devices", OBJECT, pins, &["task_devices", "denied_opens"])?;
         let cgroup = crate::open_cgroup(subtree)?;
+        let mut links = Links::new(pins, maps_dir, "devices");
         let program: &mut CgroupDevice = crate::program_mut(&mut bpf, "devices")?;
         program
             .load()
             .map_err(|e| failed("devices", "load into the kernel", &e))?;
         let fd = crate::program_fd(program.fd(), "devices")?;
         const BPF_CGROUP_DEVICE: u32 = 6;
-        let link = attach_cgroup(
+        links.add(attach_cgroup(
             pins,
             "devices",
             "devices",
             fd.as_fd(),
             cgroup.as_fd(),
             BPF_CGROUP_DEVICE,
-        )?;
-        if let (Some(pins), Some(dir)) = (pins, maps_dir) {
-            pins.prune_maps("devices", &dir);
-        }
+        )?);
         let rules = crate::take_cgroup_map(&mut bpf, "task_devices")?;
         let denied = crate::take_cgroup_map(&mut bpf, "denied_opens")?;
         Ok(Self {
             _bpf: bpf,
-            _link: link,
+            links,
             rules,
             denied,
         })
+    }
+
+    /// Takes over the links an earlier agent pinned (see `pins::Links::commit`).
+    pub fn commit(&mut self) -> Result<(), FenceError> {
+        self.links.commit()
     }
 
     /// Lets the task in `cgroup_id` use only `rules`.

@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use aya::programs::CgroupSkb;
 use aya::{Ebpf, Pod};
 
-use crate::pins::{Pins, attach_cgroup};
+use crate::pins::{Links, Pins, attach_cgroup};
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/network.bpf.o"));
@@ -82,8 +82,8 @@ pub struct Network {
     stats: HashMap<MapData, u64, NetStats>,
     egress: HashMap<MapData, u64, Bucket>,
     ingress: HashMap<MapData, u64, Bucket>,
-    /// The links, when not pinned (they detach when dropped).
-    _links: Vec<std::os::fd::OwnedFd>,
+    /// Its links (see `pins::Links`).
+    links: Links,
 }
 
 impl Network {
@@ -93,7 +93,7 @@ impl Network {
         let maps = ["task_net", "egress_limits", "ingress_limits"];
         let (mut bpf, maps_dir) = crate::load("network", OBJECT, pins, &maps)?;
         let cgroup = crate::open_cgroup(subtree)?;
-        let mut links = Vec::new();
+        let mut links = Links::new(pins, maps_dir, "network");
         // BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS.
         for (name, attach_type) in [("egress", 1), ("ingress", 0)] {
             let program: &mut CgroupSkb = crate::program_mut(&mut bpf, name)?;
@@ -101,7 +101,7 @@ impl Network {
                 .load()
                 .map_err(|e| failed(name, "load into the kernel", &e))?;
             let fd = crate::program_fd(program.fd(), name)?;
-            links.push(attach_cgroup(
+            links.add(attach_cgroup(
                 pins,
                 "network",
                 name,
@@ -110,16 +110,18 @@ impl Network {
                 attach_type,
             )?);
         }
-        if let (Some(pins), Some(dir)) = (pins, maps_dir) {
-            pins.prune_maps("network", &dir);
-        }
         Ok(Self {
-            _links: links,
+            links,
             stats: crate::take_cgroup_map(&mut bpf, "task_net")?,
             egress: crate::take_cgroup_map(&mut bpf, "egress_limits")?,
             ingress: crate::take_cgroup_map(&mut bpf, "ingress_limits")?,
             bpf,
         })
+    }
+
+    /// Takes over the links an earlier agent pinned (see `pins::Links::commit`).
+    pub fn commit(&mut self) -> Result<(), FenceError> {
+        self.links.commit()
     }
 
     /// Starts counting the task in `cgroup_id` and applies its limits;

@@ -91,11 +91,51 @@ impl Pins {
     }
 }
 
+/// A loaded cgroup program's place at its hook.
+pub(crate) enum Attached {
+    /// A link of its own (pinned, with pins): keep it, or the program
+    /// detaches when it is dropped and not pinned.
+    Link(OwnedFd),
+    /// A link an earlier agent pinned, still running that agent's program
+    /// over that agent's maps until `Switch::commit`.
+    Pending(Switch),
+}
+
+/// A pinned link to be switched to a new program once the new program's
+/// maps hold every task's entries (until then the old program, with its
+/// own maps, keeps enforcing).
+pub(crate) struct Switch {
+    path: PathBuf,
+    link: OwnedFd,
+    program: OwnedFd,
+    cgroup: OwnedFd,
+    attach_type: u32,
+    name: &'static str,
+}
+
+impl Switch {
+    /// BPF_LINK_UPDATE: the hook runs the new program from this instant.
+    /// Where the kernel refuses, the new program gets a link of its own
+    /// first (both run a moment, each denying what it must), then the old
+    /// pin goes and the new link is pinned in its place.
+    pub(crate) fn commit(self) -> Result<OwnedFd, FenceError> {
+        let Err(error) = link_update(self.link.as_fd(), self.program.as_fd()) else {
+            return Ok(self.link);
+        };
+        tracing::warn!(path = %self.path.display(), %error, "cannot switch the pinned link to the new program; attaching it beside, then replacing the pin");
+        let link = link_create(self.program.as_fd(), self.cgroup.as_fd(), self.attach_type)
+            .map_err(|e| failed(self.name, "attach", &e))?;
+        let _ = std::fs::remove_file(&self.path);
+        obj_pin(link.as_fd(), &self.path)
+            .map_err(|e| pin_error(&self.path, format!("cannot pin the link: {e}")))?;
+        Ok(link)
+    }
+}
+
 /// Attaches a loaded cgroup program (`attach_type` as the kernel numbers
-/// them) to `cgroup` through a bpf_link, which is returned: kept, it keeps
-/// the program attached. With `pins` the link is pinned too, so that it
-/// outlives the agent; a link an earlier agent pinned is switched to this
-/// program in one step instead (BPF_LINK_UPDATE).
+/// them) to `cgroup` through a bpf_link. With `pins` the link is pinned, so
+/// that it outlives the agent; where an earlier agent pinned one, that link
+/// is taken over at `Switch::commit` instead.
 pub(crate) fn attach_cgroup(
     pins: Option<&Pins>,
     object: &str,
@@ -103,26 +143,91 @@ pub(crate) fn attach_cgroup(
     program_fd: BorrowedFd<'_>,
     cgroup: BorrowedFd<'_>,
     attach_type: u32,
-) -> Result<OwnedFd, FenceError> {
+) -> Result<Attached, FenceError> {
     let create =
         || link_create(program_fd, cgroup, attach_type).map_err(|e| failed(program, "attach", &e));
     let Some(pins) = pins else {
-        return create();
+        return create().map(Attached::Link);
     };
     let path = pins.link_path(object, program);
     if path.exists() {
-        match obj_get(&path).and_then(|link| link_update(link.as_fd(), program_fd).map(|()| link)) {
-            Ok(link) => return Ok(link),
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "cannot switch the pinned link to the new program; attaching anew");
+        let owned = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();
+        match (obj_get(&path), owned(program_fd), owned(cgroup)) {
+            (Ok(link), Ok(program_copy), Ok(cgroup_copy)) => {
+                return Ok(Attached::Pending(Switch {
+                    path,
+                    link,
+                    program: program_copy,
+                    cgroup: cgroup_copy,
+                    attach_type,
+                    name: program,
+                }));
+            }
+            (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
+                tracing::warn!(path = %path.display(), %error, "a pin that cannot be taken over; attaching anew");
+                let link = create()?;
                 let _ = std::fs::remove_file(&path);
+                obj_pin(link.as_fd(), &path)
+                    .map_err(|e| pin_error(&path, format!("cannot pin the link: {e}")))?;
+                return Ok(Attached::Link(link));
             }
         }
     }
     let link = create()?;
     obj_pin(link.as_fd(), &path)
         .map_err(|e| pin_error(&path, format!("cannot pin the link: {e}")))?;
-    Ok(link)
+    Ok(Attached::Link(link))
+}
+
+/// A fence's links: its own, and the pinned ones it takes over at `commit`.
+#[derive(Default)]
+pub(crate) struct Links {
+    held: Vec<OwnedFd>,
+    pending: Vec<Switch>,
+    /// The maps of this build, once every link runs it: the other builds'
+    /// maps are removed then.
+    maps: Option<(Pins, PathBuf, &'static str)>,
+}
+
+impl Links {
+    pub(crate) fn new(
+        pins: Option<&Pins>,
+        maps_dir: Option<PathBuf>,
+        object: &'static str,
+    ) -> Self {
+        Self {
+            maps: pins.cloned().zip(maps_dir).map(|(p, d)| (p, d, object)),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn add(&mut self, attached: Attached) {
+        match attached {
+            Attached::Link(link) => self.held.push(link),
+            Attached::Pending(switch) => self.pending.push(switch),
+        }
+    }
+
+    /// Switches every pinned link taken over to this agent's programs (call
+    /// once their maps hold every task's entries), then drops the maps of
+    /// other builds. The first error, after trying them all.
+    pub(crate) fn commit(&mut self) -> Result<(), FenceError> {
+        let mut first = None;
+        for switch in self.pending.drain(..) {
+            match switch.commit() {
+                Ok(link) => self.held.push(link),
+                Err(error) => {
+                    first.get_or_insert(error);
+                }
+            }
+        }
+        if first.is_none()
+            && let Some((pins, dir, object)) = &self.maps
+        {
+            pins.prune_maps(object, dir);
+        }
+        first.map_or(Ok(()), Err)
+    }
 }
 
 #[allow(unsafe_code)]

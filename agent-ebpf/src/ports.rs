@@ -12,7 +12,7 @@ use std::os::fd::AsFd;
 use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, Pod};
 
-use crate::pins::{Pins, attach_cgroup};
+use crate::pins::{Links, Pins, attach_cgroup};
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ports.bpf.o"));
@@ -48,8 +48,8 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, FenceError> {
 /// The loaded and attached port programs, with their maps.
 pub struct PortFence {
     _bpf: Ebpf,
-    /// The links, when not pinned (they detach when dropped).
-    _links: Vec<std::os::fd::OwnedFd>,
+    /// Its links (see `pins::Links`).
+    links: Links,
     ports: HashMap<MapData, u64, PortRanges>,
     denied: HashMap<MapData, u64, u64>,
 }
@@ -61,7 +61,7 @@ impl PortFence {
         let (mut bpf, maps_dir) =
             crate::load("ports", OBJECT, pins, &["task_ports", "denied_binds"])?;
         let cgroup = crate::open_cgroup(subtree)?;
-        let mut links = Vec::new();
+        let mut links = Links::new(pins, maps_dir, "ports");
         for (name, attach_type) in [
             ("bind4", BPF_CGROUP_INET4_BIND),
             ("bind6", BPF_CGROUP_INET6_BIND),
@@ -71,7 +71,7 @@ impl PortFence {
                 .load()
                 .map_err(|e| failed("bind", "load into the kernel", &e))?;
             let fd = crate::program_fd(program.fd(), name)?;
-            links.push(attach_cgroup(
+            links.add(attach_cgroup(
                 pins,
                 "ports",
                 name,
@@ -80,17 +80,19 @@ impl PortFence {
                 attach_type,
             )?);
         }
-        if let (Some(pins), Some(dir)) = (pins, maps_dir) {
-            pins.prune_maps("ports", &dir);
-        }
         let ports = crate::take_cgroup_map(&mut bpf, "task_ports")?;
         let denied = crate::take_cgroup_map(&mut bpf, "denied_binds")?;
         Ok(Self {
             _bpf: bpf,
-            _links: links,
+            links,
             ports,
             denied,
         })
+    }
+
+    /// Takes over the links an earlier agent pinned (see `pins::Links::commit`).
+    pub fn commit(&mut self) -> Result<(), FenceError> {
+        self.links.commit()
     }
 
     /// Fences the task in `cgroup_id` to `ranges` (inclusive; none = only port 0).

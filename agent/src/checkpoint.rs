@@ -29,21 +29,30 @@ pub struct Checkpoint {
 /// Writes `bytes` to `path` atomically and durably: a reader sees the old
 /// file or the new one, also after a power cut.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_replacing(path, bytes, true)
+    write_replacing(path, bytes, true, true)
 }
 
 /// Writes `bytes` to `path` atomically for readers, without waiting for the
 /// disk: for records that only need to outlive a process (a container's
 /// start and end: after a power cut its container is gone anyway).
-pub fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_replacing(path, bytes, false)
+/// `create_dir`: false where the directory may have been removed on
+/// purpose meanwhile (a container's records, forgotten): nothing is made.
+pub fn write_replace(path: &Path, bytes: &[u8], create_dir: bool) -> std::io::Result<()> {
+    write_replacing(path, bytes, false, create_dir)
 }
 
-fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+fn write_replacing(
+    path: &Path,
+    bytes: &[u8],
+    durable: bool,
+    create_dir: bool,
+) -> std::io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("checkpoint path has no parent"))?;
-    std::fs::create_dir_all(dir)?;
+    if create_dir {
+        std::fs::create_dir_all(dir)?;
+    }
     // A temp name of its own: two writers of one file must not share it.
     let temp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
     let written = std::fs::File::create(&temp).and_then(|mut file| {

@@ -14,6 +14,8 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
+use butte_isolators::process::{Process, has_exited};
+
 use crate::launcher::{Started, read_exit};
 use crate::launcher_client::ContainerExit;
 
@@ -51,7 +53,7 @@ impl Containers {
     /// Holds a started container and reports its end on the exits channel
     /// (at once when it ended already). Call inside the runtime.
     pub fn watch(&self, container_id: &str, record_dir: &Path, started: Started) {
-        let process = started.process.open().ok().map(Arc::new);
+        let process = open(&started.process, container_id).map(Arc::new);
         self.held().insert(
             container_id.to_owned(),
             Held {
@@ -59,12 +61,11 @@ impl Containers {
                 process: process.clone(),
             },
         );
-        let supervisor = started.supervisor.open().ok();
         let exits = self.exits.clone();
         let container_id = container_id.to_owned();
         let record_dir = record_dir.to_owned();
         tokio::spawn(async move {
-            let exit = ended(supervisor, process, record_dir).await;
+            let exit = ended(&container_id, started, process, record_dir).await;
             let _ = exits.send((container_id, exit));
         });
     }
@@ -98,26 +99,57 @@ impl Containers {
     }
 }
 
+/// A pidfd for `process`; None when it is gone. Any other error (no fd
+/// left, say) is not taken for its end: it is logged and tried again.
+fn open(process: &Process, container_id: &str) -> Option<OwnedFd> {
+    match process.open() {
+        Ok(pidfd) => Some(pidfd),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => {
+            tracing::error!(container_id, %error, "cannot open a pidfd; the container is watched by polling");
+            None
+        }
+    }
+}
+
+/// Until `process` has ended: through a pidfd, or, where none can be
+/// opened for a reason other than its end, by looking every second.
+async fn gone(process: &Process, container_id: &str) {
+    loop {
+        match process.open() {
+            Ok(pidfd) => return readable(pidfd).await,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+            Err(error) => {
+                tracing::debug!(container_id, %error, "cannot open a pidfd yet");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// Waits for the supervisor to end, then reads the record it left; a
 /// supervisor that died without one leaves the container's own end to wait
 /// for, and an exit not known.
 async fn ended(
-    supervisor: Option<OwnedFd>,
+    container_id: &str,
+    started: Started,
     process: Option<Arc<OwnedFd>>,
     record_dir: PathBuf,
 ) -> ContainerExit {
-    if let Some(supervisor) = supervisor {
-        readable(supervisor).await;
-    }
+    gone(&started.supervisor, container_id).await;
     if let Some(exit) = read_exit(&record_dir) {
         return ContainerExit {
             code: exit.code,
             signal: exit.signal,
         };
     }
-    if let Some(process) = process {
-        tracing::warn!(record_dir = %record_dir.display(), "a container's supervisor ended without recording its exit; waiting for the container itself");
-        readable_shared(process).await;
+    tracing::warn!(
+        container_id,
+        "a container's supervisor ended without recording its exit; waiting for the container itself"
+    );
+    match process {
+        Some(process) => readable_shared(process).await,
+        None => gone(&started.process, container_id).await,
     }
     recorded_exit(&record_dir)
 }
@@ -145,13 +177,24 @@ async fn readable(pidfd: OwnedFd) {
         Ok(fd) => {
             let _ = fd.readable().await;
         }
-        Err(error) => tracing::error!(%error, "cannot watch a pidfd"),
+        Err(error) => {
+            let (pidfd, cause) = error.into_parts();
+            tracing::error!(%cause, "cannot watch a pidfd; polling it");
+            while !has_exited(&pidfd) {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 
 async fn readable_shared(pidfd: Arc<OwnedFd>) {
     match pidfd.try_clone() {
         Ok(owned) => readable(owned).await,
-        Err(error) => tracing::error!(%error, "cannot watch a pidfd"),
+        Err(error) => {
+            tracing::error!(%error, "cannot watch a pidfd; polling it");
+            while !has_exited(&pidfd) {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
 }

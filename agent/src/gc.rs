@@ -34,11 +34,26 @@ pub fn spawn(agent: Agent, policy: Policy, interval: Duration) {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let in_use = agent.sandboxes_in_use();
-            let root = agent.config.work_dir.join("sandboxes");
+            let agent = agent.clone();
             let swept = tokio::task::spawn_blocking(move || {
+                let root = agent.config.work_dir.join("sandboxes");
+                let trash = agent.config.work_dir.join("sandboxes-trash");
                 let used = disk_used(&root).unwrap_or(0.0);
-                sweep(&root, &in_use, policy.max_age(used), SystemTime::now())
+                let moved = {
+                    // Books read and sandboxes moved with launches held off.
+                    let _gc = agent.sandbox_gc();
+                    let in_use = agent.sandboxes_in_use();
+                    sweep(
+                        &root,
+                        &trash,
+                        &in_use,
+                        policy.max_age(used),
+                        SystemTime::now(),
+                    )
+                };
+                // The slow part, with launches free to go on.
+                let _ = std::fs::remove_dir_all(&trash);
+                moved
             })
             .await;
             for path in swept.unwrap_or_default() {
@@ -56,11 +71,13 @@ pub fn mark_ended(sandbox: &Path) {
     }
 }
 
-/// Removes every container sandbox (`ROOT/FRAMEWORK/EXECUTOR/CONTAINER`)
-/// not in use and older than `max_age`, then the directories it leaves
-/// empty; the sandboxes removed.
+/// Moves every container sandbox (`ROOT/FRAMEWORK/EXECUTOR/CONTAINER`) not
+/// in use and older than `max_age` into `trash` (on the same filesystem;
+/// the caller empties it), then removes the directories it leaves empty;
+/// the sandboxes collected.
 pub fn sweep(
     root: &Path,
+    trash: &Path,
     in_use: &HashSet<PathBuf>,
     max_age: Duration,
     now: SystemTime,
@@ -80,7 +97,10 @@ pub fn sweep(
                 if age < max_age {
                     continue;
                 }
-                match std::fs::remove_dir_all(&container) {
+                let doomed = trash.join(uuid::Uuid::new_v4().simple().to_string());
+                let moved = std::fs::create_dir_all(trash)
+                    .and_then(|()| std::fs::rename(&container, &doomed));
+                match moved {
                     Ok(()) => removed.push(container),
                     Err(error) => {
                         tracing::warn!(sandbox = %container.display(), %error, "cannot collect a sandbox")
@@ -176,9 +196,9 @@ mod tests {
     #[test]
     fn only_old_sandboxes_out_of_use_go_and_empty_parents_with_them() {
         let root = std::env::temp_dir().join(format!("butte-gc-{}", std::process::id()));
-        let old = root.join("f/task-old/c1");
-        let recent = root.join("f/task-recent/c2");
-        let running = root.join("g/task-running/c3");
+        let old = root.join("sandboxes/f/task-old/c1");
+        let recent = root.join("sandboxes/f/task-recent/c2");
+        let running = root.join("sandboxes/g/task-running/c3");
         for dir in [&old, &recent, &running] {
             std::fs::create_dir_all(dir.join("sub")).expect("dirs");
             std::fs::write(dir.join("stdout"), "x").expect("file");
@@ -191,8 +211,21 @@ mod tests {
                 .expect("mtime");
         }
         let in_use: HashSet<PathBuf> = [running.clone()].into();
-        let removed = sweep(&root, &in_use, Duration::from_secs(60), now);
+        let trash = root.join("trash");
+        let removed = sweep(
+            &root.join("sandboxes"),
+            &trash,
+            &in_use,
+            Duration::from_secs(60),
+            now,
+        );
         assert_eq!(removed, vec![old.clone()]);
+        let moved: Vec<PathBuf> = subdirs(&trash);
+        assert_eq!(moved.len(), 1);
+        assert!(
+            moved[0].join("stdout").exists(),
+            "moved whole into the trash"
+        );
         assert!(
             !root.join("f/task-old").exists(),
             "its empty parent goes too"

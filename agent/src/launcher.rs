@@ -242,7 +242,7 @@ fn supervise(launch: LaunchRequest, report: OwnedFd) -> ! {
         };
         let recorded = serde_json::to_vec(&started)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| write_replace(&record_dir.join(STARTED_FILE), &bytes));
+            .and_then(|bytes| write_replace(&record_dir.join(STARTED_FILE), &bytes, true));
         if let Err(error) = recorded {
             // A container the next agent could not find again is not started.
             let _ = container::signal(&spawned.pidfd, libc::SIGKILL);
@@ -284,7 +284,7 @@ fn supervise(launch: LaunchRequest, report: OwnedFd) -> ! {
             let record = ExitRecord { code, signal };
             let written = serde_json::to_vec(&record)
                 .map_err(std::io::Error::other)
-                .and_then(|bytes| write_replace(&record_dir.join(EXIT_FILE), &bytes));
+                .and_then(|bytes| write_replace(&record_dir.join(EXIT_FILE), &bytes, false));
             i32::from(written.is_err())
         }
         Err(_) => 1,

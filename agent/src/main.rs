@@ -23,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     }
     let config = AgentConfig::parse();
     init_logging(&config.log_format)?;
+    raise_open_files();
     if config.work_dir.starts_with("/tmp") {
         anyhow::bail!(
             "--work-dir {} is under /tmp, which each task gets privately; choose another directory",
@@ -113,6 +114,9 @@ fn main() -> anyhow::Result<()> {
         }
         let started = std::time::Instant::now();
         let recovery = agent.recover();
+        // Every recovered container is fenced in this agent's maps: the
+        // pinned links may run this agent's programs now.
+        agent.fences().commit();
         tracing::info!(
             running = recovery.running,
             ended_meanwhile = recovery.ended,
@@ -190,6 +194,30 @@ async fn drain(agent: &Agent, isolator: &dyn butte_isolators::cgroups::Isolator)
     isolator.remove_subtree();
     if let Err(error) = agent.checkpoint().clear() {
         tracing::error!(%error, "cannot remove the task checkpoints");
+    }
+}
+
+/// Two pidfds per container (its first process and its supervisor) outgrow
+/// the usual soft limit of 1,024 open files at a few hundred tasks: the
+/// soft limit goes up to the hard one.
+fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit read and write one struct rlimit.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+            }
+        }
+        if limit.rlim_cur < 4 * 4096 {
+            tracing::warn!(
+                limit = limit.rlim_cur,
+                "the open-file limit is low for 4,096 tasks (two pidfds each); raise LimitNOFILE"
+            );
+        }
     }
 }
 

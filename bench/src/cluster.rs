@@ -36,10 +36,12 @@ pub fn stats(name: &str, mut samples: Vec<Duration>) {
 }
 
 pub struct Cluster {
-    master: Child,
+    master: Option<Child>,
     agent: Option<Child>,
     pub master_port: u16,
     agent_port: u16,
+    /// The port the agent reaches the master on (the master's, or a relay's).
+    pub agent_to_master: u16,
     agent_resources: String,
     pub dir: PathBuf,
     agent_runs: u32,
@@ -54,33 +56,64 @@ impl Cluster {
         agent_port: u16,
         agent_resources: &str,
     ) -> Self {
+        Self::start_via(dir, master_port, agent_port, master_port, agent_resources).await
+    }
+
+    /// As `start`, the agent reaching the master on `agent_to_master` (a relay).
+    pub async fn start_via(
+        dir: &Path,
+        master_port: u16,
+        agent_port: u16,
+        agent_to_master: u16,
+        agent_resources: &str,
+    ) -> Self {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let master = Command::new(binary("butte-master"))
-            .args([
-                "--port",
-                &master_port.to_string(),
-                "--allocation-interval",
-                "0.05",
-            ])
-            .arg("--work-dir")
-            .arg(dir.join("master"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("master: {e}"));
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let mut cluster = Self {
-            master,
+            master: None,
             agent: None,
             master_port,
             agent_port,
+            agent_to_master,
             agent_resources: agent_resources.to_owned(),
             dir: dir.to_owned(),
             agent_runs: 0,
         };
+        cluster.start_master();
+        tokio::time::sleep(Duration::from_millis(300)).await;
         cluster.start_agent();
         cluster
+    }
+
+    /// Starts the master (again, after `kill_master`, on the same registry).
+    pub fn start_master(&mut self) {
+        let master = Command::new(binary("butte-master"))
+            .args([
+                "--port",
+                &self.master_port.to_string(),
+                "--allocation-interval",
+                "0.05",
+            ])
+            .arg("--work-dir")
+            .arg(self.dir.join("master"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("master: {e}"));
+        self.master = Some(master);
+    }
+
+    /// kill -9 of the master.
+    pub fn kill_master(&mut self) {
+        if let Some(mut master) = self.master.take() {
+            let _ = master.kill();
+            let _ = master.wait();
+        }
+    }
+
+    /// The agent's pid, while it runs.
+    pub fn agent_pid(&self) -> Option<i32> {
+        self.agent.as_ref().map(|a| a.id() as i32)
     }
 
     /// Starts the agent (again, after `kill_agent`, on the same work dir);
@@ -92,7 +125,7 @@ impl Cluster {
         let agent = Command::new(binary("butte-agent"))
             .args([
                 "--master",
-                &format!("127.0.0.1:{}", self.master_port),
+                &format!("127.0.0.1:{}", self.agent_to_master),
                 "--port",
                 &self.agent_port.to_string(),
             ])
@@ -153,12 +186,14 @@ impl Drop for Cluster {
             }
             let _ = agent.wait();
         }
-        // SAFETY: kill(2) on our own child.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(self.master.id() as i32, libc::SIGTERM);
+        if let Some(master) = self.master.as_mut() {
+            // SAFETY: kill(2) on our own child.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(master.id() as i32, libc::SIGTERM);
+            }
+            let _ = master.wait();
         }
-        let _ = self.master.wait();
     }
 }
 
@@ -184,16 +219,31 @@ pub fn task(task_id: &str, agent_id: &Value, argv: &[&str]) -> Value {
 
 impl Scheduler {
     pub async fn subscribe(master_port: u16) -> Self {
+        let info = json!({"user": "root", "name": "bench"});
+        Self::try_subscribe(master_port, info)
+            .await
+            .unwrap_or_else(|e| panic!("subscribe: {e}"))
+    }
+
+    /// Subscribes with `framework_info` (with its `id`, to re-subscribe).
+    pub async fn try_subscribe(master_port: u16, framework_info: Value) -> Result<Self, String> {
         let http = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{master_port}/api/v1/scheduler");
-        let subscribe = json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": {"user": "root", "name": "bench"}}});
+        let mut subscribe =
+            json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": framework_info}});
+        if let Some(id) = framework_info.get("id") {
+            subscribe["framework_id"] = id.clone();
+        }
         let response = http
             .post(&url)
             .header("Content-Type", "application/json")
             .body(subscribe.to_string())
             .send()
             .await
-            .unwrap_or_else(|e| panic!("subscribe: {e}"));
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("SUBSCRIBE answered {}", response.status()));
+        }
         let stream_id = response.headers()["Mesos-Stream-Id"]
             .to_str()
             .unwrap_or_default()
@@ -211,28 +261,31 @@ impl Scheduler {
             }
         });
         let subscribed = events.recv().await.unwrap_or_default();
-        Self {
+        Ok(Self {
             http,
             url,
             stream_id,
             framework_id: subscribed["subscribed"]["framework_id"].clone(),
             events,
             offers: Vec::new(),
-        }
+        })
     }
 
-    pub async fn call(&self, body: Value) {
-        self.http
+    /// Posts a call; whether the master took it (2xx).
+    pub async fn call(&self, body: Value) -> bool {
+        let sent = self
+            .http
             .post(&self.url)
             .header("Content-Type", "application/json")
             .header("Mesos-Stream-Id", &self.stream_id)
             .body(body.to_string())
             .send()
-            .await
-            .unwrap_or_else(|e| panic!("call: {e}"));
+            .await;
+        sent.is_ok_and(|response| response.status().is_success())
     }
 
-    /// The next event; offers are kept for later, updates acknowledged.
+    /// The next event (Null once the subscription's stream has ended);
+    /// offers are kept for later, updates acknowledged.
     pub async fn next(&mut self) -> Value {
         let event = self.events.recv().await.unwrap_or_default();
         if event["type"] == "OFFERS" {
@@ -262,13 +315,33 @@ impl Scheduler {
         self.offers.remove(0)
     }
 
-    /// Launches `tasks` (built by `make` from the offer's agent id) on one
-    /// offer; returns when ACCEPT is answered.
-    pub async fn accept(&mut self, offer: &Value, tasks: Vec<Value>) {
+    /// Launches `tasks` on one offer; whether the master took the ACCEPT.
+    pub async fn accept(&mut self, offer: &Value, tasks: Vec<Value>) -> bool {
         let accept = json!({"type": "ACCEPT", "framework_id": self.framework_id, "accept": {
             "offer_ids": [offer["id"]], "filters": {"refuse_seconds": 0},
             "operations": [{"type": "LAUNCH", "launch": {"task_infos": tasks}}]}});
-        self.call(accept).await;
+        self.call(accept).await
+    }
+
+    /// Offers taken and not used: declined.
+    pub async fn decline_all(&mut self) {
+        let ids: Vec<Value> = self.offers.drain(..).map(|o| o["id"].clone()).collect();
+        if !ids.is_empty() {
+            let decline = json!({"type": "DECLINE", "framework_id": self.framework_id,
+                "decline": {"offer_ids": ids, "filters": {"refuse_seconds": 0.1}}});
+            self.call(decline).await;
+        }
+    }
+
+    /// Asks the master for the state of `task_ids`.
+    pub async fn reconcile(&self, task_ids: &[String]) -> bool {
+        let tasks: Vec<Value> = task_ids
+            .iter()
+            .map(|id| json!({"task_id": {"value": id}}))
+            .collect();
+        let reconcile = json!({"type": "RECONCILE", "framework_id": self.framework_id,
+            "reconcile": {"tasks": tasks}});
+        self.call(reconcile).await
     }
 
     pub async fn teardown(&self) {

@@ -108,6 +108,22 @@ impl Fences {
         (fences, unenforced)
     }
 
+    /// Takes over the links an earlier agent pinned, switching them to
+    /// this agent's programs: call once every recovered container is fenced
+    /// again (until then the earlier programs, with their maps, enforce).
+    pub fn commit(&mut self) {
+        let results = [
+            ("ports", self.ports.as_mut().map(PortFence::commit)),
+            ("devices", self.devices.as_mut().map(DeviceFence::commit)),
+            ("network", self.network.as_mut().map(Network::commit)),
+        ];
+        for (fence, result) in results {
+            if let Some(Err(error)) = result {
+                tracing::error!(fence, %error, "cannot take over the pinned links; the previous agent's programs still run");
+            }
+        }
+    }
+
     /// Removes the pins (the agent is drained): the programs detach.
     pub fn unpin(&mut self) {
         if let Some(pins) = self.pins.take() {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
+use butte_kernel_tests::link_cut::LinkCut;
 use common::cluster::{Cluster, Ports, wait_for};
-use common::link_cut::LinkCut;
 
 const MASTER_PORT: u16 = 15_184;
 const AGENT_PORT: u16 = 15_185;
@@ -111,6 +111,29 @@ impl Driven {
             .collect()
     }
 
+    /// Takes in what has arrived by now.
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            if let Some(update) = line.get("update") {
+                let field = |name: &str| update[name].as_str().unwrap_or_default().to_owned();
+                self.seen
+                    .push((field("task"), field("state"), field("reason")));
+            }
+        }
+    }
+
+    /// `task`'s states from its first terminal one on.
+    fn states_since_end(&self, task: &str) -> Vec<&str> {
+        let states = self.states_of(task);
+        let first = states.iter().position(|s| {
+            !matches!(
+                *s,
+                "TASK_STAGING" | "TASK_STARTING" | "TASK_RUNNING" | "TASK_UNREACHABLE"
+            )
+        });
+        first.map_or_else(Vec::new, |at| states[at..].to_vec())
+    }
+
     fn send(&mut self, command: &str) {
         writeln!(self.stdin, "{command}").unwrap();
     }
@@ -138,7 +161,7 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
     // little longer, so that a slow heartbeat is not taken for a cut.
     let scale = common::slowdown().min(3);
     let (ping, reregister) = (2 * scale, 3 * scale);
-    let relay = LinkCut::start(RELAY_PORT, MASTER_PORT);
+    let relay = LinkCut::start(RELAY_PORT, MASTER_PORT).unwrap();
     let mut cluster = Cluster::start_via(
         "partition",
         Ports {
@@ -235,6 +258,16 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
     aware.mark();
     aware.send("kill stay");
     aware.until("stay", "TASK_KILLED", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    aware.drain();
+    for task in ["short-end", "long-end"] {
+        assert_eq!(
+            aware.states_since_end(task),
+            vec!["TASK_FINISHED"],
+            "{task} ended once: {:?}",
+            aware.seen
+        );
+    }
     drop(aware);
     drop(plain);
     cluster.stop_agent();

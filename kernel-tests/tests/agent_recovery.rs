@@ -5,8 +5,10 @@
 //! 2. the agent is killed -9; while no agent runs, one task finishes, one
 //!    fails, one is killed -9 by hand, and one tries a bind outside its
 //!    ports, which the pinned fence still refuses; the agent is started
-//!    again on the same work dir: the framework hears each real end, once,
-//!    never TASK_LOST, and the task that kept running is killed as asked.
+//!    again on the same work dir, as a new build would be (its eBPF maps
+//!    made anew): the framework hears each real end, once, never TASK_LOST,
+//!    the fence holds over the new maps, and the task that kept running is
+//!    killed as asked.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -77,9 +79,29 @@ fn expect_phase(
     assert_eq!(value["phase"], phase, "{value}");
 }
 
-fn binds(sandbox: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(sandbox.join("bind")).ok()?;
+fn binds(sandbox: &Path, file: &str) -> Option<String> {
+    let text = std::fs::read_to_string(sandbox.join(file)).ok()?;
     (text.lines().count() == 2).then_some(text)
+}
+
+/// The binds outside and inside the task's ports: refused, and allowed.
+fn assert_fenced(tried: &str, when: &str) {
+    assert!(
+        tried.contains("31001 EPERM") || tried.contains("31001 EACCES"),
+        "a bind outside the task's ports is refused {when}:\n{tried}"
+    );
+    assert!(
+        tried.contains("31000 ok"),
+        "its own port binds {when}:\n{tried}"
+    );
+}
+
+/// The agent's pinned maps, one directory per build of each object.
+fn pinned_maps(cluster: &Cluster) -> Vec<std::path::PathBuf> {
+    let pins = Path::new("/sys/fs/bpf/butte").join(cluster.subtree.replace('/', "_"));
+    std::fs::read_dir(pins.join("maps"))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -118,16 +140,19 @@ fn tasks_live_through_the_launchers_death_and_the_agents_kill_9() {
     let killed = cluster.container_pids("killed");
     assert!(!killed.is_empty(), "killed runs");
     for pid in killed {
-        kill(pid);
+        // Killing the container's init takes the rest of its pid namespace
+        // with it: a later pid may be gone already.
+        // SAFETY: kill(2) has no memory effects.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
     }
     let fenced = cluster.sandbox("fenced");
-    wait_for("the fenced task's binds", || binds(&fenced).is_some());
-    let tried = binds(&fenced).unwrap();
-    assert!(
-        tried.contains("31001 EPERM") || tried.contains("31001 EACCES"),
-        "a bind outside the task's ports is refused while no agent runs:\n{tried}"
-    );
-    assert!(tried.contains("31000 ok"), "its own port binds:\n{tried}");
+    wait_for("the fenced task's binds", || {
+        binds(&fenced, "bind").is_some()
+    });
+    assert_fenced(&binds(&fenced, "bind").unwrap(), "while no agent runs");
     wait_for("fail and killed to end", || {
         cluster.container_pids("fail").is_empty() && cluster.container_pids("killed").is_empty()
     });
@@ -136,7 +161,45 @@ fn tasks_live_through_the_launchers_death_and_the_agents_kill_9() {
         long,
         "long ran on untouched"
     );
+    // As an upgrade to a new build: the maps pinned are another build's, so
+    // the new agent makes its own and must fill them before taking over
+    // the links.
+    let maps = pinned_maps(&cluster);
+    assert_eq!(
+        maps.len(),
+        3,
+        "ports, devices and network maps pinned: {maps:?}"
+    );
+    for dir in &maps {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let object = name.rsplit_once('-').unwrap().0;
+        std::fs::rename(
+            dir,
+            dir.with_file_name(format!("{object}-0000000000000000")),
+        )
+        .unwrap();
+    }
     cluster.start_agent();
+    wait_for("the agent's second run to register", || {
+        std::fs::read_to_string(cluster.dir.join("agent-2.log"))
+            .is_ok_and(|log| log.contains("registered with the master"))
+    });
+    std::fs::write(fenced.join("go2"), "").unwrap();
+    wait_for("the fenced task's binds after the restart", || {
+        binds(&fenced, "bind2").is_some()
+    });
+    assert_fenced(
+        &binds(&fenced, "bind2").unwrap(),
+        "over the new build's maps",
+    );
+    let maps = pinned_maps(&cluster);
+    assert!(
+        maps.len() == 3
+            && !maps
+                .iter()
+                .any(|d| d.to_string_lossy().ends_with("-0000000000000000")),
+        "the old build's maps are gone once the links run the new programs: {maps:?}"
+    );
 
     let result = next_line(&mut lines, &cluster);
     let status = framework.wait().unwrap();
@@ -173,10 +236,14 @@ fn tasks_live_through_the_launchers_death_and_the_agents_kill_9() {
     );
     let log = std::fs::read_to_string(cluster.dir.join("agent-2.log")).unwrap();
     assert!(
+        !log.contains("pinned link") && !log.contains("pin that cannot"),
+        "every pinned link switched in one step:\n{log}"
+    );
+    assert!(
         log.contains("recovered the tasks of the previous run")
-            && log.contains("running=1")
-            && log.contains("ended_meanwhile=3"),
-        "the new agent took back 1 running task and 3 that ended meanwhile:\n{log}"
+            && log.contains("running=2")
+            && log.contains("ended_meanwhile=2"),
+        "the new agent took back 2 running tasks (long, fenced) and 2 that ended meanwhile (fail, killed):\n{log}"
     );
     cluster.stop_agent();
     assert!(

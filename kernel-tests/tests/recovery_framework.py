@@ -9,7 +9,8 @@ Tasks (each waits for a file `go` in its sandbox, which the test makes):
   finish   exits 0 once told                      (TASK_FINISHED)
   fail     exits 7 once told                      (TASK_FAILED, status 7)
   killed   its processes are killed -9 by the test (TASK_FAILED, signal 9)
-  fenced   binds 31001 (outside its range) and 31000, then exits 0
+  fenced   binds 31001 (outside its range) and 31000 (results in `bind`),
+           then, told again (`go2`), once more (`bind2`), and exits 0
   after    launched once `finish` ended, after the launcher was killed
 Phases: "running" (all five run; the test kills the launcher and tells
 `finish`), "agent" (`after` ended; the test kills the agent, tells the
@@ -34,8 +35,8 @@ events = queue.Queue()
 
 WAIT = "while [ ! -e $MESOS_SANDBOX/go ]; do sleep 0.1; done; "
 BIND = """
-import errno, socket
-with open("bind", "w") as out:
+import errno, socket, sys
+with open(sys.argv[1], "w") as out:
     for port in (31001, 31000):
         s = socket.socket()
         try:
@@ -93,7 +94,8 @@ def main():
         driver = next_event("SUBSCRIBED")
         offer = next_event("OFFERS")[0]
         agent_id = offer.get_offer()["agent_id"]
-        fenced = task("fenced", agent_id, WAIT + 'exec python3 -c "$BIND"')
+        fenced = task("fenced", agent_id, WAIT + 'python3 -c "$BIND" bind; '
+                      'while [ ! -e $MESOS_SANDBOX/go2 ]; do sleep 0.1; done; exec python3 -c "$BIND" bind2')
         fenced["resources"].append({"name": "ports", "type": "RANGES",
                                     "ranges": {"range": [{"begin": 31000, "end": 31000}]}})
         fenced["command"]["environment"] = {"variables": [{"name": "BIND", "value": BIND}]}

@@ -105,7 +105,7 @@ impl Registry {
             .map_err(|e| err(&e))?
             .map(|v| {
                 v.value()
-                    .split(',')
+                    .lines()
                     .filter(|id| !id.is_empty())
                     .map(str::to_owned)
                     .collect()

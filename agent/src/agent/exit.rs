@@ -34,6 +34,9 @@ impl Agent {
                 .map(|(key, r)| (key, r.is_killing(), r.cgroup_id.clone(), r.group.clone()))
         };
         let Some((key, killing, cgroup_id, group)) = found else {
+            // Its task ended already (a limit or a fault struck during the
+            // launch): only the container's hold and records are left.
+            self.forget_container(container_id);
             return;
         };
         let oom = self.lock().oom_struck.remove(&cgroup_id)
@@ -130,6 +133,7 @@ impl Agent {
             record.mark_killing();
             record.container_id.clone()
         };
+        self.checkpoint_now(key);
         if !grace.is_zero() {
             self.terminate_all(&container_id);
         }
@@ -144,7 +148,7 @@ impl Agent {
     /// Kills every task of a group: SIGTERM to all its processes, then
     /// SIGKILL to each task and to the group's init when `grace` runs out.
     fn kill_group(&self, group: &str, grace: Duration) {
-        let containers: Vec<String> = {
+        let containers: Vec<(TaskKey, String)> = {
             let mut state = self.lock();
             let members = state.tasks.group_members(group);
             members
@@ -152,10 +156,14 @@ impl Agent {
                 .filter_map(|key| {
                     let record = state.tasks.get_mut(key)?;
                     record.mark_killing();
-                    Some(record.container_id.clone())
+                    Some((key.clone(), record.container_id.clone()))
                 })
                 .collect()
         };
+        for (key, _) in &containers {
+            self.checkpoint_now(key);
+        }
+        let containers: Vec<String> = containers.into_iter().map(|(_, id)| id).collect();
         if !grace.is_zero() {
             self.terminate_all(group);
         }

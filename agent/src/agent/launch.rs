@@ -373,7 +373,7 @@ impl Agent {
         };
         self.set_gpus(key, gpus);
         let privileges = self.privileges(framework, &task)?;
-        create_sandbox(&sandbox)?;
+        self.create_sandbox(&sandbox)?;
         give_sandbox(&sandbox, &privileges)?;
         let mut env = self.task_env(framework, &task, &container_id, &sandbox, executor_id);
         env.extend(gpus.iter().flat_map(Assignment::env));
@@ -497,7 +497,7 @@ impl Agent {
         resources: &Resources,
         police_ingress: bool,
     ) -> Result<(Placement, Option<Assignment>), LaunchError> {
-        create_sandbox(sandbox)?;
+        self.create_sandbox(sandbox)?;
         self.hold_disk(container_id, sandbox, resources);
         let gpus = match self.lock().gpus.as_mut() {
             Some(books) => books.assign(container_id, resources)?,
@@ -633,11 +633,16 @@ fn give_sandbox(sandbox: &Path, privileges: &Privileges) -> Result<(), LaunchErr
     })
 }
 
-fn create_sandbox(sandbox: &Path) -> Result<(), LaunchError> {
-    std::fs::create_dir_all(sandbox).map_err(|source| LaunchError::Sandbox {
-        path: sandbox.to_owned(),
-        source,
-    })
+impl Agent {
+    /// Makes a staged task's sandbox, holding off sandbox GC meanwhile
+    /// (it removes empty parent directories, and this fills them).
+    fn create_sandbox(&self, sandbox: &Path) -> Result<(), LaunchError> {
+        let _gc = self.sandbox_gc();
+        std::fs::create_dir_all(sandbox).map_err(|source| LaunchError::Sandbox {
+            path: sandbox.to_owned(),
+            source,
+        })
+    }
 }
 
 /// What a container is fenced to: its port ranges (none: only port 0), its

@@ -126,6 +126,9 @@ pub struct Agent {
     seccomp_profiles: Arc<SeccompProfiles>,
     /// Hard disk limits, where the work dir's filesystem has project quotas.
     pub quotas: Option<Arc<ProjectQuotas>>,
+    /// Held by sandbox GC while it chooses and moves away, and by a launch
+    /// while it makes a sandbox: a sandbox made is always in the books GC reads.
+    sandbox_gc: Arc<Mutex<()>>,
 }
 
 /// What starts containers and holds the running ones.
@@ -182,7 +185,13 @@ impl Agent {
             container_starts: ContainerStarts::default(),
             seccomp_profiles: Arc::new(seccomp_profiles),
             quotas: quotas.map(Arc::new),
+            sandbox_gc: Arc::default(),
         }
+    }
+
+    /// Excludes sandbox GC (see `sandbox_gc`).
+    pub fn sandbox_gc(&self) -> MutexGuard<'_, ()> {
+        self.sandbox_gc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn lock(&self) -> MutexGuard<'_, AgentState> {

@@ -36,8 +36,14 @@ impl Agent {
         // What each cgroup's fence holds: its tasks' resources together.
         let mut fenced: BTreeMap<String, (Resources, bool, Option<Assignment>)> = BTreeMap::new();
         let mut adopted = Vec::new();
+        let mut killing = Vec::new();
         for Recovered { framework, task } in self.checkpoint.recover() {
-            let (key, record) = TaskRecord::from_checkpoint(&task);
+            let (key, mut record) = TaskRecord::from_checkpoint(&task);
+            // The newest update queued may be newer than the task's state
+            // as last checkpointed (an acknowledgement rewrote an older one).
+            if let Some(newest) = task.pending.last() {
+                record.advance(newest.status.state());
+            }
             if let Some(id) = framework.id.as_ref() {
                 self.lock()
                     .frameworks
@@ -61,6 +67,9 @@ impl Agent {
                 self.hold_sandbox(&record.container_id, &record.sandbox);
             }
             adopted.push((key.clone(), record.container_id.clone()));
+            if record.is_killing() {
+                killing.push(key.clone());
+            }
             self.lock().tasks.restore(key, record);
         }
         for (cgroup_id, (resources, police_ingress, gpus)) in &fenced {
@@ -83,6 +92,10 @@ impl Agent {
             } else {
                 recovery.ended += 1;
             }
+        }
+        // A kill asked of the previous run: its grace is over.
+        for key in &killing {
+            self.kill(key, std::time::Duration::ZERO);
         }
         self.remove_leftovers();
         recovery

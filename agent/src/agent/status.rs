@@ -214,6 +214,21 @@ impl StatusStream {
         }
     }
 
+    /// A checkpoint of a task without an update (a kill asked for), in
+    /// sequence with its updates' checkpoints; `write()` it once the
+    /// agent's lock is released.
+    pub fn rewrite(&self, _held: &AgentState, key: &TaskKey, task: TaskCheckpoint) -> Queued<'_> {
+        let mut streams = self.lock();
+        streams.sequence += 1;
+        let sequence = streams.sequence;
+        let slot = streams.checkpoints.entry(key.clone()).or_default().clone();
+        Queued {
+            stream: self,
+            key: key.clone(),
+            task: Some((task, slot, sequence)),
+        }
+    }
+
     /// Sends each task's oldest unacknowledged update when due.
     pub fn flush(&self) {
         let mut streams = self.lock();
@@ -314,6 +329,20 @@ impl Agent {
     /// (which it was given and how they are linked) and the change's own.
     pub(super) fn update(&self, key: &TaskKey, change: Change) {
         self.queue_update(key, change, false);
+    }
+
+    /// Checkpoints a task as it is now, with no update (a kill was asked
+    /// for: a restarted agent must still kill it).
+    pub(super) fn checkpoint_now(&self, key: &TaskKey) {
+        let guard = self.lock();
+        let agent_id = guard.agent_id.clone();
+        let Some(record) = guard.tasks.get(key) else {
+            return;
+        };
+        let task = record.to_checkpoint(agent_id.as_deref());
+        let queued = self.status.rewrite(&guard, key, task);
+        drop(guard);
+        queued.write();
     }
 
     /// TASK_RUNNING, once: from the launch that reached exec or from the

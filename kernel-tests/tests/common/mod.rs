@@ -5,7 +5,6 @@
 
 pub mod cluster;
 pub mod fake_master;
-pub mod link_cut;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

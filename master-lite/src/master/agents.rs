@@ -138,6 +138,9 @@ pub enum RegisterError {
     /// The registry could not record the agent.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The agent's id breaks the id rule.
+    #[error(transparent)]
+    Id(#[from] butte_api::ids::IdError),
     /// The operator marked this agent gone.
     #[error(
         "the operator marked agent {0} gone (MARK_AGENT_GONE); start the agent on a new --work-dir to join as a new agent"
@@ -473,7 +476,8 @@ impl Master {
         let mut gone = self.gone_agents.clone();
         gone.insert(agent_id.to_owned());
         let list: Vec<&str> = gone.iter().map(String::as_str).collect();
-        self.registry.put_meta("gone_agents", &list.join(","))?;
+        // One per line: ids hold no control characters (the id rule).
+        self.registry.put_meta("gone_agents", &list.join("\n"))?;
         self.gone_agents = gone;
         self.rescind_agent_offers(agent_id);
         self.allocator.remove_agent(agent_id);

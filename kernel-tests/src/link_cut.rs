@@ -1,4 +1,5 @@
-//! A TCP relay on loopback between the agent and the master that a test can
+//! A TCP relay on loopback between the agent and the master that a test (or
+//! the soak) can
 //! cut and heal: a partition of their link, as a dropped route would make
 //! it. While cut, every byte either side sends is dropped (TCP stays up, so
 //! only each side's own timers find the silence) and new connections are
@@ -24,27 +25,29 @@ pub struct LinkCut {
 
 impl LinkCut {
     /// Relays `127.0.0.1:listen` to `127.0.0.1:target`.
-    pub fn start(listen: u16, target: u16) -> LinkCut {
-        let listener = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    pub fn start(listen: u16, target: u16) -> std::io::Result<LinkCut> {
+        let listener = TcpListener::bind(("127.0.0.1", listen))?;
         let state = Arc::new(State::default());
         let shared = state.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                // Refused while the target is down: the client sees that.
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
+                let (Ok(client_copy), Ok(server_copy)) = (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
                 let generation = shared.generation.load(Ordering::SeqCst);
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
+                for (from, to) in [(client_copy, server_copy), (server, client)] {
                     let state = shared.clone();
                     std::thread::spawn(move || pump(from, to, &state, generation));
                 }
             }
         });
-        LinkCut { state }
+        Ok(LinkCut { state })
     }
 
     pub fn cut(&self) {
@@ -58,8 +61,12 @@ impl LinkCut {
 }
 
 fn pump(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64) {
-    from.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    if from
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .is_err()
+    {
+        return;
+    }
     let mut buffer = vec![0u8; 64 << 10];
     loop {
         if state.generation.load(Ordering::SeqCst) != generation {
