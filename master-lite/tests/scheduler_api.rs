@@ -536,3 +536,27 @@ async fn an_agent_marked_gone_ends_its_tasks_and_is_never_admitted_again() {
         "{agents}"
     );
 }
+
+#[tokio::test]
+async fn a_launch_lost_with_the_link_goes_again_when_the_agent_returns() {
+    let master = master("relaunch").await;
+    let agent = TestAgent::connect(&master, "cpus:2;mem:1024").await;
+    agent.drop_launches();
+    let mut scheduler = Scheduler::subscribe(&master, framework("relaunch")).await;
+    let offers = scheduler.next("OFFERS", 5).await;
+    let call = launch(
+        &offers["offers"]["offers"][0],
+        &[("drifter", "sleep 600", 1.0, 64.0)],
+    );
+    assert_eq!(scheduler.call(call).await, 202);
+    assert!(
+        scheduler.gets_within("UPDATE", 500).await.is_none(),
+        "the launch never reached the agent"
+    );
+    let agent_id = agent.agent_id.clone();
+    agent.disconnect();
+    // Back on a new link, without the task: its launch goes again, and it
+    // runs (it is not reported lost first: LOST would be final).
+    let _back = TestAgent::connect_as(&master, "cpus:2;mem:1024", Some(agent_id), vec![]).await;
+    scheduler.await_state("drifter", "TASK_RUNNING", 5).await;
+}

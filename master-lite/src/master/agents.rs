@@ -246,24 +246,57 @@ impl Master {
             .iter()
             .map(|t| (t.framework_id.value.as_str(), t.task_id.value.as_str()))
             .collect();
-        // Tasks the master placed here that the agent does not know are gone.
+        // Tasks the master placed here that the agent does not know are
+        // gone; a staging one's launch was lost on the way (with a link) and
+        // goes again, where the master still has it.
         let mut gone = Vec::new();
+        let mut relaunch: Vec<std::sync::Arc<link::LaunchTasks>> = Vec::new();
         for (framework_id, framework) in &self.frameworks {
+            let aware = framework.has_capability(capability::Type::PartitionAware);
             for (task_id, entry) in &framework.tasks {
-                if entry.task.agent_id.value == agent_id
-                    && !is_terminal(entry.state())
-                    && entry.state() != TaskState::TaskStaging
-                    && !reported.contains(&(framework_id.as_str(), task_id.as_str()))
+                if entry.task.agent_id.value != agent_id
+                    || is_terminal(entry.state())
+                    || reported.contains(&(framework_id.as_str(), task_id.as_str()))
                 {
-                    gone.push((framework_id.clone(), entry.task.task_id.clone()));
+                    continue;
+                }
+                match (&entry.launch, entry.state()) {
+                    (Some(launch), TaskState::TaskStaging) => {
+                        if !relaunch.iter().any(|l| std::sync::Arc::ptr_eq(l, launch)) {
+                            relaunch.push(launch.clone());
+                        }
+                    }
+                    (None, TaskState::TaskStaging) => {
+                        let state = if aware {
+                            TaskState::TaskDropped
+                        } else {
+                            TaskState::TaskLost
+                        };
+                        gone.push((framework_id.clone(), entry.task.task_id.clone(), state));
+                    }
+                    _ => gone.push((
+                        framework_id.clone(),
+                        entry.task.task_id.clone(),
+                        TaskState::TaskLost,
+                    )),
                 }
             }
         }
-        for (framework_id, task_id) in gone {
+        for launch in relaunch {
+            tracing::info!(
+                agent_id,
+                "the agent registered without tasks launched on it; their launch goes again"
+            );
+            self.send_to_agent(
+                agent_id,
+                link::master_message::Kind::LaunchTasks((*launch).clone()),
+            );
+        }
+        for (framework_id, task_id, state) in gone {
             let status = lost_on(
                 agent_id,
                 &task_id,
-                TaskState::TaskLost,
+                state,
                 task_status::Reason::AgentRestarted,
                 "the agent re-registered without this task",
             );

@@ -491,6 +491,14 @@ impl Master {
             executor,
             task_group: group,
         };
+        let kept = std::sync::Arc::new(message.clone());
+        if let Some(framework) = self.frameworks.get_mut(at.framework_id) {
+            for task in &staged {
+                if let Some(entry) = framework.tasks.get_mut(&task.task_id.value) {
+                    entry.launch = Some(kept.clone());
+                }
+            }
+        }
         if !self.send_to_agent(
             at.agent_id,
             link::master_message::Kind::LaunchTasks(message),

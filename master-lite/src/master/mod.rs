@@ -109,6 +109,11 @@ pub struct TaskEntry {
     acknowledged: VecDeque<Vec<u8>>,
     /// The task's resources are not booked in the allocator (never were, or given back).
     resources_recovered: bool,
+    /// The launch that sent it, kept while it is staging: if its agent
+    /// re-registers without it (the message was lost with a link), it is
+    /// sent again. Not in the registry: after a master restart such a task
+    /// is lost (dropped, for partition-aware frameworks).
+    pub(super) launch: Option<std::sync::Arc<butte_api::agent_link::v1::LaunchTasks>>,
 }
 
 impl TaskEntry {
@@ -121,6 +126,7 @@ impl TaskEntry {
             updates: UpdateQueue::new(retry),
             acknowledged: VecDeque::new(),
             resources_recovered: false,
+            launch: None,
         }
     }
 
@@ -140,6 +146,7 @@ impl TaskEntry {
             updates: UpdateQueue::new(retry),
             acknowledged: VecDeque::new(),
             resources_recovered: true,
+            launch: None,
         }
     }
 

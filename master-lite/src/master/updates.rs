@@ -23,6 +23,9 @@ impl TaskEntry {
     /// true when the task just ended and its resources are to go back.
     fn record(&mut self, mut status: TaskStatus) -> bool {
         let state = status.state();
+        if state != TaskState::TaskStaging {
+            self.launch = None;
+        }
         status.agent_id = Some(self.task.agent_id.clone());
         if status.timestamp.is_none() {
             status.timestamp = Some(unix_now());

@@ -49,6 +49,8 @@ pub struct TestAgent {
     outbound: mpsc::UnboundedSender<link::AgentMessage>,
     pub unacked: Arc<Mutex<HashMap<Vec<u8>, link::StatusUpdate>>>,
     pub received: Arc<Mutex<Vec<master_message::Kind>>>,
+    /// Launches dropped unanswered, as if lost on the way.
+    drop_launches: Arc<std::sync::atomic::AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -95,6 +97,8 @@ impl TestAgent {
         let unacked: Arc<Mutex<HashMap<Vec<u8>, link::StatusUpdate>>> = Arc::default();
         let received: Arc<Mutex<Vec<master_message::Kind>>> = Arc::default();
         let (out, pending, seen) = (outbound.clone(), unacked.clone(), received.clone());
+        let drop_launches: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let dropping = drop_launches.clone();
         let reader = tokio::spawn(async move {
             let mut resend = tokio::time::interval(Duration::from_millis(300));
             loop {
@@ -103,7 +107,11 @@ impl TestAgent {
                         let Ok(Some(message)) = message else { break };
                         let Some(kind) = message.kind else { continue };
                         seen.lock().unwrap().push(kind.clone());
-                        handle(kind, &out, &pending);
+                        let lost = dropping.load(std::sync::atomic::Ordering::SeqCst)
+                            && matches!(kind, master_message::Kind::LaunchTasks(_));
+                        if !lost {
+                            handle(kind, &out, &pending);
+                        }
                     }
                     _ = resend.tick() => {
                         let _ = out.send(link::AgentMessage { kind: Some(agent_message::Kind::Heartbeat(link::Heartbeat {})) });
@@ -119,8 +127,15 @@ impl TestAgent {
             outbound,
             unacked,
             received,
+            drop_launches,
             reader,
         }
+    }
+
+    /// From now on, launches are lost on the way (never answered).
+    pub fn drop_launches(&self) {
+        self.drop_launches
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Drops the link as a crashed agent would.
