@@ -202,7 +202,8 @@ impl Checkpoint {
     }
 }
 
-fn subdirs(dir: &Path) -> Vec<PathBuf> {
+/// The directories in `dir` (links not followed); none if it is missing.
+pub(crate) fn subdirs(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::agent::Agent;
+use crate::checkpoint::subdirs;
 
 /// `--gc-delay` and `--gc-disk-headroom`.
 #[derive(Debug, Clone, Copy)]
@@ -113,18 +114,6 @@ pub fn sweep(
         let _ = std::fs::remove_dir(&framework);
     }
     removed
-}
-
-fn subdirs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        // Not followed: a task may have left a link in its sandbox's place.
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect()
 }
 
 /// The fraction of `dir`'s filesystem in use (0 to 1), as Mesos counts it:

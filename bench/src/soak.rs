@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use butte_bench::cluster::{Cluster, Scheduler, task};
+use butte_kernel_tests::launcher_of;
 use butte_kernel_tests::link_cut::LinkCut;
 use serde_json::{Value, json};
 
@@ -60,20 +61,6 @@ fn plan(length: Duration, random: &mut Random) -> Vec<(Duration, Chaos)> {
     }
     plan.sort_by_key(|(at, _)| *at);
     plan
-}
-
-/// The launcher process of `agent` (its child named butte-launcher).
-fn launcher_of(agent: i32) -> Option<i32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            let (name, rest) = stat.split_once(") ")?;
-            let parent: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-            (name.ends_with("(butte-launcher") && parent == agent).then_some(pid)
-        })
 }
 
 /// Processes named butte-supervise.

@@ -16,25 +16,13 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 
+use butte_kernel_tests::launcher_of;
+
 mod common;
 use common::cluster::{Cluster, wait_for};
 
 const MASTER_PORT: u16 = 15_182;
 const AGENT_PORT: u16 = 15_183;
-
-/// The launcher process of `agent` (its child named butte-launcher).
-fn launcher_of(agent: i32) -> Option<i32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            let (name, rest) = stat.split_once(") ")?;
-            let parent: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-            (name.ends_with("(butte-launcher") && parent == agent).then_some(pid)
-        })
-}
 
 fn kill(pid: i32) {
     // SAFETY: kill(2) has no memory effects.

@@ -458,19 +458,7 @@ impl Master {
             return;
         };
         agent.link.mark_unreachable(Instant::now());
-        let mut updates = Vec::new();
-        for (framework_id, framework) in &self.frameworks {
-            let state = if framework.has_capability(capability::Type::PartitionAware) {
-                TaskState::TaskUnreachable
-            } else {
-                TaskState::TaskLost
-            };
-            for entry in framework.tasks.values() {
-                if entry.task.agent_id.value == agent_id && !is_terminal(entry.state()) {
-                    updates.push((framework_id.clone(), entry.task.task_id.clone(), state));
-                }
-            }
-        }
+        let updates = self.open_tasks_on(agent_id, TaskState::TaskUnreachable);
         for (framework_id, task_id, state) in updates {
             // Unreachable is not terminal: release its resources by hand.
             if state == TaskState::TaskUnreachable {
@@ -514,19 +502,7 @@ impl Master {
         self.gone_agents = gone;
         self.rescind_agent_offers(agent_id);
         self.allocator.remove_agent(agent_id);
-        let mut updates = Vec::new();
-        for (framework_id, framework) in &self.frameworks {
-            let state = if framework.has_capability(capability::Type::PartitionAware) {
-                TaskState::TaskGoneByOperator
-            } else {
-                TaskState::TaskLost
-            };
-            for entry in framework.tasks.values() {
-                if entry.task.agent_id.value == agent_id && !is_terminal(entry.state()) {
-                    updates.push((framework_id.clone(), entry.task.task_id.clone(), state));
-                }
-            }
-        }
+        let updates = self.open_tasks_on(agent_id, TaskState::TaskGoneByOperator);
         for (framework_id, task_id, state) in updates {
             let status = lost_on(
                 agent_id,
@@ -544,6 +520,25 @@ impl Master {
         tracing::warn!(agent_id, "the operator marked the agent gone");
         self.want_allocation();
         Ok(())
+    }
+
+    /// The tasks on `agent_id` not ended yet, each with the state it is to
+    /// take: `aware` for partition-aware frameworks, TASK_LOST for others.
+    fn open_tasks_on(&self, agent_id: &str, aware: TaskState) -> Vec<(String, TaskId, TaskState)> {
+        let mut open = Vec::new();
+        for (framework_id, framework) in &self.frameworks {
+            let state = if framework.has_capability(capability::Type::PartitionAware) {
+                aware
+            } else {
+                TaskState::TaskLost
+            };
+            for entry in framework.tasks.values() {
+                if entry.task.agent_id.value == agent_id && !is_terminal(entry.state()) {
+                    open.push((framework_id.clone(), entry.task.task_id.clone(), state));
+                }
+            }
+        }
+        open
     }
 
     /// Gives a task's resources back to the allocator, if they are booked.
