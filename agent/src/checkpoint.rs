@@ -197,6 +197,14 @@ impl Checkpoint {
             .map(|s| s.trim().to_owned())
     }
 
+    /// Forgets the agent's id: the next run registers as a new agent.
+    pub fn forget_agent_id(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.meta.join("agent_id")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     pub fn set_agent_id(&self, id: &str) -> std::io::Result<()> {
         write_atomic(&self.meta.join("agent_id"), id.as_bytes())
     }

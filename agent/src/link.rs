@@ -94,6 +94,18 @@ pub async fn run(agent: Agent) {
     loop {
         match session(&agent).await {
             Ok(()) => tracing::warn!("the master closed the link; reconnecting"),
+            Err(LinkError::Status(status)) if status.code() == tonic::Code::PermissionDenied => {
+                // Marked gone by the operator (as Mesos's shutdown of an agent).
+                tracing::error!(
+                    reason = status.message(),
+                    "the master refuses this agent for good; killing its tasks and exiting"
+                );
+                agent.drain().await;
+                if let Err(error) = agent.checkpoint().forget_agent_id() {
+                    tracing::error!(%error, "cannot forget the agent id");
+                }
+                std::process::exit(0);
+            }
             Err(error) => {
                 tracing::warn!(%error, master = agent.config.master, "link to the master failed; retrying in {backoff:?}")
             }

@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         if agent.config.recover == Recover::Cleanup {
             let recovery = agent.recover();
             tracing::info!(?recovery, "--recover cleanup: killing every task a previous run left, then exiting");
-            drain(&agent, &*isolator).await;
+            agent.drain().await;
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
             ),
             Stop::Drain => {
                 tracing::info!("SIGUSR1: killing every task and removing what the agent made");
-                drain(&agent, &*isolator).await;
+                agent.drain().await;
             }
         }
         anyhow::Ok(())
@@ -184,16 +184,6 @@ async fn stop_signal() -> Stop {
             shutdown_signal().await;
             Stop::Leave
         }
-    }
-}
-
-/// Kills every task and removes the agent's cgroups, pins and checkpoints.
-async fn drain(agent: &Agent, isolator: &dyn butte_isolators::cgroups::Isolator) {
-    agent.shutdown().await;
-    agent.fences().unpin();
-    isolator.remove_subtree();
-    if let Err(error) = agent.checkpoint().clear() {
-        tracing::error!(%error, "cannot remove the task checkpoints");
     }
 }
 

@@ -19,7 +19,7 @@ use std::process::Stdio;
 use butte_kernel_tests::launcher_of;
 
 mod common;
-use common::cluster::{Cluster, wait_for};
+use common::cluster::{Cluster, http_get, http_post_json, wait_for};
 
 const MASTER_PORT: u16 = 15_182;
 const AGENT_PORT: u16 = 15_183;
@@ -233,10 +233,27 @@ fn tasks_live_through_the_launchers_death_and_the_agents_kill_9() {
             && log.contains("ended_meanwhile=2"),
         "the new agent took back 2 running tasks (long, fenced) and 2 that ended meanwhile (fail, killed):\n{log}"
     );
-    cluster.stop_agent();
+    // The operator marks the agent gone: it kills what it runs, forgets
+    // its id and exits, leaving nothing behind.
+    let slaves: serde_json::Value =
+        serde_json::from_str(&http_get(MASTER_PORT, "/slaves").unwrap()).unwrap();
+    let agent_id = slaves["slaves"][0]["id"].as_str().unwrap().to_owned();
+    let call = serde_json::json!({"type": "MARK_AGENT_GONE",
+        "mark_agent_gone": {"agent_id": {"value": agent_id}}});
+    let (status, body) = http_post_json(MASTER_PORT, "/api/v1", &call.to_string()).unwrap();
+    assert!(status.contains("200"), "{status}: {body}");
+    wait_for("the gone agent to drain and exit", || {
+        cluster.agent_exited()
+    });
     assert!(
         cluster.cgroups_left().is_empty(),
         "drained: {:?}",
         cluster.cgroups_left()
+    );
+    let pins = Path::new("/sys/fs/bpf/butte").join(cluster.subtree.replace('/', "_"));
+    assert!(!pins.exists(), "its pins are gone");
+    assert!(
+        !cluster.dir.join("agent/meta/agent_id").exists(),
+        "it forgot its id, to join as a new agent"
     );
 }

@@ -46,8 +46,13 @@ impl AgentLink for AgentLinkService {
             .shared
             .lock()
             .register_agent(register, sender)
-            .map_err(|message| {
-                Status::invalid_argument(format!("registration refused: {message}"))
+            .map_err(|error| {
+                let message = format!("registration refused: {error}");
+                match error {
+                    // For good: the agent gives up its tasks and its id.
+                    crate::master::RegisterError::Gone(_) => Status::permission_denied(message),
+                    _ => Status::invalid_argument(message),
+                }
             })?;
 
         let shared = self.shared.clone();

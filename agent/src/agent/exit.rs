@@ -201,6 +201,18 @@ impl Agent {
         }
     }
 
+    /// Gives the node up (SIGUSR1, `--recover cleanup`, or the master
+    /// marked this agent gone): every task killed, the agent's cgroups,
+    /// pins and checkpoints removed.
+    pub async fn drain(&self) {
+        self.shutdown().await;
+        self.fences().unpin();
+        self.isolator.remove_subtree();
+        if let Err(error) = self.checkpoint.clear() {
+            tracing::error!(%error, "cannot remove the task checkpoints");
+        }
+    }
+
     /// Process events from the ring buffer: counted per container; an OOM
     /// kill fails the task with the memory reason at once (Mesos's memory
     /// limitation: the container is destroyed).

@@ -33,9 +33,9 @@ pub enum LaunchError {
     /// the agent has less free than the task asks
     #[error("the task's resources are more than this agent has free")]
     DoesNotFit,
-    /// the framework could not be checkpointed (a full disk, say): a task
-    /// this agent could not recover after a restart is not started
-    #[error("cannot checkpoint the framework, so the task is not started: {0}")]
+    /// the task or its framework could not be checkpointed (a full disk,
+    /// say): a task this agent could not recover after a restart is not started
+    #[error("cannot checkpoint the task or its framework, so the task is not started: {0}")]
     Checkpoint(std::io::Error),
     /// the sandbox directory could not be made
     #[error("cannot create the sandbox {path}: {source}")]
@@ -205,10 +205,20 @@ impl Agent {
             }
             return None;
         }
-        for key in &members {
-            self.update(key, Change::to(TaskState::TaskStarting));
+        // A task whose checkpoint cannot be written could not be recovered
+        // after a restart: it is not started.
+        let mut started = Vec::new();
+        for key in members {
+            if self.update_checkpointed(&key, Change::to(TaskState::TaskStarting)) {
+                started.push(key);
+            } else {
+                let error = std::io::Error::other(
+                    "the task's checkpoint could not be written (see the agent's log)",
+                );
+                self.fail_launch(&key, &LaunchError::Checkpoint(error));
+            }
         }
-        Some(members)
+        (!started.is_empty()).then_some(started)
     }
 
     fn fail_launch(&self, key: &TaskKey, error: &LaunchError) {

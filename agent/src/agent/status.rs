@@ -62,17 +62,20 @@ pub struct Queued<'a> {
 
 impl Queued<'_> {
     /// Checkpoints the task as it was when its update was queued, with
-    /// every update not yet acknowledged, then sends what is due.
-    pub fn write(self) {
+    /// every update not yet acknowledged, then sends what is due. False
+    /// when the checkpoint could not be written.
+    pub fn write(self) -> bool {
+        let mut written = true;
         if let Some((task, slot, sequence)) = self.task {
             let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
             if !slot.removed && sequence > slot.written {
                 slot.written = sequence;
                 slot.latest = Some(task);
-                self.stream.write_checkpoint(&self.key, &slot);
+                written = self.stream.write_checkpoint(&self.key, &slot);
             }
         }
         self.stream.flush();
+        written
     }
 }
 
@@ -92,9 +95,9 @@ impl StatusStream {
 
     /// Writes the slot's task with the updates pending now. Called with
     /// the slot locked (never the streams: they are taken here).
-    fn write_checkpoint(&self, key: &TaskKey, slot: &Slot) {
+    fn write_checkpoint(&self, key: &TaskKey, slot: &Slot) -> bool {
         let Some(latest) = &slot.latest else {
-            return;
+            return true;
         };
         let mut checkpoint = latest.clone();
         checkpoint.pending = self
@@ -104,8 +107,12 @@ impl StatusStream {
             .map(|queue| queue.pending().cloned().collect())
             .unwrap_or_default();
         tracing::debug!(%key, state = ?checkpoint.task.state(), pending = checkpoint.pending.len(), "checkpointing the task");
-        if let Err(error) = self.checkpoint.task(&checkpoint) {
-            tracing::error!(%error, task_id = key.task_id, "cannot checkpoint the task");
+        match self.checkpoint.task(&checkpoint) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%error, task_id = key.task_id, "cannot checkpoint the task");
+                false
+            }
         }
     }
 
@@ -279,7 +286,7 @@ impl StatusStream {
                 }
             } else if !slot.removed {
                 // The acknowledged update must not come back after a restart.
-                self.write_checkpoint(key, &slot);
+                let _ = self.write_checkpoint(key, &slot);
             }
         }
         self.flush();
@@ -328,7 +335,13 @@ impl Agent {
     /// A status update; a running task's carries the labels of its GPUs
     /// (which it was given and how they are linked) and the change's own.
     pub(super) fn update(&self, key: &TaskKey, change: Change) {
-        self.queue_update(key, change, false);
+        let _ = self.queue_update(key, change, false);
+    }
+
+    /// As `update`; false when the task's checkpoint could not be written
+    /// (the update is queued all the same).
+    pub(super) fn update_checkpointed(&self, key: &TaskKey, change: Change) -> bool {
+        self.queue_update(key, change, false)
     }
 
     /// Checkpoints a task as it is now, with no update (a kill was asked
@@ -342,7 +355,7 @@ impl Agent {
         let task = record.to_checkpoint(agent_id.as_deref());
         let queued = self.status.rewrite(&guard, key, task);
         drop(guard);
-        queued.write();
+        let _ = queued.write();
     }
 
     /// TASK_RUNNING, once: from the launch that reached exec or from the
@@ -350,7 +363,7 @@ impl Agent {
     /// before its launch is answered; without this its framework would see
     /// STARTING, then FINISHED, and never RUNNING).
     pub(super) fn report_running(&self, key: &TaskKey) {
-        self.queue_update(key, Change::to(TaskState::TaskRunning), true);
+        let _ = self.queue_update(key, Change::to(TaskState::TaskRunning), true);
     }
 
     /// Moves the task to the change's state and queues its update; `once`:
@@ -358,7 +371,7 @@ impl Agent {
     /// longer here, or one the task state machine does not allow, is
     /// dropped. It is queued under the agent's lock, where the task's state
     /// changes, so a task's updates leave in the order of its states.
-    fn queue_update(&self, key: &TaskKey, change: Change, once: bool) {
+    fn queue_update(&self, key: &TaskKey, change: Change, once: bool) -> bool {
         let Change {
             state,
             message,
@@ -369,15 +382,15 @@ impl Agent {
         let agent_id = guard.agent_id.clone();
         let Some(record) = guard.tasks.get_mut(key) else {
             tracing::debug!(%key, ?state, "an update for a task no longer here; dropped");
-            return;
+            return true;
         };
         let from = record.state();
         if once && from == state {
-            return;
+            return true;
         }
         if !record.advance(state) {
             tracing::warn!(%key, ?from, to = ?state, "a status update the task state machine does not allow; dropped");
-            return;
+            return true;
         }
         let mut labels = match &record.gpus {
             Some(gpus) if state == TaskState::TaskRunning => gpus.labels(),
@@ -407,7 +420,7 @@ impl Agent {
         };
         let queued = self.status.queue(&guard, key, update, task);
         drop(guard);
-        queued.write();
+        queued.write()
     }
 }
 

@@ -46,6 +46,22 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
         .map(|(_, body)| body.to_owned())
 }
 
+/// POSTs JSON; the status line and the body.
+pub fn http_post_json(port: u16, path: &str, body: &str) -> Option<(String, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
 pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30) * super::slowdown();
     while !check() {
@@ -222,6 +238,18 @@ impl Cluster {
     /// The agent's pid, while it runs.
     pub fn agent_pid(&self) -> Option<i32> {
         self.agent.as_ref().map(|a| a.id() as i32)
+    }
+
+    /// Whether the agent process has exited by itself (reaped if so).
+    pub fn agent_exited(&mut self) -> bool {
+        let exited = self
+            .agent
+            .as_mut()
+            .is_none_or(|agent| agent.try_wait().ok().flatten().is_some());
+        if exited {
+            self.agent = None;
+        }
+        exited
     }
 
     /// kill -9 of the agent (its tasks, launcher aside, keep running).
