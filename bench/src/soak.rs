@@ -139,6 +139,8 @@ async fn main() {
     let started = Instant::now();
     let mut launched: Vec<String> = Vec::new();
     let mut ends: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Each task's first end: state, reason and message.
+    let mut reasons: BTreeMap<String, String> = BTreeMap::new();
     let mut refused_accepts = 0;
     let mut heal_at: Option<Instant> = None;
     let mut done_chaos = Vec::new();
@@ -247,11 +249,21 @@ async fn main() {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
+                let why = format!(
+                    "at {:.0} s: {} {}: {}",
+                    now.as_secs_f64(),
+                    state,
+                    status["reason"].as_str().unwrap_or_default(),
+                    status["message"].as_str().unwrap_or_default()
+                );
                 let terminal = !matches!(
                     state.as_str(),
                     "TASK_STAGING" | "TASK_STARTING" | "TASK_RUNNING" | "TASK_KILLING"
                 );
                 // An answer to reconciliation carries no uuid and may repeat.
+                if terminal {
+                    reasons.entry(id.clone()).or_insert(why);
+                }
                 if terminal && status.get("uuid").is_some() {
                     ends.entry(id).or_default().push(state);
                 } else if terminal {
@@ -282,7 +294,7 @@ async fn main() {
             "TASK_FINISHED"
         };
         if states[0] != expected {
-            wrong.push(format!("{id}: {states:?}"));
+            wrong.push(reasons.get(id).cloned().unwrap_or_default());
         }
     }
     println!("chaos done: {done_chaos:?}");
@@ -295,8 +307,15 @@ async fn main() {
         twice.len(),
         wrong.len()
     );
-    for line in twice.iter().chain(&wrong).take(10) {
+    for line in twice.iter().take(10) {
         println!("  {line}");
+    }
+    let mut why: BTreeMap<&str, usize> = BTreeMap::new();
+    for reason in &wrong {
+        *why.entry(reason.as_str()).or_default() += 1;
+    }
+    for (reason, count) in why {
+        println!("  {count} × {reason}");
     }
     // The agent's books against the framework's: nothing running, nothing checkpointed.
     let running = cgroups().len();
@@ -307,6 +326,17 @@ async fn main() {
     println!(
         "agent before drain: {running} container cgroups, {checkpointed} task checkpoints, {} supervisors",
         supervisors()
+    );
+    // With nothing running, the master must hold nothing as used.
+    let slaves: Value = match reqwest::get(format!("http://127.0.0.1:{MASTER_PORT}/slaves")).await {
+        Ok(response) => {
+            serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or_default()
+        }
+        Err(_) => Value::Null,
+    };
+    println!(
+        "master's view of the agent with nothing running: used {}, offered {}",
+        slaves["slaves"][0]["used_resources"], slaves["slaves"][0]["offered_resources"]
     );
     scheduler.teardown().await;
     drop(cluster);

@@ -252,6 +252,15 @@ impl Allocator {
         self.book(framework_id, role, resources);
     }
 
+    /// What an agent's running task holds, taken from its free resources
+    /// again (the agent registered anew; the framework's share already
+    /// counts the task).
+    pub fn take_from_agent(&mut self, agent_id: &str, resources: &Resources) {
+        if let Some(agent) = self.agents.get_mut(agent_id) {
+            agent.free.subtract_contained(resources);
+        }
+    }
+
     fn book(&mut self, framework_id: &str, role: &str, resources: &Resources) {
         if let Some(framework) = self.frameworks.get_mut(framework_id) {
             framework

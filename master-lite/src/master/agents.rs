@@ -365,6 +365,13 @@ impl Master {
             if entry.resources_recovered && is_terminal(task.state()) {
                 continue;
             }
+            // The agent's free resources were reset at its registration:
+            // what its tasks hold is taken again there. The framework's
+            // share is counted once: only where it was given back before.
+            if !entry.resources_recovered {
+                self.allocator.take_from_agent(agent_id, &entry.resources);
+                continue;
+            }
             entry.resources_recovered = false;
             self.allocator
                 .mark_allocated(framework_id, agent_id, &entry.role, &entry.resources);
