@@ -16,9 +16,13 @@ use crate::launcher::{self, LaunchRequest, Reply, Request, Started};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
-    /// the launcher process is gone
+    /// the launcher process is gone; the request never reached it
     #[error("the launcher process is gone: {0}")]
-    Gone(String),
+    NotSent(String),
+    /// the launcher process ended after it took the request (whether the
+    /// container started is for its record to say)
+    #[error("the launcher process ended during the launch")]
+    Gone,
     /// the launcher refused or failed the launch
     #[error("{0}")]
     Failed(String),
@@ -84,25 +88,22 @@ impl LauncherClient {
     pub async fn launch(&self, request: LaunchRequest) -> Result<(Started, u64), LauncherError> {
         let (tx, rx) = oneshot::channel();
         let body = serde_json::to_vec(&Request::Launch(Box::new(request)))
-            .map_err(|e| LauncherError::Gone(e.to_string()))?;
+            .map_err(|e| LauncherError::NotSent(e.to_string()))?;
         let mut framed = (body.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(&body);
         {
             // Queue and send under the writer lock so replies keep request order.
             let mut writer = self.inner.writer.lock().await;
             let Some(socket) = writer.as_mut() else {
-                return Err(LauncherError::Gone("it is being started again".into()));
+                return Err(LauncherError::NotSent("it is being started again".into()));
             };
             self.inner.waiting().push_back(tx);
             socket
                 .write_all(&framed)
                 .await
-                .map_err(|e| LauncherError::Gone(e.to_string()))?;
+                .map_err(|e| LauncherError::NotSent(e.to_string()))?;
         }
-        match rx
-            .await
-            .map_err(|_| LauncherError::Gone("it ended during the launch".into()))?
-        {
+        match rx.await.map_err(|_| LauncherError::Gone)? {
             Reply::Launched {
                 started, micros, ..
             } => Ok((started, micros)),

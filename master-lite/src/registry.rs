@@ -19,6 +19,9 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const FRAMEWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("frameworks");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+/// The launch message of each task still staging, by its task's key, so
+/// that a restarted master can send a launch the agent never got again.
+const LAUNCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("launches");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -52,6 +55,8 @@ pub struct Recovered {
     pub frameworks: Vec<FrameworkInfo>,
     pub agents: Vec<AgentInfo>,
     pub tasks: Vec<Task>,
+    /// Launch messages of tasks that were staging.
+    pub launches: Vec<butte_api::agent_link::v1::LaunchTasks>,
 }
 
 pub struct Registry {
@@ -114,6 +119,7 @@ impl Registry {
         recovered.frameworks = read_all(&txn, FRAMEWORKS, "frameworks")?;
         recovered.agents = read_all(&txn, AGENTS, "agents")?;
         recovered.tasks = read_all(&txn, TASKS, "tasks")?;
+        recovered.launches = read_all(&txn, LAUNCHES, "launches")?;
         Ok(recovered)
     }
 
@@ -168,6 +174,33 @@ impl Registry {
         let key = task_key(task);
         self.write(|txn| {
             txn.open_table(TASKS)?.remove(key.as_str())?;
+            txn.open_table(LAUNCHES)?.remove(key.as_str())?;
+            Ok(())
+        })
+    }
+
+    /// A staging task and the message that launches it, in one write.
+    pub fn put_staging_task(
+        &self,
+        task: &Task,
+        launch: &butte_api::agent_link::v1::LaunchTasks,
+    ) -> Result<(), RegistryError> {
+        let key = task_key(task);
+        let (task, launch) = (task.encode_to_vec(), launch.encode_to_vec());
+        self.write(|txn| {
+            txn.open_table(TASKS)?
+                .insert(key.as_str(), task.as_slice())?;
+            txn.open_table(LAUNCHES)?
+                .insert(key.as_str(), launch.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// A task no longer staging: its launch message is not needed.
+    pub fn remove_launch(&self, framework_id: &str, task_id: &str) -> Result<(), RegistryError> {
+        let key = format!("{framework_id}/{task_id}");
+        self.write(|txn| {
+            txn.open_table(LAUNCHES)?.remove(key.as_str())?;
             Ok(())
         })
     }
@@ -220,6 +253,7 @@ fn open_database(path: &Path) -> Result<Database, RegistryError> {
         txn.open_table(FRAMEWORKS).map_err(|e| store("open")(&e))?;
         txn.open_table(AGENTS).map_err(|e| store("open")(&e))?;
         txn.open_table(TASKS).map_err(|e| store("open")(&e))?;
+        txn.open_table(LAUNCHES).map_err(|e| store("open")(&e))?;
     }
     txn.commit().map_err(|e| store("open")(&e))?;
     Ok(db)

@@ -560,3 +560,34 @@ async fn a_launch_lost_with_the_link_goes_again_when_the_agent_returns() {
     let _back = TestAgent::connect_as(&master, "cpus:2;mem:1024", Some(agent_id), vec![]).await;
     scheduler.await_state("drifter", "TASK_RUNNING", 5).await;
 }
+
+#[tokio::test]
+async fn a_launch_lost_before_a_master_restart_goes_again_from_the_registry() {
+    let dir = support::work_dir("relaunch-restart");
+    let first =
+        support::master_with(butte_master_lite::MasterConfig::for_work_dir(dir.clone())).await;
+    let agent = TestAgent::connect(&first, "cpus:2;mem:1024").await;
+    agent.drop_launches();
+    let mut scheduler = Scheduler::subscribe(&first, framework("relaunch-restart")).await;
+    let offers = scheduler.next("OFFERS", 5).await;
+    let call = launch(
+        &offers["offers"]["offers"][0],
+        &[("drifter", "sleep 600", 1.0, 64.0)],
+    );
+    assert_eq!(scheduler.call(call).await, 202);
+    let (framework_id, agent_id) = (scheduler.framework_id.clone(), agent.agent_id.clone());
+    scheduler.disconnect();
+    agent.disconnect();
+    first.shutdown().await;
+
+    let second = support::master_with(butte_master_lite::MasterConfig::for_work_dir(dir)).await;
+    let mut scheduler = Scheduler::subscribe_raw(
+        &second,
+        json!({"type": "SUBSCRIBE", "framework_id": {"value": framework_id},
+               "subscribe": {"framework_info": {"user": "root", "name": "relaunch-restart",
+                   "failover_timeout": 60, "id": {"value": framework_id}}}}),
+    )
+    .await;
+    let _back = TestAgent::connect_as(&second, "cpus:2;mem:1024", Some(agent_id), vec![]).await;
+    scheduler.await_state("drifter", "TASK_RUNNING", 5).await;
+}

@@ -475,16 +475,64 @@ impl Agent {
     }
 
     /// Has the launcher start a container, and watches it; its
-    /// clone-to-exec microseconds.
+    /// clone-to-exec microseconds. A launcher that dies on the way is
+    /// survived: a request it never took goes to the next launcher (once);
+    /// one it took is settled by the container's record, which its
+    /// supervisor writes once the container runs.
     async fn start(&self, request: LaunchRequest, what: &'static str) -> Result<u64, LaunchError> {
         let (container_id, record_dir) = (request.container_id.clone(), request.record_dir.clone());
-        let (started, micros) = self
-            .launcher
-            .launch(request)
-            .await
-            .map_err(|source| LaunchError::Launcher { what, source })?;
+        let mut launched = self.launcher.launch(request.clone()).await;
+        if let Err(LauncherError::NotSent(reason)) = &launched {
+            tracing::warn!(
+                container_id,
+                reason,
+                "the launcher is gone; the launch goes to the next one"
+            );
+            launched = self.launch_when_back(request).await;
+        }
+        let (started, micros) = match launched {
+            Ok(started) => started,
+            Err(LauncherError::Gone) => match self.recorded_start(&record_dir).await {
+                Some(started) => (started, 0),
+                None => {
+                    return Err(LaunchError::Launcher {
+                        what,
+                        source: LauncherError::Gone,
+                    });
+                }
+            },
+            Err(source) => return Err(LaunchError::Launcher { what, source }),
+        };
         self.containers.watch(&container_id, &record_dir, started);
         Ok(micros)
+    }
+
+    /// The launch again, once a launcher runs (up to 10 s).
+    async fn launch_when_back(
+        &self,
+        request: LaunchRequest,
+    ) -> Result<(crate::launcher::Started, u64), LauncherError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match self.launcher.launch(request.clone()).await {
+                Err(LauncherError::NotSent(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The start a container's supervisor recorded, waited for a little:
+    /// a supervisor that got the request writes it within moments.
+    async fn recorded_start(&self, record_dir: &Path) -> Option<crate::launcher::Started> {
+        for _ in 0..20 {
+            if let Some(started) = crate::launcher::read_started(record_dir) {
+                return Some(started);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        None
     }
 
     /// Where a container's supervisor records its start and its end.

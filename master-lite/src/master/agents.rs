@@ -251,6 +251,7 @@ impl Master {
         // goes again, where the master still has it.
         let mut gone = Vec::new();
         let mut relaunch: Vec<std::sync::Arc<link::LaunchTasks>> = Vec::new();
+        let mut rebook = Vec::new();
         for (framework_id, framework) in &self.frameworks {
             let aware = framework.has_capability(capability::Type::PartitionAware);
             for (task_id, entry) in &framework.tasks {
@@ -264,6 +265,10 @@ impl Master {
                     (Some(launch), TaskState::TaskStaging) => {
                         if !relaunch.iter().any(|l| std::sync::Arc::ptr_eq(l, launch)) {
                             relaunch.push(launch.clone());
+                        }
+                        if entry.resources_recovered {
+                            // Read back after a restart: booked again as it goes.
+                            rebook.push((framework_id.clone(), task_id.clone()));
                         }
                     }
                     (None, TaskState::TaskStaging) => {
@@ -280,6 +285,21 @@ impl Master {
                         TaskState::TaskLost,
                     )),
                 }
+            }
+        }
+        for (framework_id, task_id) in rebook {
+            if let Some(entry) = self
+                .frameworks
+                .get_mut(&framework_id)
+                .and_then(|f| f.tasks.get_mut(&task_id))
+            {
+                entry.resources_recovered = false;
+                self.allocator.mark_allocated(
+                    &framework_id,
+                    agent_id,
+                    &entry.role,
+                    &entry.resources,
+                );
             }
         }
         for launch in relaunch {

@@ -476,10 +476,6 @@ impl Master {
             let entry = TaskEntry::launched(task, at.role, resources.clone(), retry);
             framework.tasks.insert(info.task_id.value.clone(), entry);
         }
-        for task in &staged {
-            let result = self.registry.put_task(task);
-            self.persist(result);
-        }
         self.counters.tasks_launched += tasks.len() as u64;
         let message = link::LaunchTasks {
             framework_info,
@@ -491,6 +487,10 @@ impl Master {
             executor,
             task_group: group,
         };
+        for task in &staged {
+            let result = self.registry.put_staging_task(task, &message);
+            self.persist(result);
+        }
         let kept = std::sync::Arc::new(message.clone());
         if let Some(framework) = self.frameworks.get_mut(at.framework_id) {
             for task in &staged {

@@ -277,6 +277,28 @@ impl Master {
                 .tasks
                 .insert(task_id, TaskEntry::restored(task, retry));
         }
+        // A staging task keeps its launch: if its agent comes back without
+        // it, the launch goes again.
+        for launch in recovered.launches {
+            let framework_id = launch.framework_info.id.clone().unwrap_or_default().value;
+            let launch = std::sync::Arc::new(launch);
+            let task_ids: Vec<String> = launch
+                .tasks
+                .iter()
+                .chain(launch.task_group.iter().flat_map(|g| g.tasks.iter()))
+                .map(|t| t.task_id.value.clone())
+                .collect();
+            let Some(framework) = self.frameworks.get_mut(&framework_id) else {
+                continue;
+            };
+            for task_id in task_ids {
+                if let Some(entry) = framework.tasks.get_mut(&task_id)
+                    && entry.state() == TaskState::TaskStaging
+                {
+                    entry.launch = Some(launch.clone());
+                }
+            }
+        }
     }
 
     pub fn master_id(&self) -> &str {

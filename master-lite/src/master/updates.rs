@@ -110,12 +110,18 @@ impl Master {
             }
             return;
         }
+        let staged = entry.launch.is_some();
         let release = entry.record(status);
+        let launched = staged && entry.launch.is_none();
         let (role, resources) = (entry.role.clone(), entry.resources.clone());
         let task = entry.task.clone();
         self.counters.status_updates += 1;
         let result = self.registry.put_task(&task);
         self.persist(result);
+        if launched {
+            let result = self.registry.remove_launch(framework_id, &task_id);
+            self.persist(result);
+        }
         if release {
             let agent_id = &task.agent_id.value;
             self.allocator
