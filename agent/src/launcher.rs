@@ -35,6 +35,10 @@ pub const LAUNCHER_FD_ENV: &str = "BUTTE_LAUNCHER_FD";
 pub const STARTED_FILE: &str = "started.json";
 /// In a container's record directory: the supervisor's `ExitRecord`.
 pub const EXIT_FILE: &str = "exit.json";
+/// In a container's record directory: made by the launcher just before it
+/// forks the supervisor. Without it, a launch the launcher died during
+/// started nothing, and may go again.
+pub const FORKING_FILE: &str = "forking";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LaunchRequest {
@@ -191,6 +195,12 @@ fn launch_one(launch: LaunchRequest, socket: RawFd) -> Reply {
     // SAFETY: both fds were just made and are owned nowhere else.
     let (report_read, report_write) =
         unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    if let Err(error) = write_replace(&launch.record_dir.join(FORKING_FILE), b"", true) {
+        return failed(format!(
+            "cannot make the container's record directory {}: {error}",
+            launch.record_dir.display()
+        ));
+    }
     // SAFETY: the launcher is single-threaded; the child runs `supervise` and exits.
     let pid = unsafe { libc::fork() };
     if pid < 0 {

@@ -488,12 +488,22 @@ impl Agent {
                 reason,
                 "the launcher is gone; the launch goes to the next one"
             );
-            launched = self.launch_when_back(request).await;
+            launched = self.launch_when_back(request.clone()).await;
         }
         let (started, micros) = match launched {
             Ok(started) => started,
             Err(LauncherError::Gone) => match self.recorded_start(&record_dir).await {
                 Some(started) => (started, 0),
+                // It died before it forked a supervisor: nothing started.
+                None if !record_dir.join(crate::launcher::FORKING_FILE).exists() => {
+                    tracing::warn!(
+                        container_id,
+                        "the launcher died before it started the container; the launch goes to the next one"
+                    );
+                    self.launch_when_back(request)
+                        .await
+                        .map_err(|source| LaunchError::Launcher { what, source })?
+                }
                 None => {
                     return Err(LaunchError::Launcher {
                         what,
