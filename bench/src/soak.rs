@@ -218,7 +218,22 @@ async fn main() {
                 let due = due.min(tasks);
                 if launched.len() < due {
                     let offer = scheduler.offer().await;
-                    let batch: Vec<String> = (launched.len()..due.min(launched.len() + 4))
+                    // No more than the offer holds (0.01 cpus and 16 MB a task).
+                    let fits = ["cpus", "mem"]
+                        .iter()
+                        .zip([0.01, 16.0])
+                        .map(|(name, each)| {
+                            offer["resources"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter(|r| r["name"] == *name)
+                                .filter_map(|r| r["scalar"]["value"].as_f64())
+                                .sum::<f64>()
+                                / each
+                        });
+                    let room = fits.fold(4.0_f64, f64::min).floor() as usize;
+                    let batch: Vec<String> = (launched.len()..due.min(launched.len() + room))
                         .map(|i| format!("soak-{i}"))
                         .collect();
                     let infos = batch
