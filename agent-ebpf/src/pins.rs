@@ -47,10 +47,6 @@ impl Pins {
         Ok(Self { dir })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The directory of an object's maps: one per build of the object.
     pub(crate) fn maps_dir(&self, object: &str, bytes: &[u8]) -> Result<PathBuf, FenceError> {
         let dir = self

@@ -34,11 +34,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Writes `bytes` to `path` atomically for readers, without waiting for the
 /// disk: for records that only need to outlive a process (a container's
-/// start and end: after a power cut its container is gone anyway).
-/// `create_dir`: false where the directory may have been removed on
-/// purpose meanwhile (a container's records, forgotten): nothing is made.
-pub fn write_replace(path: &Path, bytes: &[u8], create_dir: bool) -> std::io::Result<()> {
-    write_replacing(path, bytes, false, create_dir)
+/// start and end: after a power cut its container is gone anyway). Its
+/// directory must exist: one removed on purpose meanwhile (a container's
+/// records, forgotten) is not made again.
+pub fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_replacing(path, bytes, false, false)
 }
 
 fn write_replacing(

@@ -138,10 +138,7 @@ async fn ended(
 ) -> ContainerExit {
     gone(&started.supervisor, container_id).await;
     if let Some(exit) = read_exit(&record_dir) {
-        return ContainerExit {
-            code: exit.code,
-            signal: exit.signal,
-        };
+        return exit;
     }
     tracing::warn!(
         container_id,
@@ -155,16 +152,10 @@ async fn ended(
 }
 
 fn recorded_exit(record_dir: &Path) -> ContainerExit {
-    read_exit(record_dir).map_or(
-        ContainerExit {
-            code: None,
-            signal: None,
-        },
-        |exit| ContainerExit {
-            code: exit.code,
-            signal: exit.signal,
-        },
-    )
+    read_exit(record_dir).unwrap_or(ContainerExit {
+        code: None,
+        signal: None,
+    })
 }
 
 /// Until the process behind the pidfd exits (a pidfd polls readable then).

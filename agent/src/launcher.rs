@@ -24,6 +24,7 @@ use butte_isolators::process::Process;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::write_replace;
+use crate::launcher_client::ContainerExit;
 
 /// Largest message either side accepts.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -33,12 +34,8 @@ pub const LAUNCHER_FD_ENV: &str = "BUTTE_LAUNCHER_FD";
 
 /// In a container's record directory: the supervisor's `Started`.
 pub const STARTED_FILE: &str = "started.json";
-/// In a container's record directory: the supervisor's `ExitRecord`.
+/// In a container's record directory: the supervisor's `ContainerExit`.
 pub const EXIT_FILE: &str = "exit.json";
-/// In a container's record directory: made by the launcher just before it
-/// forks the supervisor. Without it, a launch the launcher died during
-/// started nothing, and may go again.
-pub const FORKING_FILE: &str = "forking";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LaunchRequest {
@@ -82,13 +79,6 @@ pub enum Reply {
 pub struct Started {
     pub process: Process,
     pub supervisor: Process,
-}
-
-/// How a container's first process ended, as its supervisor saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitRecord {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
 }
 
 pub fn write_message<T: Serialize>(stream: &mut impl Write, message: &T) -> std::io::Result<()> {
@@ -195,7 +185,10 @@ fn launch_one(launch: LaunchRequest, socket: RawFd) -> Reply {
     // SAFETY: both fds were just made and are owned nowhere else.
     let (report_read, report_write) =
         unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
-    if let Err(error) = write_replace(&launch.record_dir.join(FORKING_FILE), b"", true) {
+    // The record directory, made just before the fork, tells a launch the
+    // launcher died during before it forked (none: nothing started, the
+    // launch may go again) from one it died during after.
+    if let Err(error) = std::fs::create_dir_all(&launch.record_dir) {
         return failed(format!(
             "cannot make the container's record directory {}: {error}",
             launch.record_dir.display()
@@ -252,7 +245,7 @@ fn supervise(launch: LaunchRequest, report: OwnedFd) -> ! {
         };
         let recorded = serde_json::to_vec(&started)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| write_replace(&record_dir.join(STARTED_FILE), &bytes, true));
+            .and_then(|bytes| write_replace(&record_dir.join(STARTED_FILE), &bytes));
         if let Err(error) = recorded {
             // A container the next agent could not find again is not started.
             let _ = container::signal(&spawned.pidfd, libc::SIGKILL);
@@ -291,10 +284,10 @@ fn supervise(launch: LaunchRequest, report: OwnedFd) -> ! {
                 Exit::Code(c) => (Some(c), None),
                 Exit::Signal(s) => (None, Some(s)),
             };
-            let record = ExitRecord { code, signal };
+            let record = ContainerExit { code, signal };
             let written = serde_json::to_vec(&record)
                 .map_err(std::io::Error::other)
-                .and_then(|bytes| write_replace(&record_dir.join(EXIT_FILE), &bytes, false));
+                .and_then(|bytes| write_replace(&record_dir.join(EXIT_FILE), &bytes));
             i32::from(written.is_err())
         }
         Err(_) => 1,
@@ -332,7 +325,7 @@ pub fn read_started(record_dir: &Path) -> Option<Started> {
 }
 
 /// A container's recorded end, if its supervisor wrote one.
-pub fn read_exit(record_dir: &Path) -> Option<ExitRecord> {
+pub fn read_exit(record_dir: &Path) -> Option<ContainerExit> {
     let bytes = std::fs::read(record_dir.join(EXIT_FILE)).ok()?;
     serde_json::from_slice(&bytes).ok()
 }

@@ -4,7 +4,6 @@
 //! notice, their supervisors being no children of the launcher's fate.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,9 +27,9 @@ pub enum LauncherError {
     Failed(String),
 }
 
-/// How a container's first process ended; neither set: not known (it ended
-/// while nothing watched it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a container's first process ended, as its supervisor recorded it;
+/// neither set: not known (it ended while nothing watched it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ContainerExit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -46,8 +45,6 @@ struct Inner {
     writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
     /// Launch replies come back in request order.
     waiting: Mutex<VecDeque<oneshot::Sender<Reply>>>,
-    /// Launcher processes started after the first.
-    restarts: AtomicU64,
 }
 
 impl Inner {
@@ -72,16 +69,9 @@ impl LauncherClient {
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(Some(writer)),
             waiting: Mutex::default(),
-            restarts: AtomicU64::new(0),
         });
         tokio::spawn(serve(inner.clone(), reader, child));
         Ok(Self { inner })
-    }
-
-    /// Launcher processes started after the first (each one's end was
-    /// survived by every running container).
-    pub fn restarts(&self) -> u64 {
-        self.inner.restarts.load(Ordering::Relaxed)
     }
 
     /// Launches a container; what it started and its clone-to-exec microseconds.
@@ -139,7 +129,6 @@ async fn serve(inner: Arc<Inner>, mut reader: OwnedReadHalf, mut child: std::pro
                     reader = new_reader;
                     child = new_child;
                     *inner.writer.lock().await = Some(writer);
-                    inner.restarts.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("a new launcher process is running");
                     break;
                 }

@@ -495,7 +495,7 @@ impl Agent {
             Err(LauncherError::Gone) => match self.recorded_start(&record_dir).await {
                 Some(started) => (started, 0),
                 // It died before it forked a supervisor: nothing started.
-                None if !record_dir.join(crate::launcher::FORKING_FILE).exists() => {
+                None if !record_dir.exists() => {
                     tracing::warn!(
                         container_id,
                         "the launcher died before it started the container; the launch goes to the next one"

@@ -254,11 +254,6 @@ impl Agent {
         &self.checkpoint
     }
 
-    /// The launcher (its restarts show in `/metrics`).
-    pub fn launcher(&self) -> &LauncherClient {
-        &self.launcher
-    }
-
     // ---- the link -------------------------------------------------------------------
 
     /// A new link to the master: registers on it (with the tasks still
