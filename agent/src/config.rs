@@ -83,7 +83,7 @@ pub struct AgentConfig {
     pub disk_watch_interval: f64,
     /// How long an ended task's sandbox is kept, at most (Mesos's
     /// --gc_delay): seconds or a duration such as `1weeks`, `2days`, `3hrs`.
-    #[arg(long, env = "BUTTE_GC_DELAY", default_value = "1weeks", value_parser = crate::gc::parse_duration)]
+    #[arg(long, env = "BUTTE_GC_DELAY", default_value = "1weeks", value_parser = butte_api::duration::parse_duration)]
     pub gc_delay: std::time::Duration,
     /// The fraction of the work dir's disk to keep free: sandboxes are kept
     /// `gc_delay × (1 − headroom − used)`, so a filling disk collects them

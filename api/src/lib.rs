@@ -4,6 +4,7 @@
 
 pub mod agent_checkpoint;
 pub mod daemon;
+pub mod duration;
 pub mod fuzz;
 pub mod ids;
 pub mod json;

@@ -1,7 +1,7 @@
 //! The agent's link to the master cut by a relay on loopback that drops
 //! every byte (`common::link_cut`), with a partition-aware framework and one
 //! that is not, both real mesoshttp clients (tests/driven_framework.py):
-//! 1. a short cut, within the master's re-register window: a task that
+//! 1. a short cut, within the master's ping timeouts: a task that
 //!    ends during it is reported as it ended, never lost or unreachable;
 //! 2. a long cut, past it: the master marks the agent unreachable. The
 //!    partition-aware framework sees TASK_UNREACHABLE, then, once the link
@@ -160,7 +160,7 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
     // Timers, short enough for a test; under scripts/vm-test's emulation a
     // little longer, so that a slow heartbeat is not taken for a cut.
     let scale = common::slowdown().min(3);
-    let (ping, reregister) = (2 * scale, 3 * scale);
+    let (ping, pings) = (2 * scale, 3);
     let relay = LinkCut::start(RELAY_PORT, MASTER_PORT).unwrap();
     let mut cluster = Cluster::start_via(
         "partition",
@@ -173,8 +173,8 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
         &[
             "--agent-ping-timeout",
             &ping.to_string(),
-            "--agent-reregister-timeout",
-            &reregister.to_string(),
+            "--max-agent-ping-timeouts",
+            &pings.to_string(),
         ],
     );
     let mut aware = Driven::start(

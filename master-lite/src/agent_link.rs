@@ -7,7 +7,7 @@ use butte_api::agent_link::v1::agent_link_server::AgentLink;
 use butte_api::agent_link::v1::{AgentMessage, MasterMessage, agent_message};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::master::Shared;
@@ -41,7 +41,7 @@ impl AgentLink for AgentLinkService {
                 "the first message on the agent link must be Register",
             ));
         };
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(crate::master::AGENT_LINK_QUEUE);
         let (agent_id, epoch) = self
             .shared
             .lock()
@@ -86,7 +86,7 @@ impl AgentLink for AgentLinkService {
             }
             shared.lock().agent_disconnected(&agent_id, epoch);
         });
-        let outbound = UnboundedReceiverStream::new(receiver).map(Ok);
+        let outbound = ReceiverStream::new(receiver).map(Ok);
         Ok(Response::new(Box::pin(outbound)))
     }
 }

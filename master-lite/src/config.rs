@@ -40,12 +40,32 @@ pub struct MasterConfig {
     /// Seconds after which an unused offer is rescinded; 0 keeps offers until used (Mesos's default).
     #[arg(long, env = "BUTTE_OFFER_TIMEOUT", default_value = "0", value_parser = parse_seconds)]
     pub offer_timeout: Duration,
-    /// Seconds without a word from an agent before the master drops its link.
+    /// Seconds without a word from an agent before the master drops its link
+    /// (one missed ping, in Mesos's terms).
     #[arg(long, env = "BUTTE_AGENT_PING_TIMEOUT", default_value = "15", value_parser = parse_seconds)]
     pub agent_ping_timeout: Duration,
-    /// Seconds a disconnected agent has to come back before its tasks are unreachable.
-    #[arg(long, env = "BUTTE_AGENT_REREGISTER_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    /// Ping timeouts in a row after which a silent agent is unreachable: its
+    /// tasks become TASK_UNREACHABLE (TASK_LOST for frameworks that are not
+    /// partition-aware). As Mesos: 15 s x 5.
+    #[arg(long, env = "BUTTE_MAX_AGENT_PING_TIMEOUTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_agent_ping_timeouts: u32,
+    /// Seconds an agent known from the registry has, after a master restart,
+    /// to re-register before it is unreachable (frameworks read back get at
+    /// least as long to re-subscribe). Mesos's 10 minutes.
+    #[arg(long, env = "BUTTE_AGENT_REREGISTER_TIMEOUT", default_value = "600", value_parser = parse_seconds)]
     pub agent_reregister_timeout: Duration,
+    /// How long an unreachable agent is remembered (Mesos durations: `2weeks`,
+    /// `36hrs`); past it the registry forgets it and its unreachable tasks.
+    #[arg(long, env = "BUTTE_REGISTRY_MAX_AGENT_AGE", default_value = "2weeks", value_parser = butte_api::duration::parse_duration)]
+    pub registry_max_agent_age: Duration,
+    /// How many unreachable agents are remembered; past it the longest
+    /// unreachable are forgotten first.
+    #[arg(
+        long,
+        env = "BUTTE_REGISTRY_MAX_AGENT_COUNT",
+        default_value_t = 102_400
+    )]
+    pub registry_max_agent_count: usize,
     /// Largest accepted request body, in bytes (larger ones get 413).
     #[arg(long, env = "BUTTE_MAX_REQUEST_BYTES", default_value_t = 8 << 20)]
     pub max_request_bytes: usize,
@@ -102,7 +122,10 @@ impl MasterConfig {
             allocation_interval: Duration::from_secs(1),
             offer_timeout: Duration::ZERO,
             agent_ping_timeout: Duration::from_secs(15),
-            agent_reregister_timeout: Duration::from_secs(30),
+            max_agent_ping_timeouts: 5,
+            agent_reregister_timeout: Duration::from_secs(600),
+            registry_max_agent_age: Duration::from_secs(14 * 24 * 3600),
+            registry_max_agent_count: 102_400,
             max_request_bytes: 8 << 20,
             status_update_retry: Duration::from_secs(10),
             weights: String::new(),

@@ -22,6 +22,9 @@ const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// The launch message of each task still staging, by its task's key, so
 /// that a restarted master can send a launch the agent never got again.
 const LAUNCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("launches");
+/// When each unreachable agent became so (Unix seconds), by agent id, so
+/// that a restarted master knows them as unreachable and when to forget them.
+const UNREACHABLE: TableDefinition<&str, f64> = TableDefinition::new("unreachable");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -54,6 +57,8 @@ pub struct Recovered {
     pub gone_agents: Vec<String>,
     pub frameworks: Vec<FrameworkInfo>,
     pub agents: Vec<AgentInfo>,
+    /// Unreachable agents with the Unix time they became so.
+    pub unreachable: Vec<(String, f64)>,
     pub tasks: Vec<Task>,
     /// Launch messages of tasks that were staging.
     pub launches: Vec<butte_api::agent_link::v1::LaunchTasks>,
@@ -118,6 +123,13 @@ impl Registry {
             .unwrap_or_default();
         recovered.frameworks = read_all(&txn, FRAMEWORKS, "frameworks")?;
         recovered.agents = read_all(&txn, AGENTS, "agents")?;
+        let unreachable = txn.open_table(UNREACHABLE).map_err(|e| err(&e))?;
+        for item in unreachable.iter().map_err(|e| err(&e))? {
+            let (id, since) = item.map_err(|e| err(&e))?;
+            recovered
+                .unreachable
+                .push((id.value().to_owned(), since.value()));
+        }
         recovered.tasks = read_all(&txn, TASKS, "tasks")?;
         recovered.launches = read_all(&txn, LAUNCHES, "launches")?;
         Ok(recovered)
@@ -154,14 +166,38 @@ impl Registry {
         })
     }
 
+    /// A (re-)registered agent: known, and reachable.
     pub fn put_agent(&self, info: &AgentInfo) -> Result<(), RegistryError> {
         let key = info.id.as_ref().map_or("", |a| a.value.as_str()).to_owned();
-        self.put(AGENTS, &key, &info.encode_to_vec())
+        let value = info.encode_to_vec();
+        self.write(|txn| {
+            txn.open_table(AGENTS)?
+                .insert(key.as_str(), value.as_slice())?;
+            txn.open_table(UNREACHABLE)?.remove(key.as_str())?;
+            Ok(())
+        })
     }
 
-    pub fn remove_agent(&self, agent_id: &str) -> Result<(), RegistryError> {
+    /// The agent became unreachable at `since` (Unix seconds).
+    pub fn put_unreachable(&self, agent_id: &str, since: f64) -> Result<(), RegistryError> {
+        self.write(|txn| {
+            txn.open_table(UNREACHABLE)?.insert(agent_id, since)?;
+            Ok(())
+        })
+    }
+
+    /// Forgets an agent and the given tasks of it, in one write.
+    pub fn remove_agent(&self, agent_id: &str, tasks: &[Task]) -> Result<(), RegistryError> {
+        let keys: Vec<String> = tasks.iter().map(task_key).collect();
         self.write(|txn| {
             txn.open_table(AGENTS)?.remove(agent_id)?;
+            txn.open_table(UNREACHABLE)?.remove(agent_id)?;
+            let mut table = txn.open_table(TASKS)?;
+            let mut launches = txn.open_table(LAUNCHES)?;
+            for key in &keys {
+                table.remove(key.as_str())?;
+                launches.remove(key.as_str())?;
+            }
             Ok(())
         })
     }
@@ -254,6 +290,7 @@ fn open_database(path: &Path) -> Result<Database, RegistryError> {
         txn.open_table(AGENTS).map_err(|e| store("open")(&e))?;
         txn.open_table(TASKS).map_err(|e| store("open")(&e))?;
         txn.open_table(LAUNCHES).map_err(|e| store("open")(&e))?;
+        txn.open_table(UNREACHABLE).map_err(|e| store("open")(&e))?;
     }
     txn.commit().map_err(|e| store("open")(&e))?;
     Ok(db)

@@ -2,6 +2,8 @@
 //! RecordIO event stream; every other call answers 202 once applied.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -266,7 +268,8 @@ impl Drop for StreamGuard {
 }
 
 struct StreamState {
-    events: mpsc::UnboundedReceiver<Event>,
+    events: mpsc::Receiver<Event>,
+    overflowed: Arc<AtomicBool>,
     heartbeat: tokio::time::Interval,
     format: Format,
     _guard: StreamGuard,
@@ -285,6 +288,7 @@ fn event_stream(
     let heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let state = StreamState {
         events: subscription.events,
+        overflowed: subscription.overflowed,
         heartbeat,
         format,
         _guard: StreamGuard {
@@ -294,6 +298,9 @@ fn event_stream(
         },
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
+        if state.overflowed.load(Ordering::SeqCst) {
+            return None; // it missed events: it must subscribe again
+        }
         let event = tokio::select! {
             event = state.events.recv() => event?,
             _ = state.heartbeat.tick() => Event { r#type: Some(event::Type::Heartbeat as i32), ..Default::default() },

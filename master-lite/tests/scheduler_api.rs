@@ -397,7 +397,9 @@ async fn protobuf_subscribers_get_protobuf_events() {
 #[tokio::test]
 async fn a_task_reported_lost_stays_lost_when_its_agent_returns_and_is_killed_there() {
     let mut config = butte_master_lite::MasterConfig::for_work_dir(support::work_dir("lost-stays"));
-    config.agent_reregister_timeout = Duration::from_millis(300);
+    // Heard from every 300 ms (TestAgent's heartbeat); unreachable 1 s after the last word.
+    config.agent_ping_timeout = Duration::from_secs(1);
+    config.max_agent_ping_timeouts = 1;
     let master = support::master_with(config).await;
     let agent = TestAgent::connect(&master, "cpus:2;mem:2048").await;
     let agent_id = agent.agent_id.clone();

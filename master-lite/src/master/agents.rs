@@ -1,6 +1,9 @@
 //! Agents: registration on the gRPC link (and re-registration with the
 //! tasks they still run), heartbeats, resource changes, and what happens
-//! when a link closes or an agent stays away past its re-register timeout.
+//! when a link closes or an agent stays away: unreachable past
+//! `--agent-ping-timeout` x `--max-agent-ping-timeouts` (or, after a master
+//! restart, `--agent-reregister-timeout`), forgotten past
+//! `--registry-max-agent-age`.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -19,18 +22,35 @@ use super::updates::master_status;
 use super::{AGENT_HEARTBEAT_SECONDS, Master, TaskEntry};
 use crate::registry::RegistryError;
 
+/// How many messages may wait on an agent's link; an agent that falls this
+/// far behind has its link closed (it re-registers and is reconciled).
+pub const AGENT_LINK_QUEUE: usize = 16_384;
+
 /// The master's link to an agent, or how long the agent has been without one.
 pub enum AgentLink {
     /// Registered on a live link; `epoch` tells this link from the agent's earlier ones.
     Connected {
         epoch: u64,
-        messages: mpsc::UnboundedSender<link::MasterMessage>,
+        messages: mpsc::Sender<link::MasterMessage>,
     },
-    /// The link closed at `since`; the agent has its re-register timeout to come back.
+    /// The link closed (or went silent) at `since`; the agent is unreachable
+    /// once silent for the ping timeouts.
     Disconnected { since: Instant },
-    /// Away past its re-register timeout (since `since`): its tasks were
-    /// reported unreachable or lost and its resources left the cluster.
-    Unreachable { since: Instant },
+    /// Read back from the registry at `since`, after a master restart: the
+    /// agent has `--agent-reregister-timeout` to come back.
+    Recovered { since: Instant },
+    /// Away too long: its tasks were reported unreachable or lost and its
+    /// resources left the cluster, at `since` (Unix seconds, as recorded).
+    Unreachable { since: f64 },
+}
+
+/// What became of a message for an agent.
+pub(super) enum Sent {
+    Queued,
+    /// No live link.
+    NoLink,
+    /// The link's queue is full: the link (`epoch`) is to be closed.
+    Full(u64),
 }
 
 impl AgentLink {
@@ -45,15 +65,18 @@ impl AgentLink {
         }
     }
 
-    /// Queues `message` on the link; false when there is no live link.
-    pub(super) fn send(&self, message: link::master_message::Kind) -> bool {
-        match self {
-            AgentLink::Connected { messages, .. } => messages
-                .send(link::MasterMessage {
-                    kind: Some(message),
-                })
-                .is_ok(),
-            _ => false,
+    /// Queues `message` on the link.
+    pub(super) fn send(&self, message: link::master_message::Kind) -> Sent {
+        let AgentLink::Connected { epoch, messages } = self else {
+            return Sent::NoLink;
+        };
+        let message = link::MasterMessage {
+            kind: Some(message),
+        };
+        match messages.try_send(message) {
+            Ok(()) => Sent::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => Sent::Full(*epoch),
+            Err(mpsc::error::TrySendError::Closed(_)) => Sent::NoLink,
         }
     }
 
@@ -74,17 +97,21 @@ impl AgentLink {
         }
     }
 
-    /// Whether the agent has been disconnected (and not yet marked
-    /// unreachable) for `timeout` or longer.
-    fn overdue(&self, timeout: Duration, now: Instant) -> bool {
+    /// Whether the agent is to be marked unreachable: silent since
+    /// `last_seen` for `silence`, or read back from the registry and not
+    /// re-registered within `reregister`.
+    fn overdue(
+        &self,
+        last_seen: Instant,
+        silence: Duration,
+        reregister: Duration,
+        now: Instant,
+    ) -> bool {
         match self {
-            AgentLink::Disconnected { since } => now.duration_since(*since) >= timeout,
+            AgentLink::Disconnected { .. } => now.duration_since(last_seen) >= silence,
+            AgentLink::Recovered { since } => now.duration_since(*since) >= reregister,
             _ => false,
         }
-    }
-
-    fn mark_unreachable(&mut self, now: Instant) {
-        *self = AgentLink::Unreachable { since: now };
     }
 }
 
@@ -99,14 +126,24 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// An agent read back from the registry: disconnected until it re-registers.
-    pub(super) fn restored(info: AgentInfo, registered_time: f64, now: Instant) -> Self {
+    /// An agent read back from the registry: waiting to re-register, or
+    /// still unreachable since `unreachable_since` (Unix seconds).
+    pub(super) fn restored(
+        info: AgentInfo,
+        registered_time: f64,
+        unreachable_since: Option<f64>,
+        now: Instant,
+    ) -> Self {
         let total = Resources::from_proto(&info.resources).unwrap_or_default();
+        let link = match unreachable_since {
+            Some(since) => AgentLink::Unreachable { since },
+            None => AgentLink::Recovered { since: now },
+        };
         Self {
             info,
             total,
             version: String::new(),
-            link: AgentLink::Disconnected { since: now },
+            link,
             last_seen: now,
             registered_time,
             reregistered_time: None,
@@ -162,7 +199,7 @@ impl Master {
     pub fn register_agent(
         &mut self,
         register: link::Register,
-        messages: mpsc::UnboundedSender<link::MasterMessage>,
+        messages: mpsc::Sender<link::MasterMessage>,
     ) -> Result<(String, u64), RegisterError> {
         let total = Resources::from_proto(&register.total_resources)?;
         if register.agent_info.hostname.is_empty() {
@@ -191,6 +228,9 @@ impl Master {
         let epoch = self.next_epoch;
         let registered_time = unix_now();
         let previous = self.agents.remove(&agent_id);
+        // An id this master does not know: forgotten past
+        // --registry-max-agent-age, or from a lost registry.
+        let forgotten = reregister && previous.is_none();
         let agent = Agent {
             info,
             total,
@@ -213,7 +253,7 @@ impl Master {
                 master_info: self.info.clone(),
             }),
         );
-        self.reconcile_agent_tasks(&agent_id, &register.running_tasks);
+        self.reconcile_agent_tasks(&agent_id, &register.running_tasks, forgotten);
         tracing::info!(agent_id, reregister, "agent registered");
         self.want_allocation();
         Ok((agent_id, epoch))
@@ -240,8 +280,8 @@ impl Master {
     }
 
     /// Brings the master's view of an agent's tasks in line with what the agent runs.
-    fn reconcile_agent_tasks(&mut self, agent_id: &str, running: &[Task]) {
-        self.book_running_tasks(agent_id, running);
+    fn reconcile_agent_tasks(&mut self, agent_id: &str, running: &[Task], forgotten: bool) {
+        self.book_running_tasks(agent_id, running, forgotten);
         let reported: HashSet<(&str, &str)> = running
             .iter()
             .map(|t| (t.framework_id.value.as_str(), t.task_id.value.as_str()))
@@ -325,8 +365,11 @@ impl Master {
     }
 
     /// Tasks a re-registering agent runs: their resources are booked and
-    /// unreachable ones come back; a removed framework's are shut down.
-    fn book_running_tasks(&mut self, agent_id: &str, running: &[Task]) {
+    /// unreachable ones come back; a removed framework's are shut down. On
+    /// an agent this master had `forgotten`, a task it does not know of a
+    /// framework that is not partition-aware is killed: that framework may
+    /// have been told it was lost, and a terminal state is never taken back.
+    fn book_running_tasks(&mut self, agent_id: &str, running: &[Task], forgotten: bool) {
         let retry = self.update_retry();
         for task in running {
             let framework_id = task.framework_id.value.as_str();
@@ -350,7 +393,10 @@ impl Master {
                 },
                 |entry| is_terminal(entry.state()),
             );
-            if ended_here && !is_terminal(task.state()) {
+            let unknown = !ended_here && !framework.tasks.contains_key(&task.task_id.value);
+            let killed_as_lost =
+                forgotten && unknown && !framework.has_capability(capability::Type::PartitionAware);
+            if (ended_here || killed_as_lost) && !is_terminal(task.state()) {
                 // The framework was told it ended (LOST while its agent was
                 // away): a terminal state is never taken back. The agent
                 // kills it, as Mesos does for frameworks that are not
@@ -371,8 +417,9 @@ impl Master {
                 );
                 continue;
             }
-            if ended_here && !framework.tasks.contains_key(&task.task_id.value) {
-                continue; // completed and acknowledged: nothing left to book
+            if (ended_here || killed_as_lost) && !framework.tasks.contains_key(&task.task_id.value)
+            {
+                continue; // completed and acknowledged (or forgotten): nothing left to book
             }
             let entry = framework
                 .tasks
@@ -449,8 +496,10 @@ impl Master {
         tracing::info!(agent_id, "agent disconnected; its offers are rescinded");
     }
 
-    /// Drops the links of agents gone silent past the ping timeout, and
-    /// marks unreachable those disconnected past the re-register timeout.
+    /// Drops the links of agents gone silent past the ping timeout, marks
+    /// unreachable those silent past all their ping timeouts (or not back
+    /// within the re-register timeout after a master restart), and forgets
+    /// unreachable agents past the registry's bounds.
     pub(super) fn check_agents(&mut self, now: Instant) {
         let silent: Vec<(String, u64)> = self
             .agents
@@ -465,16 +514,75 @@ impl Master {
             );
             self.agent_disconnected(&id, epoch);
         }
-        let timeout = self.config.agent_reregister_timeout;
+        let silence = self
+            .config
+            .agent_ping_timeout
+            .saturating_mul(self.config.max_agent_ping_timeouts);
+        let reregister = self.config.agent_reregister_timeout;
         let overdue: Vec<String> = self
             .agents
             .iter()
-            .filter(|(_, a)| a.link.overdue(timeout, now))
+            .filter(|(_, a)| a.link.overdue(a.last_seen, silence, reregister, now))
             .map(|(id, _)| id.clone())
             .collect();
         for id in overdue {
             self.mark_agent_unreachable(&id);
         }
+        self.forget_old_unreachable_agents(unix_now());
+    }
+
+    /// Forgets unreachable agents older than `--registry-max-agent-age`,
+    /// and the longest unreachable beyond `--registry-max-agent-count`.
+    fn forget_old_unreachable_agents(&mut self, now: f64) {
+        let mut unreachable: Vec<(f64, String)> = self
+            .agents
+            .iter()
+            .filter_map(|(id, a)| match a.link {
+                AgentLink::Unreachable { since } => Some((since, id.clone())),
+                _ => None,
+            })
+            .collect();
+        unreachable.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let max_age = self.config.registry_max_agent_age.as_secs_f64();
+        let excess = unreachable
+            .len()
+            .saturating_sub(self.config.registry_max_agent_count);
+        for (index, (since, id)) in unreachable.into_iter().enumerate() {
+            let too_old = now - since >= max_age;
+            if !too_old && index >= excess {
+                break;
+            }
+            self.forget_agent(&id);
+        }
+    }
+
+    /// Forgets an unreachable agent, as Mesos's registry does: the agent and
+    /// its unreachable tasks leave the books (reconciling them answers
+    /// TASK_UNKNOWN). Should it come back, it is admitted again, and the
+    /// tasks of frameworks that are not partition-aware are killed there.
+    fn forget_agent(&mut self, agent_id: &str) {
+        let mut forgotten = Vec::new();
+        for framework in self.frameworks.values_mut() {
+            let open: Vec<String> = framework
+                .tasks
+                .iter()
+                .filter(|(_, e)| e.task.agent_id.value == agent_id && !is_terminal(e.state()))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for task_id in open {
+                if let Some(entry) = framework.tasks.remove(&task_id) {
+                    forgotten.push(entry.task);
+                }
+            }
+        }
+        self.agents.remove(agent_id);
+        let result = self.registry.remove_agent(agent_id, &forgotten);
+        self.persist(result);
+        tracing::warn!(
+            agent_id,
+            tasks = forgotten.len(),
+            "unreachable agent forgotten (--registry-max-agent-age / --registry-max-agent-count)"
+        );
     }
 
     /// An agent gone past its re-register timeout: its tasks are unreachable
@@ -484,7 +592,10 @@ impl Master {
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return;
         };
-        agent.link.mark_unreachable(Instant::now());
+        let since = unix_now();
+        agent.link = AgentLink::Unreachable { since };
+        let result = self.registry.put_unreachable(agent_id, since);
+        self.persist(result);
         let updates = self.open_tasks_on(agent_id, TaskState::TaskUnreachable);
         for (framework_id, task_id, state) in updates {
             // Unreachable is not terminal: release its resources by hand.
@@ -542,7 +653,7 @@ impl Master {
         }
         // Dropping the agent drops its link's sender: the link closes.
         self.agents.remove(agent_id);
-        let result = self.registry.remove_agent(agent_id);
+        let result = self.registry.remove_agent(agent_id, &[]);
         self.persist(result);
         tracing::warn!(agent_id, "the operator marked the agent gone");
         self.want_allocation();
@@ -589,14 +700,6 @@ impl Master {
             );
         }
     }
-
-    /// Removes an agent for good (operator action or tests).
-    pub fn remove_agent(&mut self, agent_id: &str) {
-        self.mark_agent_unreachable(agent_id);
-        self.agents.remove(agent_id);
-        let result = self.registry.remove_agent(agent_id);
-        self.persist(result);
-    }
 }
 
 /// The master's own update for a task on `agent_id` that the agent cannot report.
@@ -620,8 +723,11 @@ fn lost_on(
 mod tests {
     use std::time::Duration;
 
-    use super::AgentLink;
-    use crate::master::{Master, fixture};
+    use butte_api::agent_link::v1 as link;
+    use butte_api::mesos::v1::{AgentId, Task, TaskId, TaskState, framework_info::capability};
+
+    use super::{AGENT_LINK_QUEUE, AgentLink};
+    use crate::master::{Master, TaskEntry, fixture};
 
     fn link_of<'a>(master: &'a Master, agent_id: &str) -> &'a AgentLink {
         &master
@@ -634,7 +740,7 @@ mod tests {
     #[test]
     fn agent_link_goes_disconnected_then_unreachable_and_back_on_reregistration() {
         let mut master = fixture::master("agent-link", |config| {
-            config.agent_reregister_timeout = Duration::ZERO;
+            config.agent_ping_timeout = Duration::ZERO;
         });
         let (agent_id, epoch, _messages) = fixture::agent(&mut master, None, "cpus:4;mem:4096");
         assert_eq!(link_of(&master, &agent_id).epoch(), Some(epoch));
@@ -670,5 +776,168 @@ mod tests {
         assert_eq!(link_of(&master, &agent_id).epoch(), Some(new_epoch));
         assert!(master.agents[&agent_id].reregistered_time.is_some());
         assert!(master.allocator.free(&agent_id).is_some());
+    }
+
+    #[test]
+    fn a_silent_agent_is_unreachable_after_all_its_ping_timeouts_not_one() {
+        let mut master = fixture::master("ping-timeouts", |config| {
+            config.agent_ping_timeout = Duration::from_secs(10);
+            config.max_agent_ping_timeouts = 3;
+            config.agent_reregister_timeout = Duration::ZERO;
+        });
+        let (agent_id, epoch, _messages) = fixture::agent(&mut master, None, "cpus:4;mem:4096");
+        let seen = master.agents[&agent_id].last_seen;
+
+        master.check_agents(seen + Duration::from_secs(11));
+        assert!(
+            matches!(link_of(&master, &agent_id), AgentLink::Disconnected { .. }),
+            "one ping timeout drops the link, no more"
+        );
+        master.check_agents(seen + Duration::from_secs(29));
+        assert!(
+            !master.agents[&agent_id].unreachable(),
+            "the re-register timeout is for agents read back after a restart, not live ones"
+        );
+        master.check_agents(seen + Duration::from_secs(30));
+        assert!(master.agents[&agent_id].unreachable());
+        assert!(link_of(&master, &agent_id).epoch().is_none());
+        let _ = epoch;
+    }
+
+    #[test]
+    fn events_a_slow_reader_cannot_take_close_its_link_not_the_master() {
+        let mut master = fixture::master("link-queue", |_| {});
+        let (agent_id, epoch, messages) = fixture::agent(&mut master, None, "cpus:4;mem:4096");
+        // Registered waits there already.
+        for _ in messages.len()..AGENT_LINK_QUEUE {
+            master.agent_heartbeat(&agent_id);
+        }
+        assert_eq!(link_of(&master, &agent_id).epoch(), Some(epoch));
+        master.agent_heartbeat(&agent_id);
+        assert!(
+            matches!(link_of(&master, &agent_id), AgentLink::Disconnected { .. }),
+            "past the bound the link is closed"
+        );
+        assert_eq!(
+            messages.len(),
+            AGENT_LINK_QUEUE,
+            "nothing past the bound was queued"
+        );
+        assert!(
+            messages.is_closed(),
+            "the link's sender is dropped: its stream ends"
+        );
+    }
+
+    #[test]
+    fn unreachable_agents_are_remembered_across_a_restart_then_forgotten_past_their_age() {
+        let dir = std::env::temp_dir().join(format!(
+            "butte-master-unit-forget-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let open = |max_age: Duration| {
+            let mut config = crate::config::MasterConfig::for_work_dir(dir.clone());
+            config.agent_ping_timeout = Duration::ZERO;
+            config.registry_max_agent_age = max_age;
+            let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 5050));
+            Master::open(config, listen).expect("the master opens its registry")
+        };
+        let hour = Duration::from_secs(3600);
+        let mut master = open(hour);
+        let aware = fixture::framework_with(
+            &mut master,
+            Some(3600.0),
+            &[capability::Type::PartitionAware],
+        );
+        let plain = fixture::framework(&mut master, Some(3600.0));
+        let (agent_id, epoch, _messages) = fixture::agent(&mut master, None, "cpus:4;mem:4096");
+        let running = |framework_id: &str, task_id: &str| Task {
+            name: task_id.into(),
+            task_id: TaskId {
+                value: task_id.into(),
+            },
+            framework_id: butte_api::mesos::v1::FrameworkId {
+                value: framework_id.into(),
+            },
+            agent_id: AgentId {
+                value: agent_id.clone(),
+            },
+            state: TaskState::TaskRunning as i32,
+            ..Default::default()
+        };
+        let aware_task = running(&aware.framework_id, "aware-task");
+        let plain_task = running(&plain.framework_id, "plain-task");
+        for task in [&aware_task, &plain_task] {
+            master.registry.put_task(task).expect("registry write");
+            let retry = master.update_retry();
+            master
+                .frameworks
+                .get_mut(&task.framework_id.value)
+                .expect("framework")
+                .tasks
+                .insert(
+                    task.task_id.value.clone(),
+                    TaskEntry::restored(task.clone(), retry),
+                );
+        }
+        master.agent_disconnected(&agent_id, epoch);
+        master.tick();
+        assert!(master.agents[&agent_id].unreachable());
+        let state_of = |master: &Master, task: &Task| {
+            master.frameworks[&task.framework_id.value]
+                .tasks
+                .get(&task.task_id.value)
+                .map(TaskEntry::state)
+        };
+        assert_eq!(
+            state_of(&master, &aware_task),
+            Some(TaskState::TaskUnreachable)
+        );
+        assert_eq!(state_of(&master, &plain_task), Some(TaskState::TaskLost));
+        drop(master);
+
+        // A restart within the age: still unreachable, not waiting to re-register.
+        let mut master = open(hour);
+        assert!(master.agents[&agent_id].unreachable());
+        master.tick();
+        assert!(master.agents.contains_key(&agent_id));
+        drop(master);
+
+        // Past the age: the agent and its unreachable task are forgotten, for good.
+        let mut master = open(Duration::ZERO);
+        master.tick();
+        assert!(!master.agents.contains_key(&agent_id));
+        assert_eq!(state_of(&master, &aware_task), None);
+        drop(master);
+        let mut master = open(hour);
+        assert!(!master.agents.contains_key(&agent_id));
+        assert_eq!(state_of(&master, &aware_task), None);
+
+        // It comes back: admitted, the partition-aware task is adopted, and
+        // the other, which its framework was told was lost, is killed.
+        master
+            .frameworks
+            .get_mut(&plain.framework_id)
+            .expect("framework")
+            .tasks
+            .clear(); // its LOST acknowledged and long out of the books
+        let (again, _, mut messages) = fixture::agent_running(
+            &mut master,
+            Some(&agent_id),
+            "cpus:4;mem:4096",
+            vec![aware_task.clone(), plain_task.clone()],
+        );
+        assert_eq!(again, agent_id);
+        assert_eq!(state_of(&master, &aware_task), Some(TaskState::TaskRunning));
+        assert_eq!(state_of(&master, &plain_task), None);
+        let mut killed = Vec::new();
+        while let Ok(message) = messages.try_recv() {
+            if let Some(link::master_message::Kind::KillTask(kill)) = message.kind {
+                killed.push(kill.task_id.value);
+            }
+        }
+        assert_eq!(killed, vec!["plain-task".to_owned()]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,6 +3,8 @@
 //! roles a framework may subscribe with.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use butte_api::agent_link::v1 as link;
@@ -14,16 +16,31 @@ use tokio::sync::mpsc;
 
 use super::{COMPLETED_KEPT, Master, Refusal, TaskEntry};
 
+/// How many events may wait for a scheduler. One that falls this far
+/// behind loses its stream: it subscribes again, and its unacknowledged
+/// updates are sent again (its offers are rescinded).
+pub const EVENT_QUEUE: usize = 65_536;
+
 /// A subscribed scheduler's event stream.
 pub struct EventStream {
     pub stream_id: String,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
+    /// Set when an event did not fit: the HTTP side ends the stream.
+    overflowed: Arc<AtomicBool>,
 }
 
 impl EventStream {
     pub(super) fn send(&self, event: Event) {
         // A closed stream is noticed by its guard; nothing to do here.
-        let _ = self.events.send(event);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(event)
+            && !self.overflowed.swap(true, Ordering::SeqCst)
+        {
+            tracing::error!(
+                stream_id = self.stream_id,
+                bound = EVENT_QUEUE,
+                "a scheduler's event queue is full (it reads too slowly); its stream is closed, and it must subscribe again"
+            );
+        }
     }
 }
 
@@ -155,7 +172,9 @@ pub fn roles_of(info: &FrameworkInfo) -> Vec<String> {
 pub struct Subscription {
     pub framework_id: String,
     pub stream_id: String,
-    pub events: mpsc::UnboundedReceiver<Event>,
+    pub events: mpsc::Receiver<Event>,
+    /// Set when an event was dropped: the stream is to end.
+    pub overflowed: Arc<AtomicBool>,
 }
 
 impl Master {
@@ -173,19 +192,21 @@ impl Master {
             ));
         }
         validate_roles(&info)?;
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(EVENT_QUEUE);
+        let overflowed = Arc::new(AtomicBool::new(false));
         let stream_id = uuid::Uuid::new_v4().to_string();
 
         if let Some(id) = &info_id
             && self.is_removed(id)
         {
-            let _ = sender.send(error_event(&format!(
+            let _ = sender.try_send(error_event(&format!(
                 "Framework {id} has been removed; subscribe without an id"
             )));
             return Ok(Subscription {
                 framework_id: id.clone(),
                 stream_id,
                 events: receiver,
+                overflowed,
             });
         }
 
@@ -200,6 +221,7 @@ impl Master {
         let stream = EventStream {
             stream_id: stream_id.clone(),
             events: sender,
+            overflowed: overflowed.clone(),
         };
         let resubscribe = self.connect_framework(&framework_id, info, stream);
         self.allocator
@@ -217,6 +239,7 @@ impl Master {
             framework_id,
             stream_id,
             events: receiver,
+            overflowed,
         })
     }
 
@@ -471,7 +494,11 @@ pub(super) fn error_event(message: &str) -> Event {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::Connection;
+    use std::sync::atomic::Ordering;
+
+    use butte_api::mesos::v1::scheduler::Event;
+
+    use super::{Connection, EVENT_QUEUE};
     use crate::master::fixture;
 
     #[test]
@@ -537,5 +564,23 @@ mod tests {
         assert!(master.frameworks.contains_key(&id));
         assert!(master.check_stream(&id, Some(&second.stream_id)).is_ok());
         assert!(master.check_stream(&id, Some(&first.stream_id)).is_err());
+    }
+
+    #[test]
+    fn a_scheduler_that_falls_a_queue_behind_loses_its_stream() {
+        let mut master = fixture::master("event-queue", |_| {});
+        let subscription = fixture::framework(&mut master, Some(60.0));
+        let id = subscription.framework_id.clone();
+        // SUBSCRIBED (and maybe more) waits there already.
+        for _ in subscription.events.len()..EVENT_QUEUE {
+            master.send_event(&id, Event::default());
+        }
+        assert!(!subscription.overflowed.load(Ordering::SeqCst));
+        master.send_event(&id, Event::default());
+        assert!(
+            subscription.overflowed.load(Ordering::SeqCst),
+            "the event past the bound marks the stream for closing"
+        );
+        assert_eq!(subscription.events.len(), EVENT_QUEUE);
     }
 }

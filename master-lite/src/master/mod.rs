@@ -8,7 +8,7 @@ mod launch;
 mod offers;
 mod updates;
 
-pub use agents::{Agent, AgentLink, MarkGoneError, RegisterError};
+pub use agents::{AGENT_LINK_QUEUE, Agent, AgentLink, MarkGoneError, RegisterError};
 pub use frameworks::{Connection, EventStream, Framework, Subscription, roles_of};
 pub use launch::check_launch_resources;
 pub use offers::OutstandingOffer;
@@ -263,8 +263,11 @@ impl Master {
         for info in recovered.frameworks {
             self.restore_framework(info, now);
         }
+        let unreachable: HashMap<String, f64> = recovered.unreachable.into_iter().collect();
         for info in recovered.agents {
-            let agent = Agent::restored(info, self.start_time, now);
+            let id = info.id.as_ref().map_or("", |a| a.value.as_str());
+            let since = unreachable.get(id).copied();
+            let agent = Agent::restored(info, self.start_time, since, now);
             self.agents.insert(agent.id().to_owned(), agent);
         }
         let retry = self.update_retry();
@@ -331,7 +334,7 @@ impl Master {
     }
 
     /// Tells the agent its update with `uuid` needs no resending.
-    fn ack_agent(&self, agent_id: &str, framework_id: &str, task_id: &TaskId, uuid: Vec<u8>) {
+    fn ack_agent(&mut self, agent_id: &str, framework_id: &str, task_id: &TaskId, uuid: Vec<u8>) {
         self.send_to_agent(
             agent_id,
             link::master_message::Kind::StatusAck(link::StatusAck {
@@ -344,10 +347,23 @@ impl Master {
         );
     }
 
-    fn send_to_agent(&self, agent_id: &str, message: link::master_message::Kind) -> bool {
-        self.agents
-            .get(agent_id)
-            .is_some_and(|agent| agent.link.send(message))
+    fn send_to_agent(&mut self, agent_id: &str, message: link::master_message::Kind) -> bool {
+        let Some(agent) = self.agents.get(agent_id) else {
+            return false;
+        };
+        match agent.link.send(message) {
+            agents::Sent::Queued => true,
+            agents::Sent::NoLink => false,
+            agents::Sent::Full(epoch) => {
+                tracing::error!(
+                    agent_id,
+                    bound = agents::AGENT_LINK_QUEUE,
+                    "the agent's link queue is full (the agent reads too slowly); its link is closed, and it re-registers"
+                );
+                self.agent_disconnected(agent_id, epoch);
+                false
+            }
+        }
     }
 
     /// Everything driven by time: offer timeouts, update resends, framework
@@ -401,7 +417,7 @@ fn master_info(master_id: &str, listen: std::net::SocketAddr) -> MasterInfo {
 mod fixture {
     use butte_api::agent_link::v1 as link;
     use butte_api::mesos::v1::scheduler::call;
-    use butte_api::mesos::v1::{AgentId, AgentInfo, FrameworkInfo};
+    use butte_api::mesos::v1::{AgentId, AgentInfo, FrameworkInfo, framework_info};
     use butte_api::resources::Resources;
     use tokio::sync::mpsc;
 
@@ -425,8 +441,18 @@ mod fixture {
         master: &mut Master,
         id: Option<&str>,
         resources: &str,
-    ) -> (String, u64, mpsc::UnboundedReceiver<link::MasterMessage>) {
-        let (messages, receiver) = mpsc::unbounded_channel();
+    ) -> (String, u64, mpsc::Receiver<link::MasterMessage>) {
+        agent_running(master, id, resources, Vec::new())
+    }
+
+    /// The same, (re-)registering with the tasks it runs.
+    pub fn agent_running(
+        master: &mut Master,
+        id: Option<&str>,
+        resources: &str,
+        running_tasks: Vec<butte_api::mesos::v1::Task>,
+    ) -> (String, u64, mpsc::Receiver<link::MasterMessage>) {
+        let (messages, receiver) = mpsc::channel(super::agents::AGENT_LINK_QUEUE);
         let register = link::Register {
             agent_info: AgentInfo {
                 hostname: "127.0.0.1".into(),
@@ -438,6 +464,7 @@ mod fixture {
             total_resources: Resources::parse(resources)
                 .expect("the test's resources parse")
                 .to_proto(None),
+            running_tasks,
             ..Default::default()
         };
         let (agent_id, epoch) = master
@@ -447,11 +474,27 @@ mod fixture {
     }
 
     pub fn framework(master: &mut Master, failover_timeout: Option<f64>) -> Subscription {
+        framework_with(master, failover_timeout, &[])
+    }
+
+    /// The same, with capabilities (e.g. PARTITION_AWARE).
+    pub fn framework_with(
+        master: &mut Master,
+        failover_timeout: Option<f64>,
+        capabilities: &[framework_info::capability::Type],
+    ) -> Subscription {
+        let capabilities = capabilities
+            .iter()
+            .map(|kind| framework_info::Capability {
+                r#type: Some(*kind as i32),
+            })
+            .collect();
         let subscribe = call::Subscribe {
             framework_info: FrameworkInfo {
                 user: "test".into(),
                 name: "test".into(),
                 failover_timeout,
+                capabilities,
                 ..Default::default()
             },
             ..Default::default()
