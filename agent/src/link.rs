@@ -89,10 +89,16 @@ pub enum LinkError {
     Closed,
 }
 
+/// The first wait before reconnecting; it doubles with each failed attempt
+/// up to `MAX_BACKOFF`, and starts over once a link registered.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 pub async fn run(agent: Agent) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = FIRST_BACKOFF;
     loop {
-        match session(&agent).await {
+        let mut admitted = false;
+        match session(&agent, &mut admitted).await {
             Ok(()) => tracing::warn!("the master closed the link; reconnecting"),
             Err(LinkError::Status(status)) if status.code() == tonic::Code::PermissionDenied => {
                 // Marked gone by the operator (as Mesos's shutdown of an agent).
@@ -111,8 +117,13 @@ pub async fn run(agent: Agent) {
             }
         }
         agent.disconnected();
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        if admitted {
+            backoff = FIRST_BACKOFF;
+        }
+        // A random part of the backoff, as Mesos's agents: a restarted
+        // master is not met by every agent at the same instant.
+        tokio::time::sleep(backoff.mul_f64(fastrand::f64())).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -121,7 +132,9 @@ pub async fn run(agent: Agent) {
 /// the TCP connection open) and a new one is opened.
 const SILENT_INTERVALS: u32 = 3;
 
-async fn session(agent: &Agent) -> Result<(), LinkError> {
+/// One link: connect, register, then carry messages until it fails;
+/// `admitted` is set once the master took the registration.
+async fn session(agent: &Agent, admitted: &mut bool) -> Result<(), LinkError> {
     // HTTP/2 pings find a dead peer or path even while no message flows.
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", agent.config.master))?
@@ -149,6 +162,7 @@ async fn session(agent: &Agent) -> Result<(), LinkError> {
         "registered with the master"
     );
     agent.registered(registered.agent_id.value);
+    *admitted = true;
     let interval = Duration::from_secs_f64(registered.heartbeat_interval_seconds.clamp(0.1, 60.0));
     let mut heartbeat = tokio::time::interval(interval);
     let silence = interval * SILENT_INTERVALS;

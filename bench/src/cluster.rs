@@ -1,4 +1,4 @@
-//! A master and an agent from this build's binaries on loopback, and a JSON
+//! A master and agents from this build's binaries on loopback, and a JSON
 //! scheduler that subscribes, launches and acknowledges: what the benchmarks
 //! that go through the whole path share.
 
@@ -38,6 +38,9 @@ pub fn stats(name: &str, mut samples: Vec<Duration>) {
 pub struct Cluster {
     master: Option<Child>,
     agent: Option<Child>,
+    /// Agents beyond the first (`add_agent`), each on its own port, work
+    /// dir and cgroup subtree.
+    more_agents: Vec<Child>,
     pub master_port: u16,
     agent_port: u16,
     /// The port the agent reaches the master on (the master's, or a relay's).
@@ -72,6 +75,7 @@ impl Cluster {
         let mut cluster = Self {
             master: None,
             agent: None,
+            more_agents: Vec::new(),
             master_port,
             agent_port,
             agent_to_master,
@@ -122,28 +126,41 @@ impl Cluster {
         self.agent_runs += 1;
         let log =
             std::fs::File::create(self.agent_log()).unwrap_or_else(|e| panic!("agent log: {e}"));
-        let agent = Command::new(binary("butte-agent"))
+        let agent = self.spawn_agent(self.agent_port, &self.dir.join("agent"), log);
+        self.agent = Some(agent);
+    }
+
+    /// Starts one more agent, on `port` (its state in `agent-PORT/`, its
+    /// log `agent-PORT.log`), offering the same resources.
+    pub fn add_agent(&mut self, port: u16) {
+        let log = std::fs::File::create(self.dir.join(format!("agent-{port}.log")))
+            .unwrap_or_else(|e| panic!("agent log: {e}"));
+        let agent = self.spawn_agent(port, &self.dir.join(format!("agent-{port}")), log);
+        self.more_agents.push(agent);
+    }
+
+    fn spawn_agent(&self, port: u16, work_dir: &Path, log: std::fs::File) -> Child {
+        Command::new(binary("butte-agent"))
             .args([
                 "--master",
                 &format!("127.0.0.1:{}", self.agent_to_master),
                 "--port",
-                &self.agent_port.to_string(),
+                &port.to_string(),
             ])
             .args([
                 "--resources",
                 &self.agent_resources,
                 "--container-prefix",
-                "bench-",
+                &format!("bench{port}-"),
                 "--cgroup-subtree",
-                &format!("butte/bench-{}", self.agent_port),
+                &format!("butte/bench-{port}"),
             ])
             .arg("--work-dir")
-            .arg(self.dir.join("agent"))
+            .arg(work_dir)
             .stdout(log)
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("agent: {e}"));
-        self.agent = Some(agent);
+            .unwrap_or_else(|e| panic!("agent: {e}"))
     }
 
     /// The current agent run's log.
@@ -176,14 +193,21 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // The agent drained (SIGUSR1: its tasks killed, cgroups and pins
-        // removed), then the master.
-        if let Some(agent) = self.agent.as_mut() {
+        // The agents drained (SIGUSR1: their tasks killed, cgroups and
+        // pins removed), then the master.
+        let agents: Vec<&mut Child> = self
+            .agent
+            .iter_mut()
+            .chain(self.more_agents.iter_mut())
+            .collect();
+        for agent in &agents {
             // SAFETY: kill(2) on our own child.
             #[allow(unsafe_code)]
             unsafe {
                 libc::kill(agent.id() as i32, libc::SIGUSR1);
             }
+        }
+        for agent in agents {
             let _ = agent.wait();
         }
         if let Some(master) = self.master.as_mut() {
