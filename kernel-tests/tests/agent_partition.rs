@@ -1,13 +1,17 @@
 //! The agent's link to the master cut by a relay on loopback that drops
 //! every byte (`common::link_cut`), with a partition-aware framework and one
-//! that is not, both real mesoshttp clients (tests/driven_framework.py):
-//! 1. a short cut, within the master's ping timeouts: a task that
-//!    ends during it is reported as it ended, never lost or unreachable;
-//! 2. a long cut, past it: the master marks the agent unreachable. The
-//!    partition-aware framework sees TASK_UNREACHABLE, then, once the link
-//!    heals, the real end of its task that finished meanwhile and its
+//! that is not, both real mesoshttp clients (tests/driven_framework.py),
+//! on the master's default timers (15 s x 5 ping timeouts, as Mesos):
+//! 1. a 30 s cut, within the master's ping timeouts: a task that ends
+//!    during it is reported as it ended, never lost or unreachable;
+//! 2. a 2-minute cut, past them: the master marks the agent unreachable.
+//!    The partition-aware framework sees TASK_UNREACHABLE, then, once the
+//!    link heals, the real end of its task that finished meanwhile and its
 //!    running task RUNNING again on reconciliation; the other framework
-//!    sees TASK_LOST, once, and its task is killed on the agent.
+//!    sees TASK_LOST, once, and its task is killed on the agent;
+//! 3. the master killed -9 and started again: the frameworks, with a
+//!    `failover_timeout` of 0, subscribe again by themselves, and the
+//!    running task is still RUNNING, in the same container.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,6 +29,9 @@ use common::cluster::{Cluster, Ports, wait_for};
 const MASTER_PORT: u16 = 15_184;
 const AGENT_PORT: u16 = 15_185;
 const RELAY_PORT: u16 = 15_186;
+/// Within the master's 5 x 15 s of patience, and past it.
+const SHORT_CUT: Duration = Duration::from_secs(30);
+const LONG_CUT: Duration = Duration::from_secs(120);
 const WAIT_FOR_GO: &str = "while [ ! -e $MESOS_SANDBOX/go ]; do sleep 0.1; done; exit 0";
 
 /// A running driven_framework.py: its updates as they come, its stdin.
@@ -91,15 +98,24 @@ impl Driven {
             let Ok(line) = self.lines.recv_timeout(left) else {
                 panic!("{task} never reached {state}; seen: {:?}", self.seen);
             };
-            let Some(update) = line.get("update") else {
-                continue;
-            };
+            self.record(&line);
+            if let Some(reason) = found(&self.seen[self.seen.len().saturating_sub(1)..]) {
+                return reason;
+            }
+        }
+    }
+
+    /// Keeps an update line in `seen`; a subscription as ("", "SUBSCRIBED",
+    /// framework id).
+    fn record(&mut self, line: &Value) {
+        if let Some(id) = line.get("subscribed") {
+            let id = id.as_str().unwrap_or_default().to_owned();
+            self.seen.push((String::new(), "SUBSCRIBED".into(), id));
+        }
+        if let Some(update) = line.get("update") {
             let field = |name: &str| update[name].as_str().unwrap_or_default().to_owned();
             self.seen
                 .push((field("task"), field("state"), field("reason")));
-            if field("task") == task && field("state") == state {
-                return field("reason");
-            }
         }
     }
 
@@ -114,11 +130,7 @@ impl Driven {
     /// Takes in what has arrived by now.
     fn drain(&mut self) {
         while let Ok(line) = self.lines.try_recv() {
-            if let Some(update) = line.get("update") {
-                let field = |name: &str| update[name].as_str().unwrap_or_default().to_owned();
-                self.seen
-                    .push((field("task"), field("state"), field("reason")));
-            }
+            self.record(&line);
         }
     }
 
@@ -157,10 +169,8 @@ fn tell(cluster: &Cluster, task_id: &str) {
 
 #[test]
 fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() {
-    // Timers, short enough for a test; under scripts/vm-test's emulation a
-    // little longer, so that a slow heartbeat is not taken for a cut.
-    let scale = common::slowdown().min(3);
-    let (ping, pings) = (2 * scale, 3);
+    // The master's default timers: unreachable after 5 ping timeouts of
+    // 15 s of silence.
     let relay = LinkCut::start(RELAY_PORT, MASTER_PORT).unwrap();
     let mut cluster = Cluster::start_via(
         "partition",
@@ -170,12 +180,7 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
             agent_to_master: RELAY_PORT,
         },
         "cpus:2;mem:1024",
-        &[
-            "--agent-ping-timeout",
-            &ping.to_string(),
-            "--max-agent-ping-timeouts",
-            &pings.to_string(),
-        ],
+        &[],
     );
     let mut aware = Driven::start(
         &cluster,
@@ -193,11 +198,11 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
     let mut plain = Driven::start(&cluster, "plain", false, &[("plain-stay", "sleep 600")]);
     plain.until("plain-stay", "TASK_RUNNING", Duration::from_secs(60));
 
-    // 1. A cut shorter than the master's patience.
+    // 1. A 30 s cut, shorter than the master's patience.
     aware.mark();
     relay.cut();
     tell(&cluster, "short-end");
-    std::thread::sleep(Duration::from_secs(u64::from(ping)));
+    std::thread::sleep(SHORT_CUT);
     relay.heal();
     aware.until("short-end", "TASK_FINISHED", Duration::from_secs(60));
     assert_eq!(
@@ -215,17 +220,19 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
         aware.seen
     );
 
-    // 2. A cut past it: the agent is unreachable.
+    // 2. A 2-minute cut, past it: the agent is unreachable.
     aware.mark();
     relay.cut();
-    let reason = aware.until("stay", "TASK_UNREACHABLE", Duration::from_secs(60));
+    let cut_at = Instant::now();
+    let reason = aware.until("stay", "TASK_UNREACHABLE", LONG_CUT);
     assert_eq!(reason, "REASON_AGENT_REMOVED");
-    aware.until("long-end", "TASK_UNREACHABLE", Duration::from_secs(60));
-    plain.until("plain-stay", "TASK_LOST", Duration::from_secs(60));
+    aware.until("long-end", "TASK_UNREACHABLE", Duration::from_secs(10));
+    plain.until("plain-stay", "TASK_LOST", Duration::from_secs(10));
     tell(&cluster, "long-end");
     wait_for("long-end to end on the agent", || {
         cluster.container_pids("long-end").is_empty()
     });
+    std::thread::sleep(LONG_CUT.saturating_sub(cut_at.elapsed()));
     relay.heal();
     aware.until("long-end", "TASK_FINISHED", Duration::from_secs(60));
     aware.mark();
@@ -235,14 +242,7 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
         cluster.container_pids("plain-stay").is_empty()
     });
     std::thread::sleep(Duration::from_secs(2));
-    while let Ok(line) = plain.lines.try_recv() {
-        if let Some(update) = line.get("update") {
-            let field = |name: &str| update[name].as_str().unwrap_or_default().to_owned();
-            plain
-                .seen
-                .push((field("task"), field("state"), field("reason")));
-        }
-    }
+    plain.drain();
     let ends: Vec<&str> = plain
         .states_of("plain-stay")
         .into_iter()
@@ -253,6 +253,21 @@ fn a_cut_link_loses_no_end_and_partition_aware_frameworks_see_the_truth_after() 
         vec!["TASK_LOST"],
         "lost once, never taken back: {:?}",
         plain.seen
+    );
+
+    // 3. The master killed -9 and started again: the frameworks (whose
+    // failover_timeout is 0) subscribe again by themselves (mesoshttp
+    // retries after 10 s), and the running task runs on, in its container.
+    let stay_pids = cluster.container_pids("stay");
+    aware.mark();
+    cluster.restart_master();
+    aware.until("", "SUBSCRIBED", Duration::from_secs(60));
+    aware.send("reconcile stay");
+    aware.until("stay", "TASK_RUNNING", Duration::from_secs(60));
+    assert_eq!(
+        cluster.container_pids("stay"),
+        stay_pids,
+        "the same container"
     );
 
     aware.mark();

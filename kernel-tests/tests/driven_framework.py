@@ -84,7 +84,8 @@ def commands():
 
 
 def main():
-    client = MesosClient(mesos_urls=[URL], frameworkName=NAME, max_reconnect=1)
+    # Reconnects (after mesoshttp's 10 s) with its framework id when the master restarts.
+    client = MesosClient(mesos_urls=[URL], frameworkName=NAME, max_reconnect=10)
     if AWARE:
         client.add_capability("PARTITION_AWARE")
     client.on(MesosClient.SUBSCRIBED, on_subscribed)

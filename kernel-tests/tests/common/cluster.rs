@@ -72,6 +72,9 @@ pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 
 pub struct Cluster {
     master: Child,
+    master_args: Vec<String>,
+    /// Master processes started so far.
+    master_runs: u32,
     agent: Option<Child>,
     pub master_port: u16,
     pub agent_port: u16,
@@ -156,28 +159,14 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         prepare(&dir);
-        let log = |file: &str| std::fs::File::create(dir.join(file)).unwrap();
-        let master = Command::new(binary("butte-master"))
-            .args([
-                "--port",
-                &master_port.to_string(),
-                "--heartbeat-interval",
-                "1",
-                "--allocation-interval",
-                "0.2",
-            ])
-            .args(master_args)
-            .arg("--work-dir")
-            .arg(dir.join("master"))
-            .stdout(log("master.log"))
-            .stderr(log("master.err"))
-            .spawn()
-            .unwrap();
-        wait_for("the master", || http_get(master_port, "/health").is_some());
+        let master_args: Vec<String> = master_args.iter().map(|a| a.to_string()).collect();
+        let master = spawn_master(&dir, master_port, &master_args, 1);
         let prefix = format!("kt{agent_port}-");
         let subtree = format!("butte/kt{agent_port}");
         let mut cluster = Cluster {
             master,
+            master_args,
+            master_runs: 1,
             agent: None,
             master_port,
             agent_port,
@@ -360,6 +349,20 @@ impl Cluster {
             .collect()
     }
 
+    /// kill -9 of the master, then the master started again on its
+    /// registry (its logs `master-N.log`/`.err` for its N-th run).
+    pub fn restart_master(&mut self) {
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+        self.master_runs += 1;
+        self.master = spawn_master(
+            &self.dir,
+            self.master_port,
+            &self.master_args,
+            self.master_runs,
+        );
+    }
+
     /// Drains the agent (SIGUSR1: every task killed, its cgroups, pins and
     /// checkpoints removed) and waits for it to exit.
     pub fn stop_agent(&mut self) {
@@ -376,6 +379,34 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Starts the master (its `run`-th time) and waits until it answers.
+fn spawn_master(dir: &Path, port: u16, args: &[String], run: u32) -> Child {
+    let suffix = if run == 1 {
+        String::new()
+    } else {
+        format!("-{run}")
+    };
+    let log = |ext: &str| std::fs::File::create(dir.join(format!("master{suffix}.{ext}"))).unwrap();
+    let master = Command::new(binary("butte-master"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--heartbeat-interval",
+            "1",
+            "--allocation-interval",
+            "0.2",
+        ])
+        .args(args)
+        .arg("--work-dir")
+        .arg(dir.join("master"))
+        .stdout(log("log"))
+        .stderr(log("err"))
+        .spawn()
+        .unwrap();
+    wait_for("the master", || http_get(port, "/health").is_some());
+    master
 }
 
 impl Drop for Cluster {
