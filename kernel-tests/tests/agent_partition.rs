@@ -15,16 +15,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 mod common;
 use butte_kernel_tests::link_cut::LinkCut;
 use common::cluster::{Cluster, Ports, wait_for};
+use common::driven::Driven;
 
 const MASTER_PORT: u16 = 15_184;
 const AGENT_PORT: u16 = 15_185;
@@ -33,135 +29,6 @@ const RELAY_PORT: u16 = 15_186;
 const SHORT_CUT: Duration = Duration::from_secs(30);
 const LONG_CUT: Duration = Duration::from_secs(120);
 const WAIT_FOR_GO: &str = "while [ ! -e $MESOS_SANDBOX/go ]; do sleep 0.1; done; exit 0";
-
-/// A running driven_framework.py: its updates as they come, its stdin.
-struct Driven {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<Value>,
-    /// Every update received so far: (task, state, reason).
-    seen: Vec<(String, String, String)>,
-    /// Where `until` starts looking in `seen`.
-    mark: usize,
-}
-
-impl Driven {
-    fn start(cluster: &Cluster, name: &str, aware: bool, tasks: &[(&str, &str)]) -> Driven {
-        let tasks = serde_json::to_string(tasks).unwrap();
-        let mut child = cluster
-            .framework("driven_framework.py", name, 600)
-            .args([if aware { "1" } else { "0" }, &tasks])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(cluster.dir.join(format!("{name}.err"))).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(value) = serde_json::from_str(&line) {
-                    let _ = sender.send(value);
-                }
-            }
-        });
-        let stdin = child.stdin.take().unwrap();
-        Driven {
-            child,
-            stdin,
-            lines,
-            seen: Vec::new(),
-            mark: 0,
-        }
-    }
-
-    /// From here on, `until` looks only at updates received later.
-    fn mark(&mut self) {
-        self.mark = self.seen.len();
-    }
-
-    /// Updates until `task` reaches `state` (since the mark, received or
-    /// to come); whether it did, and its reason.
-    fn until(&mut self, task: &str, state: &str, limit: Duration) -> String {
-        let found = |seen: &[(String, String, String)]| {
-            seen.iter()
-                .find(|(t, s, _)| t == task && s == state)
-                .map(|(_, _, reason)| reason.clone())
-        };
-        if let Some(reason) = found(&self.seen[self.mark..]) {
-            return reason;
-        }
-        let deadline = Instant::now() + limit * common::slowdown();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = self.lines.recv_timeout(left) else {
-                panic!("{task} never reached {state}; seen: {:?}", self.seen);
-            };
-            self.record(&line);
-            if let Some(reason) = found(&self.seen[self.seen.len().saturating_sub(1)..]) {
-                return reason;
-            }
-        }
-    }
-
-    /// Keeps an update line in `seen`; a subscription as ("", "SUBSCRIBED",
-    /// framework id).
-    fn record(&mut self, line: &Value) {
-        if let Some(id) = line.get("subscribed") {
-            let id = id.as_str().unwrap_or_default().to_owned();
-            self.seen.push((String::new(), "SUBSCRIBED".into(), id));
-        }
-        if let Some(update) = line.get("update") {
-            let field = |name: &str| update[name].as_str().unwrap_or_default().to_owned();
-            self.seen
-                .push((field("task"), field("state"), field("reason")));
-        }
-    }
-
-    fn states_of(&self, task: &str) -> Vec<&str> {
-        self.seen
-            .iter()
-            .filter(|(t, _, _)| t == task)
-            .map(|(_, s, _)| s.as_str())
-            .collect()
-    }
-
-    /// Takes in what has arrived by now.
-    fn drain(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.record(&line);
-        }
-    }
-
-    /// `task`'s states from its first terminal one on.
-    fn states_since_end(&self, task: &str) -> Vec<&str> {
-        let states = self.states_of(task);
-        let first = states.iter().position(|s| {
-            !matches!(
-                *s,
-                "TASK_STAGING" | "TASK_STARTING" | "TASK_RUNNING" | "TASK_UNREACHABLE"
-            )
-        });
-        first.map_or_else(Vec::new, |at| states[at..].to_vec())
-    }
-
-    fn send(&mut self, command: &str) {
-        writeln!(self.stdin, "{command}").unwrap();
-    }
-}
-
-impl Drop for Driven {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn tell(cluster: &Cluster, task_id: &str) {
     std::fs::write(cluster.sandbox(task_id).join("go"), "").unwrap();

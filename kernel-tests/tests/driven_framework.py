@@ -6,7 +6,8 @@ Usage: driven_framework.py MASTER_URL NAME TIMEOUT PARTITION_AWARE(0|1) TASKS_JS
   TASKS_JSON: [[task_id, shell command], ...], launched on the first offer.
 Prints {"subscribed": framework_id}, then {"update": {"task": .., "state": ..,
 "reason": .., "message": ..}} per update (acknowledged).
-Commands: "kill TASK", "reconcile TASK", "quit".
+Commands: "kill TASK", "reconcile TASK", "launch TASK COMMAND..." (on the
+next offer), "quit".
 """
 
 import json
@@ -21,7 +22,7 @@ TIMEOUT = float(sys.argv[3])
 AWARE = sys.argv[4] == "1"
 TASKS = json.loads(sys.argv[5])
 out_lock = threading.Lock()
-state = {"driver": None, "agent_id": None, "launched": False}
+state = {"driver": None, "agent_id": None, "launched": False, "pending": []}
 done = threading.Event()
 
 
@@ -50,13 +51,14 @@ def on_subscribed(driver):
 
 def on_offers(offers):
     for offer in offers:
-        if state["launched"]:
-            offer.decline()
+        if state["launched"] and not state["pending"]:
+            offer.decline({"filters": {"refuse_seconds": 0.2}})
             continue
         agent_id = offer.get_offer()["agent_id"]
         state["agent_id"] = agent_id
+        tasks, state["pending"] = (state["pending"] if state["launched"] else TASKS), []
         state["launched"] = True
-        offer.accept([task(t, agent_id, c) for t, c in TASKS])
+        offer.accept([task(t, agent_id, c) for t, c in tasks])
 
 
 def on_update(update):
@@ -73,7 +75,9 @@ def commands():
         driver = state["driver"]
         if words[0] == "quit":
             break
-        if words[0] == "kill":
+        if words[0] == "launch":
+            state["pending"].append((words[1], " ".join(words[2:])))
+        elif words[0] == "kill":
             driver.kill(state["agent_id"]["value"], words[1])
         elif words[0] == "reconcile":
             requests.post(driver.mesos_url + "/api/v1/scheduler", json={

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 pub mod cluster;
+pub mod driven;
 pub mod fake_master;
 
 use std::path::{Path, PathBuf};
