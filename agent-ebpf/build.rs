@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The programs under src/bpf, by file stem.
-const PROGRAMS: &[&str] = &["ports", "devices", "accounting", "network"];
+const PROGRAMS: &[&str] = &["ports", "devices", "accounting", "network", "books"];
 
 /// The most tasks (cgroups) one agent tracks at once. Every per-task hash map
 /// is sized to it (clang gets it as MAX_TASKS) and the crate says the same

@@ -246,6 +246,42 @@ const TASK_SERIES: &[(&str, MetricType, &str, Read)] = &[
         },
     ),
     (
+        "butte_task_cpu_pressure_some_seconds",
+        MetricType::Counter,
+        "Time some of its runnable tasks waited for CPU (PSI cpu.pressure some total)",
+        |s| extra(s).cpu_pressure_some_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_cpu_pressure_full_seconds",
+        MetricType::Counter,
+        "Time all of its runnable tasks waited for CPU (PSI, where the kernel keeps it)",
+        |s| extra(s).cpu_pressure_full_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_memory_pressure_some_seconds",
+        MetricType::Counter,
+        "Time some of its tasks stalled on memory (PSI memory.pressure some total)",
+        |s| extra(s).memory_pressure_some_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_memory_pressure_full_seconds",
+        MetricType::Counter,
+        "Time all of its tasks stalled on memory (PSI)",
+        |s| extra(s).memory_pressure_full_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_io_pressure_some_seconds",
+        MetricType::Counter,
+        "Time some of its tasks stalled on I/O (PSI io.pressure some total)",
+        |s| extra(s).io_pressure_some_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_io_pressure_full_seconds",
+        MetricType::Counter,
+        "Time all of its tasks stalled on I/O (PSI)",
+        |s| extra(s).io_pressure_full_secs.map(Value::Real),
+    ),
+    (
         "butte_task_execs",
         MetricType::Counter,
         "Programs executed",

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use butte_agent_ebpf::FenceError;
 use butte_agent_ebpf::accounting::{Accounting, Events, TaskStats};
+use butte_agent_ebpf::books::{Books, CgroupBooks};
 use butte_agent_ebpf::devices::{DeviceFence, DeviceRule, default_rules};
 use butte_agent_ebpf::network::{self, NetStats, Network};
 use butte_agent_ebpf::pins::Pins;
@@ -25,6 +26,9 @@ pub struct TaskFence {
     pub egress_mbit_per_s: Option<f64>,
     /// Whether ingress is policed to the egress limit too.
     pub police_ingress: bool,
+    /// Whether its run-queue latency histogram is kept (the scheduler's
+    /// tracepoint runs only while some task has one).
+    pub runqueue_histogram: bool,
 }
 
 impl TaskFence {
@@ -54,11 +58,17 @@ pub enum Fence {
     Network,
     /// per-task CPU time, run-queue latency and process events
     Accounting,
+    /// the kernel's per-cgroup books (CPU, memory, pressure) read in one pass
+    Books,
 }
 
 /// What the kernel counted for every fenced container, read whole this round.
 #[derive(Default)]
 pub struct Counts {
+    /// The kernel's own books (rstat CPU, memcg usage, PSI), by v2 cgroup id.
+    pub books: HashMap<u64, CgroupBooks>,
+    /// Memory from the v1 memory hierarchy (a hybrid host), by v1 cgroup id.
+    pub v1_memory: HashMap<u64, u64>,
     pub cpu: HashMap<u64, TaskStats>,
     pub net: HashMap<u64, NetStats>,
     pub denied_binds: HashMap<u64, u64>,
@@ -72,6 +82,8 @@ pub struct Fences {
     devices: Option<DeviceFence>,
     network: Option<Network>,
     accounting: Option<Accounting>,
+    /// The kernel's per-cgroup books, read by a cgroup iterator.
+    books: Option<Books>,
     /// eBPF map keys (v2 cgroup ids) by container id.
     keys: HashMap<String, u64>,
     /// Where the fences are pinned, so that they hold while no agent runs.
@@ -84,11 +96,20 @@ impl Fences {
     /// while no agent runs, and a later agent takes them over). A fence
     /// that cannot load is left out and named in the second value: the
     /// caller must not offer what it would enforce.
-    pub fn attach(subtree: &Path, pins: Option<Pins>) -> (Self, Vec<Unenforced>) {
+    pub fn attach(
+        subtree: &Path,
+        memory_v1_subtree: Option<&Path>,
+        pins: Option<Pins>,
+    ) -> (Self, Vec<Unenforced>) {
         let mut unenforced = Vec::new();
         let mut keep =
             |fence: Fence, error: FenceError| unenforced.push(Unenforced { fence, error });
         let pinned = pins.as_ref();
+        let books = Books::load(subtree, memory_v1_subtree)
+            .map_err(|e| keep(Fence::Books, e))
+            .ok();
+        // Without the books' CPU, the scheduler's tracepoint counts it.
+        let cpu_from_books = books.as_ref().is_some_and(|b| b.flushes().is_some());
         let fences = Self {
             ports: PortFence::attach(subtree, pinned)
                 .map_err(|e| keep(Fence::Ports, e))
@@ -99,9 +120,10 @@ impl Fences {
             network: Network::attach(subtree, pinned)
                 .map_err(|e| keep(Fence::Network, e))
                 .ok(),
-            accounting: Accounting::attach()
+            accounting: Accounting::attach(!cpu_from_books)
                 .map_err(|e| keep(Fence::Accounting, e))
                 .ok(),
+            books,
             keys: HashMap::new(),
             pins,
         };
@@ -133,8 +155,11 @@ impl Fences {
 
     /// Every fence, or the first that cannot load (benchmarks and tests,
     /// which measure all of them). Not pinned.
-    pub fn attach_all(subtree: &Path) -> Result<Self, FenceError> {
-        let (fences, unenforced) = Self::attach(subtree, None);
+    pub fn attach_all(
+        subtree: &Path,
+        memory_v1_subtree: Option<&Path>,
+    ) -> Result<Self, FenceError> {
+        let (fences, unenforced) = Self::attach(subtree, memory_v1_subtree, None);
         match unenforced.into_iter().next() {
             Some(missing) => Err(missing.error),
             None => Ok(fences),
@@ -148,6 +173,7 @@ impl Fences {
             Fence::Devices => self.devices.is_some(),
             Fence::Network => self.network.is_some(),
             Fence::Accounting => self.accounting.is_some(),
+            Fence::Books => self.books.is_some(),
         }
     }
 
@@ -211,7 +237,7 @@ impl Fences {
             network.track(key, limits, keep_counts)?;
         }
         if let Some(accounting) = self.accounting.as_mut() {
-            accounting.track(key)?;
+            accounting.track(key, fence.runqueue_histogram)?;
         }
         Ok(())
     }
@@ -253,8 +279,24 @@ impl Fences {
             .collect()
     }
 
-    /// Brings every task's CPU time up to now (before `counts`).
+    /// The kernel's books, where they loaded.
+    pub fn books(&self) -> Option<&Books> {
+        self.books.as_ref()
+    }
+
+    /// Whether CPU time comes from the kernel's books (rstat, flushed at
+    /// each read) rather than from the scheduler's tracepoint and a walk
+    /// of every thread.
+    pub fn cpu_from_books(&self) -> bool {
+        self.books.as_ref().is_some_and(|b| b.flushes().is_some())
+    }
+
+    /// Brings every task's CPU time up to now (before `counts`); a no-op
+    /// where CPU comes from the kernel's books (read current).
     pub fn flush(&mut self) {
+        if self.cpu_from_books() {
+            return;
+        }
         if let Some(accounting) = self.accounting.as_mut()
             && let Err(error) = accounting.flush()
         {
@@ -267,6 +309,8 @@ impl Fences {
     /// this round is empty (and logged).
     pub fn counts(&mut self) -> Counts {
         Counts {
+            books: whole(self.books.as_ref().map(Books::read)),
+            v1_memory: whole(self.books.as_ref().map(Books::read_v1_memory)),
             cpu: whole(self.accounting.as_mut().map(|a| a.all_stats())),
             net: whole(self.network.as_ref().map(Network::all_stats)),
             denied_binds: whole(self.ports.as_ref().map(PortFence::all_denied)),

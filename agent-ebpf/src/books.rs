@@ -1,0 +1,362 @@
+//! The kernel's own per-cgroup books (CPU from rstat, memory from the memcg
+//! page counter, PSI totals), read for every cgroup under the agent's
+//! subtree in one pass of a cgroup iterator (books.bpf.c): the cost of a
+//! sample no longer grows with how often tasks wake, and a figure the
+//! kernel keeps per cgroup carries on across agent restarts.
+//!
+//! aya does not resolve kfunc calls; the one call the program makes (the
+//! rstat flush) is patched here with the running kernel's BTF id of
+//! `css_rstat_flush` (6.16 on) or `cgroup_rstat_flush` (6.1 to 6.15).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use aya::programs::Iter;
+use aya::{Btf, Ebpf};
+use aya_obj::btf::BtfKind;
+
+use crate::{FenceError, failed};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/books.bpf.o"));
+
+/// The placeholder kfunc call in the object: BPF_JMP|BPF_CALL, src_reg
+/// BPF_PSEUDO_KFUNC_CALL, imm 0x7ff0b001.
+const FLUSH_CALL: [u8; 8] = [0x85, 0x20, 0x00, 0x00, 0x01, 0xb0, 0xf0, 0x7f];
+/// What replaces it where the kernel has no flush kfunc: `r0 = 0`.
+const NO_CALL: [u8; 8] = [0xb7, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+/// The rstat flush kfuncs, newest first.
+const FLUSH_KFUNCS: &[&str] = &["css_rstat_flush", "cgroup_rstat_flush"];
+
+/// `struct record` of the C side: one cgroup's books.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Record {
+    cgroup: u64,
+    cpu_ns: u64,
+    user_ns: u64,
+    system_ns: u64,
+    memory_bytes: u64,
+    cpu_some_ns: u64,
+    cpu_full_ns: u64,
+    memory_some_ns: u64,
+    memory_full_ns: u64,
+    io_some_ns: u64,
+    io_full_ns: u64,
+    flags: u32,
+    level: u32,
+}
+
+const HAS_MEMORY: u32 = 1;
+const HAS_PSI: u32 = 2;
+
+/// Pressure stall totals (PSI), nanoseconds: time some (or all, `full`)
+/// of the cgroup's runnable tasks waited for CPU, memory or I/O.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pressure {
+    pub cpu_some_ns: u64,
+    pub cpu_full_ns: u64,
+    pub memory_some_ns: u64,
+    pub memory_full_ns: u64,
+    pub io_some_ns: u64,
+    pub io_full_ns: u64,
+}
+
+/// One cgroup's books.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupBooks {
+    /// CPU time (rstat base stats), nanoseconds: zero unless the books are
+    /// flushed (`Books::flushes`).
+    pub cpu_ns: u64,
+    /// The tick-sampled user/system split, nanoseconds.
+    pub user_ns: u64,
+    pub system_ns: u64,
+    /// The memcg page counter in bytes, where the memory controller is on
+    /// for this cgroup in this hierarchy.
+    pub memory_bytes: Option<u64>,
+    /// Where PSI is on.
+    pub pressure: Option<Pressure>,
+}
+
+impl From<&Record> for CgroupBooks {
+    fn from(record: &Record) -> Self {
+        Self {
+            cpu_ns: record.cpu_ns,
+            user_ns: record.user_ns,
+            system_ns: record.system_ns,
+            memory_bytes: (record.flags & HAS_MEMORY != 0).then_some(record.memory_bytes),
+            pressure: (record.flags & HAS_PSI != 0).then_some(Pressure {
+                cpu_some_ns: record.cpu_some_ns,
+                cpu_full_ns: record.cpu_full_ns,
+                memory_some_ns: record.memory_some_ns,
+                memory_full_ns: record.memory_full_ns,
+                io_some_ns: record.io_some_ns,
+                io_full_ns: record.io_full_ns,
+            }),
+        }
+    }
+}
+
+/// The loaded iterator and its walks: the v2 subtree, and on a hybrid host
+/// the v1 memory subtree.
+pub struct Books {
+    /// Keeps the program loaded.
+    _bpf: Ebpf,
+    v2: OwnedFd,
+    v1_memory: Option<OwnedFd>,
+    /// Which flush kfunc was patched in; None: CPU figures are not current.
+    flush: Option<&'static str>,
+    /// Why the flush could not be used, when it could not.
+    flush_missing: Option<String>,
+}
+
+impl Books {
+    /// Loads the iterator and attaches a walk of `v2_subtree` (and of
+    /// `v1_memory_subtree`, where the memory controller is on v1).
+    pub fn load(v2_subtree: &Path, v1_memory_subtree: Option<&Path>) -> Result<Self, FenceError> {
+        let btf = Btf::from_sys_fs().map_err(|e| failed("read_books", "read kernel BTF", &e))?;
+        let kfunc = FLUSH_KFUNCS
+            .iter()
+            .find_map(|&name| Some((name, btf.id_by_type_name_kind(name, BtfKind::Func).ok()?)));
+        let (bpf, flush, flush_missing) = match kfunc {
+            Some((name, id)) => match load_patched(&btf, Some(id)) {
+                Ok(bpf) => (bpf, Some(name), None),
+                // Its call refused (an older verifier's rule on its
+                // argument): the books without the CPU figure.
+                Err(error) => (
+                    load_patched(&btf, None)?,
+                    None,
+                    Some(format!("{name} could not be called: {error}")),
+                ),
+            },
+            None => (
+                load_patched(&btf, None)?,
+                None,
+                Some(format!(
+                    "the kernel has neither {} (BTF)",
+                    FLUSH_KFUNCS.join(" nor ")
+                )),
+            ),
+        };
+        let program: &Iter = bpf
+            .program("read_books")
+            .ok_or_else(|| FenceError::Program {
+                program: "read_books",
+                step: "find",
+                detail: "it is not in the object".into(),
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| failed("read_books", "type-check", &e))?;
+        let fd = program
+            .fd()
+            .map_err(|e| failed("read_books", "get its fd", &e))?;
+        let walk = |subtree: &Path| -> Result<OwnedFd, FenceError> {
+            let cgroup = crate::open_cgroup(subtree)?;
+            attach_walk(fd.as_fd(), cgroup.as_fd())
+                .map_err(|e| failed("read_books", "attach to the subtree", &e))
+        };
+        let v2 = walk(v2_subtree)?;
+        let v1_memory = v1_memory_subtree.map(walk).transpose()?;
+        Ok(Self {
+            _bpf: bpf,
+            v2,
+            v1_memory,
+            flush,
+            flush_missing,
+        })
+    }
+
+    /// The flush kfunc in use: CPU figures are current.
+    pub fn flushes(&self) -> Option<&'static str> {
+        self.flush
+    }
+
+    /// Why CPU figures are not taken from here, if they are not.
+    pub fn flush_missing(&self) -> Option<&str> {
+        self.flush_missing.as_deref()
+    }
+
+    /// Every cgroup below the v2 subtree, by its v2 id.
+    pub fn read(&self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
+        read_walk(self.v2.as_fd())
+    }
+
+    /// The memory of every cgroup below the v1 memory subtree, by its v1 id
+    /// (the inode number of its directory there); empty on pure v2.
+    pub fn read_v1_memory(&self) -> Result<HashMap<u64, u64>, FenceError> {
+        let Some(walk) = &self.v1_memory else {
+            return Ok(HashMap::new());
+        };
+        Ok(read_walk(walk.as_fd())?
+            .into_iter()
+            .filter_map(|(id, books)| Some((id, books.memory_bytes?)))
+            .collect())
+    }
+}
+
+/// The object with its flush call patched to the kfunc `id` (or to nothing),
+/// loaded, its iterator loaded into the kernel.
+fn load_patched(btf: &Btf, id: Option<u32>) -> Result<Ebpf, FenceError> {
+    let mut bytes = OBJECT.to_vec();
+    let at = bytes
+        .windows(FLUSH_CALL.len())
+        .position(|w| w == FLUSH_CALL)
+        .ok_or_else(|| FenceError::Program {
+            program: "read_books",
+            step: "patch its flush call",
+            detail: "the placeholder call is not in the object".into(),
+        })?;
+    let call = match id {
+        Some(id) => {
+            let mut call = FLUSH_CALL;
+            call[4..].copy_from_slice(&id.to_le_bytes());
+            call
+        }
+        None => NO_CALL,
+    };
+    bytes[at..at + call.len()].copy_from_slice(&call);
+    let mut bpf = aya::EbpfLoader::new()
+        .load(&bytes)
+        .map_err(|e| failed("books", "load", &e))?;
+    let iterator: &mut Iter = crate::program_mut(&mut bpf, "read_books")?;
+    iterator
+        .load("cgroup", btf)
+        .map_err(|e| failed("read_books", "load into the kernel", &e))?;
+    Ok(bpf)
+}
+
+fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> std::io::Result<OwnedFd> {
+    // SAFETY: the callers pass a pointer to an attr struct of `size` bytes
+    // that lives across the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: these commands return a new fd, ours.
+    #[allow(unsafe_code)]
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// BPF_LINK_CREATE of the iterator over `cgroup` and its descendants, in
+/// pre-order (the root first: it is where the program flushes). aya's own
+/// attach passes no walk order, which the kernel refuses.
+fn attach_walk(program: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TRACE_ITER: u32 = 28;
+    const BPF_CGROUP_ITER_DESCENDANTS_PRE: u32 = 2;
+    /// `union bpf_iter_link_info`, its cgroup member.
+    #[repr(C)]
+    struct CgroupIterInfo {
+        order: u32,
+        cgroup_fd: u32,
+        cgroup_id: u64,
+    }
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        iter_info: u64,
+        iter_info_len: u32,
+        _pad: u32,
+    }
+    let mut info = CgroupIterInfo {
+        order: BPF_CGROUP_ITER_DESCENDANTS_PRE,
+        cgroup_fd: cgroup.as_raw_fd() as u32,
+        cgroup_id: 0,
+    };
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: 0,
+        attach_type: BPF_TRACE_ITER,
+        flags: 0,
+        iter_info: (&raw mut info) as u64,
+        iter_info_len: std::mem::size_of::<CgroupIterInfo>() as u32,
+        _pad: 0,
+    };
+    bpf(
+        BPF_LINK_CREATE,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<LinkCreateAttr>(),
+    )
+}
+
+/// One walk: BPF_ITER_CREATE on its link, read to the end, records parsed.
+fn read_walk(link: BorrowedFd<'_>) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
+    const BPF_ITER_CREATE: libc::c_long = 33;
+    #[repr(C)]
+    struct IterCreateAttr {
+        link_fd: u32,
+        flags: u32,
+    }
+    let mut attr = IterCreateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        flags: 0,
+    };
+    let fd = bpf(
+        BPF_ITER_CREATE,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<IterCreateAttr>(),
+    )
+    .map_err(|e| failed("read_books", "create an iterator", &e))?;
+    let mut bytes = Vec::with_capacity(64 << 10);
+    std::fs::File::from(fd)
+        .read_to_end(&mut bytes)
+        .map_err(|e| failed("read_books", "run", &e))?;
+    Ok(parse(&bytes))
+}
+
+fn parse(bytes: &[u8]) -> HashMap<u64, CgroupBooks> {
+    bytes
+        .chunks_exact(std::mem::size_of::<Record>())
+        .map(|chunk| {
+            // SAFETY: a chunk holds exactly one Record, plain old data (all
+            // integers, every bit pattern valid), read unaligned.
+            #[allow(unsafe_code)]
+            let record: Record = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+            (record.cgroup, CgroupBooks::from(&record))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_with_their_flags() {
+        let with = Record {
+            cgroup: 7,
+            cpu_ns: 100,
+            memory_bytes: 4096,
+            cpu_some_ns: 5,
+            flags: HAS_MEMORY | HAS_PSI,
+            ..Record::default()
+        };
+        let without = Record {
+            cgroup: 8,
+            memory_bytes: 99,
+            ..Record::default()
+        };
+        let size = std::mem::size_of::<Record>();
+        assert_eq!(size, 96, "the C side's struct record");
+        let mut bytes = Vec::new();
+        for record in [&with, &without] {
+            // SAFETY: Record is plain old data; viewing it as bytes is sound.
+            #[allow(unsafe_code)]
+            bytes.extend_from_slice(unsafe {
+                std::slice::from_raw_parts((record as *const Record).cast::<u8>(), size)
+            });
+        }
+        bytes.push(0); // a torn tail is ignored
+        let books = parse(&bytes);
+        assert_eq!(books[&7].cpu_ns, 100);
+        assert_eq!(books[&7].memory_bytes, Some(4096));
+        assert_eq!(books[&7].pressure.map(|p| p.cpu_some_ns), Some(5));
+        assert_eq!(books[&8].memory_bytes, None, "no memory controller there");
+        assert_eq!(books[&8].pressure, None);
+    }
+}

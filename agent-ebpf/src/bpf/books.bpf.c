@@ -1,0 +1,181 @@
+// The kernel's own per-cgroup books, read in one pass: a sleepable cgroup
+// iterator, attached at the agent's subtree (pre-order), flushes the
+// subtree's rstat once, at its root, then writes one fixed-size record per
+// cgroup below it: CPU from the rstat base stats (what cpu.stat shows),
+// memory from the memcg page counter (what memory.current or
+// memory.usage_in_bytes shows), and the PSI totals (what cpu.pressure,
+// memory.pressure and io.pressure show). The agent reads the records with a
+// few read()s of one iterator fd: no file per task, no walk of threads.
+//
+// On a hybrid host the memory controller is on v1: the agent runs the same
+// program over its v1 memory subtree too, and takes the memory figure from
+// those records (the CPU and PSI figures there are zero).
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+struct kernfs_node {
+    __u64 id;
+} __attribute__((preserve_access_index));
+
+struct task_cputime {
+    __u64 stime;
+    __u64 utime;
+    __u64 sum_exec_runtime;
+} __attribute__((preserve_access_index));
+
+struct cgroup_base_stat {
+    struct task_cputime cputime;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+    long counter;
+} atomic_long_t;
+
+struct page_counter {
+    atomic_long_t usage;
+} __attribute__((preserve_access_index));
+
+struct cgroup_subsys_state {
+    struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+
+// Its css is its first member: a css pointer is the mem_cgroup's.
+struct mem_cgroup {
+    struct cgroup_subsys_state css;
+    struct page_counter memory;
+} __attribute__((preserve_access_index));
+
+struct psi_group {
+    bool enabled;
+    __u64 total[2];
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+    struct cgroup_subsys_state self;
+    int level;
+    struct kernfs_node *kn;
+    struct cgroup_subsys_state *subsys[12];
+    struct cgroup_base_stat bstat;
+    struct psi_group *psi;
+} __attribute__((preserve_access_index));
+
+enum cgroup_subsys_id {
+    memory_cgrp_id = 4,
+};
+
+enum psi_states {
+    PSI_IO_SOME = 0,
+    PSI_IO_FULL = 1,
+    PSI_MEM_SOME = 2,
+    PSI_MEM_FULL = 3,
+    PSI_CPU_SOME = 4,
+    PSI_CPU_FULL = 5,
+};
+
+struct bpf_iter_meta {
+    __u64 seq_num;
+    struct seq_file *seq;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter__cgroup {
+    struct bpf_iter_meta *meta;
+    struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+
+// The rstat flush kfunc's call, its immediate patched at load with the
+// kernel's BTF id of cgroup_rstat_flush (to 6.15) or css_rstat_flush (6.16
+// on; its css argument is the cgroup's first member, `self`): aya, our
+// loader, does not resolve kfunc calls itself. BPF_JMP|BPF_CALL with
+// src_reg BPF_PSEUDO_KFUNC_CALL (2); 0x7ff0b001 is the placeholder. On a
+// kernel with neither, the agent patches in `r0 = 0` instead, and takes the
+// CPU figure from elsewhere.
+#define RSTAT_FLUSH(cgrp)                                                     \
+    asm volatile("r1 = %[arg]\n\t"                                            \
+                 ".byte 0x85, 0x20, 0x00, 0x00, 0x01, 0xb0, 0xf0, 0x7f"       \
+                 :                                                            \
+                 : [arg] "r"(cgrp)                                            \
+                 : "r0", "r1", "r2", "r3", "r4", "r5", "memory")
+
+#define PAGE_SIZE 4096
+
+// One cgroup's books; the agent's `Record` has the same layout.
+struct record {
+    __u64 cgroup;
+    __u64 cpu_ns;
+    __u64 user_ns;
+    __u64 system_ns;
+    __u64 memory_bytes;
+    __u64 cpu_some_ns;
+    __u64 cpu_full_ns;
+    __u64 memory_some_ns;
+    __u64 memory_full_ns;
+    __u64 io_some_ns;
+    __u64 io_full_ns;
+    __u32 flags;
+    __u32 level;
+};
+
+#define HAS_MEMORY 1
+#define HAS_PSI 2
+
+// total[PSI_AVGS][state]: PSI_AVGS is the first row, so the flat index is
+// the state's value on this kernel, whatever the row's length.
+static __always_inline __u64 psi_read(struct psi_group *psi, __u64 index)
+{
+    __u64 value = 0;
+    bpf_probe_read_kernel(&value, sizeof(value), (void *)psi->total + index * 8);
+    return value;
+}
+#define PSI_TOTAL(psi, state) psi_read(psi, bpf_core_enum_value(enum psi_states, state))
+
+SEC("iter.s/cgroup")
+int read_books(struct bpf_iter__cgroup *ctx)
+{
+    struct cgroup *cgrp = ctx->cgroup;
+    if (!cgrp)
+        return 0;
+    // The first cgroup of a pre-order walk is the subtree's root: one flush
+    // there brings every cgroup below it up to date.
+    if (ctx->meta->seq_num == 0) {
+        RSTAT_FLUSH(cgrp);
+        return 0;
+    }
+    struct record record = {};
+    record.cgroup = cgrp->kn->id;
+    record.level = cgrp->level;
+    record.cpu_ns = cgrp->bstat.cputime.sum_exec_runtime;
+    record.user_ns = cgrp->bstat.cputime.utime;
+    record.system_ns = cgrp->bstat.cputime.stime;
+
+    struct cgroup_subsys_state *css =
+        cgrp->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
+    // A css is this cgroup's own only where the controller is enabled here.
+    if (css && BPF_CORE_READ(css, cgroup) == cgrp) {
+        struct mem_cgroup *memcg = (struct mem_cgroup *)css;
+        record.memory_bytes = (__u64)BPF_CORE_READ(memcg, memory.usage.counter) * PAGE_SIZE;
+        record.flags |= HAS_MEMORY;
+    }
+
+    struct psi_group *psi = 0;
+    if (bpf_core_field_exists(cgrp->psi))
+        psi = cgrp->psi;
+    bool enabled = psi != 0;
+    if (psi && bpf_core_field_exists(psi->enabled))
+        enabled = BPF_CORE_READ(psi, enabled);
+    if (enabled) {
+        record.cpu_some_ns = PSI_TOTAL(psi, PSI_CPU_SOME);
+        if (bpf_core_enum_value_exists(enum psi_states, PSI_CPU_FULL))
+            record.cpu_full_ns = PSI_TOTAL(psi, PSI_CPU_FULL);
+        record.memory_some_ns = PSI_TOTAL(psi, PSI_MEM_SOME);
+        record.memory_full_ns = PSI_TOTAL(psi, PSI_MEM_FULL);
+        record.io_some_ns = PSI_TOTAL(psi, PSI_IO_SOME);
+        record.io_full_ns = PSI_TOTAL(psi, PSI_IO_FULL);
+        record.flags |= HAS_PSI;
+    }
+    bpf_seq_write(ctx->meta->seq, &record, sizeof(record));
+    return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
