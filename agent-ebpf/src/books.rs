@@ -1,8 +1,9 @@
 //! The kernel's own per-cgroup books (CPU from rstat, memory from the memcg
 //! page counter, PSI totals), read for every cgroup under the agent's
-//! subtree in one pass of a cgroup iterator (books.bpf.c): the cost of a
-//! sample no longer grows with how often tasks wake, and a figure the
-//! kernel keeps per cgroup carries on across agent restarts.
+//! subtree in one pass of a cgroup iterator (books.bpf.c) into a hash map,
+//! read back whole in a few batch syscalls: the cost of a sample no longer
+//! grows with how often tasks wake, and a figure the kernel keeps per
+//! cgroup carries on across agent restarts.
 //!
 //! aya does not resolve kfunc calls; the one call the program makes (the
 //! rstat flush) is patched here with the running kernel's BTF id of
@@ -13,8 +14,9 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+use aya::maps::MapData;
 use aya::programs::Iter;
-use aya::{Btf, Ebpf};
+use aya::{Btf, Ebpf, Pod};
 use aya_obj::btf::BtfKind;
 
 use crate::{FenceError, failed};
@@ -33,7 +35,9 @@ const FLUSH_KFUNCS: &[&str] = &["css_rstat_flush", "cgroup_rstat_flush"];
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct Record {
-    cgroup: u64,
+    /// CLOCK_MONOTONIC when written: one older than the walk is stale (its
+    /// cgroup is gone).
+    read_ns: u64,
     cpu_ns: u64,
     user_ns: u64,
     system_ns: u64,
@@ -50,6 +54,11 @@ struct Record {
 
 const HAS_MEMORY: u32 = 1;
 const HAS_PSI: u32 = 2;
+
+// SAFETY: plain old data with the C layout of `struct record` (eleven u64
+// then two u32: no padding, every bit pattern valid).
+#[allow(unsafe_code)]
+unsafe impl Pod for Record {}
 
 /// Pressure stall totals (PSI), nanoseconds: time some (or all, `full`)
 /// of the cgroup's runnable tasks waited for CPU, memory or I/O.
@@ -99,12 +108,16 @@ impl From<&Record> for CgroupBooks {
 }
 
 /// The loaded iterator and its walks: the v2 subtree, and on a hybrid host
-/// the v1 memory subtree.
+/// the v1 memory subtree; the maps the walks fill.
 pub struct Books {
     /// Keeps the program loaded.
     _bpf: Ebpf,
     v2: OwnedFd,
     v1_memory: Option<OwnedFd>,
+    v2_books: aya::maps::HashMap<MapData, u64, Record>,
+    v1_books: aya::maps::HashMap<MapData, u64, Record>,
+    /// Why the v1 memory subtree is not walked, when it is not.
+    v1_missing: Option<String>,
     /// Which flush kfunc was patched in; None: CPU figures are not current.
     flush: Option<&'static str>,
     /// Why the flush could not be used, when it could not.
@@ -119,7 +132,7 @@ impl Books {
         let kfunc = FLUSH_KFUNCS
             .iter()
             .find_map(|&name| Some((name, btf.id_by_type_name_kind(name, BtfKind::Func).ok()?)));
-        let (bpf, flush, flush_missing) = match kfunc {
+        let (mut bpf, flush, flush_missing) = match kfunc {
             Some((name, id)) => match load_patched(&btf, Some(id)) {
                 Ok(bpf) => (bpf, Some(name), None),
                 // Its call refused (an older verifier's rule on its
@@ -157,14 +170,29 @@ impl Books {
                 .map_err(|e| failed("read_books", "attach to the subtree", &e))
         };
         let v2 = walk(v2_subtree)?;
-        let v1_memory = v1_memory_subtree.map(walk).transpose()?;
+        // Without it, memory comes from each task's usage file.
+        let (v1_memory, v1_missing) = match v1_memory_subtree.map(walk) {
+            None => (None, None),
+            Some(Ok(link)) => (Some(link), None),
+            Some(Err(error)) => (None, Some(error.to_string())),
+        };
+        let v2_books = crate::take_cgroup_map(&mut bpf, "v2_books")?;
+        let v1_books = crate::take_cgroup_map(&mut bpf, "v1_books")?;
         Ok(Self {
             _bpf: bpf,
             v2,
             v1_memory,
+            v2_books,
+            v1_books,
+            v1_missing,
             flush,
             flush_missing,
         })
+    }
+
+    /// Why memory on the v1 hierarchy is not read here, if it is not.
+    pub fn v1_memory_missing(&self) -> Option<&str> {
+        self.v1_missing.as_deref()
     }
 
     /// The flush kfunc in use: CPU figures are current.
@@ -178,21 +206,58 @@ impl Books {
     }
 
     /// Every cgroup below the v2 subtree, by its v2 id.
-    pub fn read(&self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
-        read_walk(self.v2.as_fd())
+    pub fn read(&mut self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
+        let started = monotonic_ns();
+        run_walk(self.v2.as_fd())?;
+        read_fresh(&mut self.v2_books, "v2_books", started)
     }
 
     /// The memory of every cgroup below the v1 memory subtree, by its v1 id
     /// (the inode number of its directory there); empty on pure v2.
-    pub fn read_v1_memory(&self) -> Result<HashMap<u64, u64>, FenceError> {
+    pub fn read_v1_memory(&mut self) -> Result<HashMap<u64, u64>, FenceError> {
         let Some(walk) = &self.v1_memory else {
             return Ok(HashMap::new());
         };
-        Ok(read_walk(walk.as_fd())?
+        let started = monotonic_ns();
+        run_walk(walk.as_fd())?;
+        Ok(read_fresh(&mut self.v1_books, "v1_books", started)?
             .into_iter()
             .filter_map(|(id, books)| Some((id, books.memory_bytes?)))
             .collect())
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns's clock).
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+    }
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// The map read whole; records the walk that began at `started` did not
+/// write are of cgroups gone since: removed from the map, not returned.
+fn read_fresh(
+    map: &mut aya::maps::HashMap<MapData, u64, Record>,
+    name: &'static str,
+    started: u64,
+) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
+    let records: HashMap<u64, Record> = crate::lookup_all(aya::maps::IterableMap::map(map), name)?;
+    let mut books = HashMap::with_capacity(records.len());
+    for (id, record) in records {
+        if record.read_ns < started {
+            let _ = map.remove(&id);
+        } else {
+            books.insert(id, CgroupBooks::from(&record));
+        }
+    }
+    Ok(books)
 }
 
 /// The object with its flush call patched to the kfunc `id` (or to nothing),
@@ -216,7 +281,12 @@ fn load_patched(btf: &Btf, id: Option<u32>) -> Result<Ebpf, FenceError> {
         None => NO_CALL,
     };
     bytes[at..at + call.len()].copy_from_slice(&call);
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page_size = u64::try_from(page_size).unwrap_or(4096);
     let mut bpf = aya::EbpfLoader::new()
+        .override_global("page_size", &page_size, true)
         .load(&bytes)
         .map_err(|e| failed("books", "load", &e))?;
     let iterator: &mut Iter = crate::program_mut(&mut bpf, "read_books")?;
@@ -284,8 +354,9 @@ fn attach_walk(program: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> std::io::Resu
     )
 }
 
-/// One walk: BPF_ITER_CREATE on its link, read to the end, records parsed.
-fn read_walk(link: BorrowedFd<'_>) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
+/// One walk: BPF_ITER_CREATE on its link, read to the end (the program
+/// writes to its maps; it prints nothing).
+fn run_walk(link: BorrowedFd<'_>) -> Result<(), FenceError> {
     const BPF_ITER_CREATE: libc::c_long = 33;
     #[repr(C)]
     struct IterCreateAttr {
@@ -302,24 +373,11 @@ fn read_walk(link: BorrowedFd<'_>) -> Result<HashMap<u64, CgroupBooks>, FenceErr
         std::mem::size_of::<IterCreateAttr>(),
     )
     .map_err(|e| failed("read_books", "create an iterator", &e))?;
-    let mut bytes = Vec::with_capacity(64 << 10);
+    let mut nothing = Vec::new();
     std::fs::File::from(fd)
-        .read_to_end(&mut bytes)
+        .read_to_end(&mut nothing)
         .map_err(|e| failed("read_books", "run", &e))?;
-    Ok(parse(&bytes))
-}
-
-fn parse(bytes: &[u8]) -> HashMap<u64, CgroupBooks> {
-    bytes
-        .chunks_exact(std::mem::size_of::<Record>())
-        .map(|chunk| {
-            // SAFETY: a chunk holds exactly one Record, plain old data (all
-            // integers, every bit pattern valid), read unaligned.
-            #[allow(unsafe_code)]
-            let record: Record = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
-            (record.cgroup, CgroupBooks::from(&record))
-        })
-        .collect()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -327,36 +385,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_parse_with_their_flags() {
+    fn records_keep_the_c_layout_and_their_flags() {
+        assert_eq!(
+            std::mem::size_of::<Record>(),
+            96,
+            "the C side's struct record"
+        );
         let with = Record {
-            cgroup: 7,
             cpu_ns: 100,
             memory_bytes: 4096,
             cpu_some_ns: 5,
             flags: HAS_MEMORY | HAS_PSI,
             ..Record::default()
         };
-        let without = Record {
-            cgroup: 8,
+        let books = CgroupBooks::from(&with);
+        assert_eq!(books.cpu_ns, 100);
+        assert_eq!(books.memory_bytes, Some(4096));
+        assert_eq!(books.pressure.map(|p| p.cpu_some_ns), Some(5));
+        let without = CgroupBooks::from(&Record {
             memory_bytes: 99,
             ..Record::default()
-        };
-        let size = std::mem::size_of::<Record>();
-        assert_eq!(size, 96, "the C side's struct record");
-        let mut bytes = Vec::new();
-        for record in [&with, &without] {
-            // SAFETY: Record is plain old data; viewing it as bytes is sound.
-            #[allow(unsafe_code)]
-            bytes.extend_from_slice(unsafe {
-                std::slice::from_raw_parts((record as *const Record).cast::<u8>(), size)
-            });
-        }
-        bytes.push(0); // a torn tail is ignored
-        let books = parse(&bytes);
-        assert_eq!(books[&7].cpu_ns, 100);
-        assert_eq!(books[&7].memory_bytes, Some(4096));
-        assert_eq!(books[&7].pressure.map(|p| p.cpu_some_ns), Some(5));
-        assert_eq!(books[&8].memory_bytes, None, "no memory controller there");
-        assert_eq!(books[&8].pressure, None);
+        });
+        assert_eq!(without.memory_bytes, None, "no memory controller there");
+        assert_eq!(without.pressure, None);
     }
 }

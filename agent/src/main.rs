@@ -266,6 +266,9 @@ fn attach_fences(
             ),
         }
     }
+    if let Some(reason) = fences.books().and_then(|b| b.v1_memory_missing()) {
+        tracing::warn!(%reason, "telemetry: the v1 memory hierarchy cannot be walked; memory comes from each task's usage file");
+    }
     if let Some(books) = fences.books() {
         match (books.flushes(), books.flush_missing()) {
             (Some(kfunc), _) => tracing::info!(

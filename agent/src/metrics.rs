@@ -114,7 +114,7 @@ const TASK_SERIES: &[(&str, MetricType, &str, Read)] = &[
     (
         "butte_task_cpu_seconds",
         MetricType::Counter,
-        "CPU time, from the scheduler's runtime (eBPF)",
+        "CPU time, from the kernel's rstat books (else the scheduler's runtime counter, eBPF)",
         |s| extra(s).cpus_total_time_secs.map(Value::Real),
     ),
     (

@@ -227,12 +227,19 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
             let key = view.cgroup_key;
             let book = books.get(&key);
             let mut task_cpu = cpu.remove(&key);
-            if cpu_from_books && let Some(book) = book {
-                // CPU from rstat; the run queue still from the tracepoint.
-                let stats = task_cpu.get_or_insert_with(TaskStats::default);
-                stats.cpu_ns = book.cpu_ns;
-                stats.user_ns = book.user_ns;
-                stats.system_ns = book.system_ns;
+            if cpu_from_books {
+                match book {
+                    // CPU from rstat; the run queue still from the tracepoint.
+                    Some(book) => {
+                        let stats = task_cpu.get_or_insert_with(TaskStats::default);
+                        stats.cpu_ns = book.cpu_ns;
+                        stats.user_ns = book.user_ns;
+                        stats.system_ns = book.system_ns;
+                    }
+                    // The books could not be read this round: no CPU figure,
+                    // rather than the tracepoint's, not kept current here.
+                    None => task_cpu = None,
+                }
             }
             counted.entry(key).or_insert_with(|| Counted {
                 cpu: task_cpu,

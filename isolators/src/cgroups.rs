@@ -189,9 +189,6 @@ fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
     }
 }
 
-/// SIGKILLs everything in `dir` until `cgroup.procs` is empty, then removes it.
-/// A v2 cgroup on 5.14+ is killed whole by `cgroup.kill` (no fork can slip
-/// past it); the kill loop below is then only the wait, and the fallback.
 /// Reclaims what an emptied memory cgroup still holds (its page cache):
 /// an rmdir'ed memcg that holds pages stays behind, dying, and every dying
 /// one slows the memcg code for everyone. v1 has `memory.force_empty`, v2
@@ -213,6 +210,9 @@ fn reclaim_memory(dir: &Path) {
     }
 }
 
+/// SIGKILLs everything in `dir` until `cgroup.procs` is empty, then removes it.
+/// A v2 cgroup on 5.14+ is killed whole by `cgroup.kill` (no fork can slip
+/// past it); the kill loop below is then only the wait, and the fallback.
 fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
     if !dir.exists() {
         return Ok(());
@@ -471,7 +471,9 @@ impl Isolator for Hybrid {
     }
 
     fn memory_v1_subtree(&self) -> Option<PathBuf> {
-        Some(self.root.join("memory").join(&self.subtree))
+        self.controllers()
+            .any(|c| c == "memory")
+            .then(|| self.root.join("memory").join(&self.subtree))
     }
 
     fn v2_dir(&self, id: &str) -> PathBuf {

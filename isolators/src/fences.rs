@@ -84,6 +84,8 @@ pub struct Fences {
     accounting: Option<Accounting>,
     /// The kernel's per-cgroup books, read by a cgroup iterator.
     books: Option<Books>,
+    /// Whether the last read of the books failed (logged once per spell).
+    books_failing: bool,
     /// eBPF map keys (v2 cgroup ids) by container id.
     keys: HashMap<String, u64>,
     /// Where the fences are pinned, so that they hold while no agent runs.
@@ -124,6 +126,7 @@ impl Fences {
                 .map_err(|e| keep(Fence::Accounting, e))
                 .ok(),
             books,
+            books_failing: false,
             keys: HashMap::new(),
             pins,
         };
@@ -308,9 +311,28 @@ impl Fences {
     /// syscalls rather than one lookup per task; a map that cannot be read
     /// this round is empty (and logged).
     pub fn counts(&mut self) -> Counts {
+        let read = self
+            .books
+            .as_mut()
+            .map(|b| b.read().and_then(|v2| Ok((v2, b.read_v1_memory()?))));
+        let (books, v1_memory) = match read {
+            Some(Ok(read)) => {
+                if std::mem::take(&mut self.books_failing) {
+                    tracing::info!("the kernel's books are readable again");
+                }
+                read
+            }
+            Some(Err(error)) => {
+                if !std::mem::replace(&mut self.books_failing, true) {
+                    tracing::warn!(%error, "cannot read the kernel's books; tasks have no CPU, memory-from-the-books or pressure figures until they can be read");
+                }
+                Default::default()
+            }
+            None => Default::default(),
+        };
         Counts {
-            books: whole(self.books.as_ref().map(Books::read)),
-            v1_memory: whole(self.books.as_ref().map(Books::read_v1_memory)),
+            books,
+            v1_memory,
             cpu: whole(self.accounting.as_mut().map(|a| a.all_stats())),
             net: whole(self.network.as_ref().map(Network::all_stats)),
             denied_binds: whole(self.ports.as_ref().map(PortFence::all_denied)),

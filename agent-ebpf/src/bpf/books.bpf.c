@@ -4,8 +4,11 @@
 // cgroup below it: CPU from the rstat base stats (what cpu.stat shows),
 // memory from the memcg page counter (what memory.current or
 // memory.usage_in_bytes shows), and the PSI totals (what cpu.pressure,
-// memory.pressure and io.pressure show). The agent reads the records with a
-// few read()s of one iterator fd: no file per task, no walk of threads.
+// memory.pressure and io.pressure show). The records go to a hash map per
+// hierarchy, which the agent reads whole in a few batch syscalls after the
+// walk: no file per task, no walk of threads. (Not through the iterator's
+// own output: a cgroup walk cannot go on across a second read(), and one
+// read holds 32 KiB, about 340 records.)
 //
 // On a hybrid host the memory controller is on v1: the agent runs the same
 // program over its v1 memory subtree too, and takes the memory figure from
@@ -52,8 +55,13 @@ struct psi_group {
     __u64 total[2];
 } __attribute__((preserve_access_index));
 
+struct cgroup_root {
+    int hierarchy_id;
+} __attribute__((preserve_access_index));
+
 struct cgroup {
     struct cgroup_subsys_state self;
+    struct cgroup_root *root;
     int level;
     struct kernfs_node *kn;
     struct cgroup_subsys_state *subsys[12];
@@ -98,11 +106,12 @@ struct bpf_iter__cgroup {
                  : [arg] "r"(cgrp)                                            \
                  : "r0", "r1", "r2", "r3", "r4", "r5", "memory")
 
-#define PAGE_SIZE 4096
+// Set by the agent at load (sysconf(_SC_PAGESIZE)): the page counter counts pages.
+const volatile __u64 page_size = 4096;
 
 // One cgroup's books; the agent's `Record` has the same layout.
 struct record {
-    __u64 cgroup;
+    __u64 read_ns; // bpf_ktime_get_ns() when written: older ones are stale
     __u64 cpu_ns;
     __u64 user_ns;
     __u64 system_ns;
@@ -119,6 +128,22 @@ struct record {
 
 #define HAS_MEMORY 1
 #define HAS_PSI 2
+
+// Records by cgroup id: the default (v2) hierarchy's, and the v1 memory
+// hierarchy's on a hybrid host (its ids are another kernfs's inodes).
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 2 * MAX_TASKS);
+    __type(key, __u64);
+    __type(value, struct record);
+} v2_books SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 2 * MAX_TASKS);
+    __type(key, __u64);
+    __type(value, struct record);
+} v1_books SEC(".maps");
 
 // total[PSI_AVGS][state]: PSI_AVGS is the first row, so the flat index is
 // the state's value on this kernel, whatever the row's length.
@@ -143,7 +168,8 @@ int read_books(struct bpf_iter__cgroup *ctx)
         return 0;
     }
     struct record record = {};
-    record.cgroup = cgrp->kn->id;
+    __u64 id = cgrp->kn->id;
+    record.read_ns = bpf_ktime_get_ns();
     record.level = cgrp->level;
     record.cpu_ns = cgrp->bstat.cputime.sum_exec_runtime;
     record.user_ns = cgrp->bstat.cputime.utime;
@@ -154,7 +180,7 @@ int read_books(struct bpf_iter__cgroup *ctx)
     // A css is this cgroup's own only where the controller is enabled here.
     if (css && BPF_CORE_READ(css, cgroup) == cgrp) {
         struct mem_cgroup *memcg = (struct mem_cgroup *)css;
-        record.memory_bytes = (__u64)BPF_CORE_READ(memcg, memory.usage.counter) * PAGE_SIZE;
+        record.memory_bytes = (__u64)BPF_CORE_READ(memcg, memory.usage.counter) * page_size;
         record.flags |= HAS_MEMORY;
     }
 
@@ -174,7 +200,11 @@ int read_books(struct bpf_iter__cgroup *ctx)
         record.io_full_ns = PSI_TOTAL(psi, PSI_IO_FULL);
         record.flags |= HAS_PSI;
     }
-    bpf_seq_write(ctx->meta->seq, &record, sizeof(record));
+    // The default hierarchy is hierarchy 0 (as in /proc/PID/cgroup's "0::").
+    if (BPF_CORE_READ(cgrp, root, hierarchy_id) == 0)
+        bpf_map_update_elem(&v2_books, &id, &record, BPF_ANY);
+    else
+        bpf_map_update_elem(&v1_books, &id, &record, BPF_ANY);
     return 0;
 }
 
