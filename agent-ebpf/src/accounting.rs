@@ -417,8 +417,12 @@ impl Accounting {
     }
 
     /// Every tracked task's counts (as of the last flush), by cgroup id, in
-    /// a few syscalls.
+    /// a few syscalls; none where CPU is counted elsewhere (the kernel's
+    /// books) and no task keeps a run-queue histogram: nothing to read.
     pub fn all_stats(&mut self) -> Result<std::collections::HashMap<u64, TaskStats>, FenceError> {
+        if !self.switch_always && self.runq_wanted.is_empty() {
+            return Ok(std::collections::HashMap::new());
+        }
         let raw: std::collections::HashMap<u64, RawTaskStats> =
             crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_stats")?;
         let totals: std::collections::HashMap<u64, TaskStats> = raw

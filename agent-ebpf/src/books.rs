@@ -1,9 +1,9 @@
 //! The kernel's own per-cgroup books (CPU from rstat, memory from the memcg
 //! page counter, PSI totals), read for every cgroup under the agent's
-//! subtree in one pass of a cgroup iterator (books.bpf.c) into a hash map,
-//! read back whole in a few batch syscalls: the cost of a sample no longer
-//! grows with how often tasks wake, and a figure the kernel keeps per
-//! cgroup carries on across agent restarts.
+//! subtree in one pass of a cgroup iterator (books.bpf.c) into an array
+//! this process has mapped: a sample is the walk's few syscalls and a read
+//! of memory, its cost no longer grows with how often tasks wake, and a
+//! figure the kernel keeps per cgroup carries on across agent restarts.
 //!
 //! aya does not resolve kfunc calls; the one call the program makes (the
 //! rstat flush) is patched here with the running kernel's BTF id of
@@ -16,7 +16,7 @@ use std::path::Path;
 
 use aya::maps::MapData;
 use aya::programs::Iter;
-use aya::{Btf, Ebpf, Pod};
+use aya::{Btf, Ebpf};
 use aya_obj::btf::BtfKind;
 
 use crate::{FenceError, failed};
@@ -35,9 +35,10 @@ const FLUSH_KFUNCS: &[&str] = &["css_rstat_flush", "cgroup_rstat_flush"];
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct Record {
-    /// CLOCK_MONOTONIC when written: one older than the walk is stale (its
-    /// cgroup is gone).
+    /// CLOCK_MONOTONIC when written: one older than the walk is stale (the
+    /// walk ended before it).
     read_ns: u64,
+    cgroup: u64,
     cpu_ns: u64,
     user_ns: u64,
     system_ns: u64,
@@ -55,10 +56,87 @@ struct Record {
 const HAS_MEMORY: u32 = 1;
 const HAS_PSI: u32 = 2;
 
-// SAFETY: plain old data with the C layout of `struct record` (eleven u64
-// then two u32: no padding, every bit pattern valid).
+/// One hierarchy's records, the kernel's array mapped read-only here.
+struct Slots {
+    /// Keeps the array alive.
+    _map: MapData,
+    base: std::ptr::NonNull<Record>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only read, through `&self`, and lives as long as
+// the value; the kernel writes it only while a walk runs, inside read().
 #[allow(unsafe_code)]
-unsafe impl Pod for Record {}
+unsafe impl Send for Slots {}
+
+impl Slots {
+    fn map(bpf: &mut Ebpf, name: &'static str) -> Result<Self, FenceError> {
+        let failure = |detail: String| FenceError::Map {
+            map: name,
+            step: "map into memory",
+            detail,
+        };
+        let map = match bpf.take_map(name) {
+            Some(aya::maps::Map::Array(data)) => data,
+            _ => return Err(failure("not an array in the object".into())),
+        };
+        let len = crate::MAX_TASKS;
+        let size = len * std::mem::size_of::<Record>();
+        // SAFETY: a shared read-only mapping of the array map's fd (an
+        // mmapable array of MAX_TASKS records); checked for failure below.
+        #[allow(unsafe_code)]
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(failure(std::io::Error::last_os_error().to_string()));
+        }
+        let base = std::ptr::NonNull::new(base.cast::<Record>())
+            .ok_or_else(|| failure("mmap gave a null pointer".into()))?;
+        Ok(Self {
+            _map: map,
+            base,
+            len,
+        })
+    }
+
+    /// The records the walk that began at `started` wrote: the leading
+    /// slots, up to the first older one.
+    fn fresh(&self, started: u64) -> HashMap<u64, CgroupBooks> {
+        let mut books = HashMap::new();
+        for slot in 0..self.len {
+            // SAFETY: slot < len, inside the mapping; records are plain old
+            // data, read whole with a volatile read (the kernel wrote them).
+            #[allow(unsafe_code)]
+            let record = unsafe { std::ptr::read_volatile(self.base.as_ptr().add(slot)) };
+            if record.read_ns < started {
+                break;
+            }
+            books.insert(record.cgroup, CgroupBooks::from(&record));
+        }
+        books
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, of this size, unmapped once.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.len * std::mem::size_of::<Record>(),
+            );
+        }
+    }
+}
 
 /// Pressure stall totals (PSI), nanoseconds: time some (or all, `full`)
 /// of the cgroup's runnable tasks waited for CPU, memory or I/O.
@@ -114,8 +192,8 @@ pub struct Books {
     _bpf: Ebpf,
     v2: OwnedFd,
     v1_memory: Option<OwnedFd>,
-    v2_books: aya::maps::HashMap<MapData, u64, Record>,
-    v1_books: aya::maps::HashMap<MapData, u64, Record>,
+    v2_books: Slots,
+    v1_books: Slots,
     /// Why the v1 memory subtree is not walked, when it is not.
     v1_missing: Option<String>,
     /// Which flush kfunc was patched in; None: CPU figures are not current.
@@ -176,8 +254,8 @@ impl Books {
             Some(Ok(link)) => (Some(link), None),
             Some(Err(error)) => (None, Some(error.to_string())),
         };
-        let v2_books = crate::take_cgroup_map(&mut bpf, "v2_books")?;
-        let v1_books = crate::take_cgroup_map(&mut bpf, "v1_books")?;
+        let v2_books = Slots::map(&mut bpf, "v2_books")?;
+        let v1_books = Slots::map(&mut bpf, "v1_books")?;
         Ok(Self {
             _bpf: bpf,
             v2,
@@ -209,7 +287,7 @@ impl Books {
     pub fn read(&mut self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
         let started = monotonic_ns();
         run_walk(self.v2.as_fd())?;
-        read_fresh(&mut self.v2_books, "v2_books", started)
+        Ok(self.v2_books.fresh(started))
     }
 
     /// The memory of every cgroup below the v1 memory subtree, by its v1 id
@@ -220,7 +298,9 @@ impl Books {
         };
         let started = monotonic_ns();
         run_walk(walk.as_fd())?;
-        Ok(read_fresh(&mut self.v1_books, "v1_books", started)?
+        Ok(self
+            .v1_books
+            .fresh(started)
             .into_iter()
             .filter_map(|(id, books)| Some((id, books.memory_bytes?)))
             .collect())
@@ -239,25 +319,6 @@ fn monotonic_ns() -> u64 {
         libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
     }
     (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
-}
-
-/// The map read whole; records the walk that began at `started` did not
-/// write are of cgroups gone since: removed from the map, not returned.
-fn read_fresh(
-    map: &mut aya::maps::HashMap<MapData, u64, Record>,
-    name: &'static str,
-    started: u64,
-) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
-    let records: HashMap<u64, Record> = crate::lookup_all(aya::maps::IterableMap::map(map), name)?;
-    let mut books = HashMap::with_capacity(records.len());
-    for (id, record) in records {
-        if record.read_ns < started {
-            let _ = map.remove(&id);
-        } else {
-            books.insert(id, CgroupBooks::from(&record));
-        }
-    }
-    Ok(books)
 }
 
 /// The object with its flush call patched to the kfunc `id` (or to nothing),
@@ -388,7 +449,7 @@ mod tests {
     fn records_keep_the_c_layout_and_their_flags() {
         assert_eq!(
             std::mem::size_of::<Record>(),
-            96,
+            104,
             "the C side's struct record"
         );
         let with = Record {

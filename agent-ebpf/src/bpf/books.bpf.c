@@ -4,11 +4,12 @@
 // cgroup below it: CPU from the rstat base stats (what cpu.stat shows),
 // memory from the memcg page counter (what memory.current or
 // memory.usage_in_bytes shows), and the PSI totals (what cpu.pressure,
-// memory.pressure and io.pressure show). The records go to a hash map per
-// hierarchy, which the agent reads whole in a few batch syscalls after the
-// walk: no file per task, no walk of threads. (Not through the iterator's
-// own output: a cgroup walk cannot go on across a second read(), and one
-// read holds 32 KiB, about 340 records.)
+// memory.pressure and io.pressure show). The records go to a memory-mapped
+// array per hierarchy, one slot per cgroup in walk order, which the agent
+// reads in place after the walk: no file per task, no walk of threads, no
+// syscall per task. (Not through the iterator's own output: a cgroup walk
+// cannot go on across a second read(), and one read holds 32 KiB, about
+// 340 records.)
 //
 // On a hybrid host the memory controller is on v1: the agent runs the same
 // program over its v1 memory subtree too, and takes the memory figure from
@@ -112,6 +113,7 @@ const volatile __u64 page_size = 4096;
 // One cgroup's books; the agent's `Record` has the same layout.
 struct record {
     __u64 read_ns; // bpf_ktime_get_ns() when written: older ones are stale
+    __u64 cgroup;
     __u64 cpu_ns;
     __u64 user_ns;
     __u64 system_ns;
@@ -129,31 +131,29 @@ struct record {
 #define HAS_MEMORY 1
 #define HAS_PSI 2
 
-// Records by cgroup id: the default (v2) hierarchy's, and the v1 memory
-// hierarchy's on a hybrid host (its ids are another kernfs's inodes).
+// Records in walk order: the default (v2) hierarchy's, and the v1 memory
+// hierarchy's on a hybrid host (its ids are another kernfs's inodes). The
+// agent reads slots until one is older than the walk.
 struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 2 * MAX_TASKS);
-    __type(key, __u64);
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(map_flags, BPF_F_MMAPABLE);
+    __uint(max_entries, MAX_TASKS);
+    __type(key, __u32);
     __type(value, struct record);
 } v2_books SEC(".maps");
 
 struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 2 * MAX_TASKS);
-    __type(key, __u64);
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(map_flags, BPF_F_MMAPABLE);
+    __uint(max_entries, MAX_TASKS);
+    __type(key, __u32);
     __type(value, struct record);
 } v1_books SEC(".maps");
 
-// total[PSI_AVGS][state]: PSI_AVGS is the first row, so the flat index is
-// the state's value on this kernel, whatever the row's length.
-static __always_inline __u64 psi_read(struct psi_group *psi, __u64 index)
-{
-    __u64 value = 0;
-    bpf_probe_read_kernel(&value, sizeof(value), (void *)psi->total + index * 8);
-    return value;
-}
-#define PSI_TOTAL(psi, state) psi_read(psi, bpf_core_enum_value(enum psi_states, state))
+// total[PSI_AVGS][state]: PSI_AVGS is the first row, so a state's flat
+// index is its value on this kernel, whatever the row's length (6 or 7
+// states, so the first 8 totals are always in the array's 12 or 14).
+#define PSI_TOTAL(totals, state) totals[bpf_core_enum_value(enum psi_states, state) & 7]
 
 SEC("iter.s/cgroup")
 int read_books(struct bpf_iter__cgroup *ctx)
@@ -161,19 +161,24 @@ int read_books(struct bpf_iter__cgroup *ctx)
     struct cgroup *cgrp = ctx->cgroup;
     if (!cgrp)
         return 0;
+    // The default hierarchy is hierarchy 0 (as in /proc/PID/cgroup's "0::").
+    bool v2 = BPF_CORE_READ(cgrp, root, hierarchy_id) == 0;
     // The first cgroup of a pre-order walk is the subtree's root: one flush
-    // there brings every cgroup below it up to date.
+    // there brings every cgroup below it up to date. (The v1 memory walk
+    // reads the page counter, which needs none.)
     if (ctx->meta->seq_num == 0) {
-        RSTAT_FLUSH(cgrp);
+        if (v2)
+            RSTAT_FLUSH(cgrp);
         return 0;
     }
+    // Slot 0 for the first cgroup below the root.
+    __u32 slot = ctx->meta->seq_num - 1;
+    if (slot >= MAX_TASKS)
+        return 0;
     struct record record = {};
-    __u64 id = cgrp->kn->id;
+    record.cgroup = cgrp->kn->id;
     record.read_ns = bpf_ktime_get_ns();
     record.level = cgrp->level;
-    record.cpu_ns = cgrp->bstat.cputime.sum_exec_runtime;
-    record.user_ns = cgrp->bstat.cputime.utime;
-    record.system_ns = cgrp->bstat.cputime.stime;
 
     struct cgroup_subsys_state *css =
         cgrp->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
@@ -184,6 +189,15 @@ int read_books(struct bpf_iter__cgroup *ctx)
         record.flags |= HAS_MEMORY;
     }
 
+    // CPU and pressure are kept on the default hierarchy only.
+    if (!v2) {
+        bpf_map_update_elem(&v1_books, &slot, &record, BPF_ANY);
+        return 0;
+    }
+    record.cpu_ns = cgrp->bstat.cputime.sum_exec_runtime;
+    record.user_ns = cgrp->bstat.cputime.utime;
+    record.system_ns = cgrp->bstat.cputime.stime;
+
     struct psi_group *psi = 0;
     if (bpf_core_field_exists(cgrp->psi))
         psi = cgrp->psi;
@@ -191,20 +205,19 @@ int read_books(struct bpf_iter__cgroup *ctx)
     if (psi && bpf_core_field_exists(psi->enabled))
         enabled = BPF_CORE_READ(psi, enabled);
     if (enabled) {
-        record.cpu_some_ns = PSI_TOTAL(psi, PSI_CPU_SOME);
+        // One read for all six totals.
+        __u64 totals[8] = {};
+        bpf_probe_read_kernel(totals, sizeof(totals), psi->total);
+        record.cpu_some_ns = PSI_TOTAL(totals, PSI_CPU_SOME);
         if (bpf_core_enum_value_exists(enum psi_states, PSI_CPU_FULL))
-            record.cpu_full_ns = PSI_TOTAL(psi, PSI_CPU_FULL);
-        record.memory_some_ns = PSI_TOTAL(psi, PSI_MEM_SOME);
-        record.memory_full_ns = PSI_TOTAL(psi, PSI_MEM_FULL);
-        record.io_some_ns = PSI_TOTAL(psi, PSI_IO_SOME);
-        record.io_full_ns = PSI_TOTAL(psi, PSI_IO_FULL);
+            record.cpu_full_ns = PSI_TOTAL(totals, PSI_CPU_FULL);
+        record.memory_some_ns = PSI_TOTAL(totals, PSI_MEM_SOME);
+        record.memory_full_ns = PSI_TOTAL(totals, PSI_MEM_FULL);
+        record.io_some_ns = PSI_TOTAL(totals, PSI_IO_SOME);
+        record.io_full_ns = PSI_TOTAL(totals, PSI_IO_FULL);
         record.flags |= HAS_PSI;
     }
-    // The default hierarchy is hierarchy 0 (as in /proc/PID/cgroup's "0::").
-    if (BPF_CORE_READ(cgrp, root, hierarchy_id) == 0)
-        bpf_map_update_elem(&v2_books, &id, &record, BPF_ANY);
-    else
-        bpf_map_update_elem(&v1_books, &id, &record, BPF_ANY);
+    bpf_map_update_elem(&v2_books, &slot, &record, BPF_ANY);
     return 0;
 }
 
