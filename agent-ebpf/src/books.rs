@@ -19,6 +19,7 @@ use aya::programs::Iter;
 use aya::{Btf, Ebpf};
 use aya_obj::btf::BtfKind;
 
+use crate::network::NetStats;
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/books.bpf.o"));
@@ -49,6 +50,9 @@ struct Record {
     memory_full_ns: u64,
     io_some_ns: u64,
     io_full_ns: u64,
+    net: NetStats,
+    denied_binds: u64,
+    denied_opens: u64,
     flags: u32,
     level: u32,
 }
@@ -164,6 +168,12 @@ pub struct CgroupBooks {
     pub memory_bytes: Option<u64>,
     /// Where PSI is on.
     pub pressure: Option<Pressure>,
+    /// Our programs' counters for the cgroup (zero where it has none):
+    /// read in the same pass where their maps were shared at load
+    /// (`Books::shares_counters`).
+    pub net: NetStats,
+    pub denied_binds: u64,
+    pub denied_opens: u64,
 }
 
 impl From<&Record> for CgroupBooks {
@@ -181,6 +191,9 @@ impl From<&Record> for CgroupBooks {
                 io_some_ns: record.io_some_ns,
                 io_full_ns: record.io_full_ns,
             }),
+            net: record.net,
+            denied_binds: record.denied_binds,
+            denied_opens: record.denied_opens,
         }
     }
 }
@@ -200,29 +213,51 @@ pub struct Books {
     flush: Option<&'static str>,
     /// Why the flush could not be used, when it could not.
     flush_missing: Option<String>,
+    /// Whether the network and denial counters were shared at load.
+    shares_counters: bool,
+}
+
+/// Our own programs' per-task counter maps, read in the books' pass.
+pub struct Counters<'a> {
+    pub net: &'a MapData,
+    pub denied_binds: &'a MapData,
+    pub denied_opens: &'a MapData,
 }
 
 impl Books {
     /// Loads the iterator and attaches a walk of `v2_subtree` (and of
-    /// `v1_memory_subtree`, where the memory controller is on v1).
-    pub fn load(v2_subtree: &Path, v1_memory_subtree: Option<&Path>) -> Result<Self, FenceError> {
+    /// `v1_memory_subtree`, where the memory controller is on v1); with
+    /// `counters`, over those maps, so that a walk reads them too.
+    pub fn load(
+        v2_subtree: &Path,
+        v1_memory_subtree: Option<&Path>,
+        counters: Option<Counters<'_>>,
+    ) -> Result<Self, FenceError> {
         let btf = Btf::from_sys_fs().map_err(|e| failed("read_books", "read kernel BTF", &e))?;
         let kfunc = FLUSH_KFUNCS
             .iter()
             .find_map(|&name| Some((name, btf.id_by_type_name_kind(name, BtfKind::Func).ok()?)));
+        // The maps are handed over through bpffs: aya reuses a map pinned
+        // at the path given for it. The pins go once the object is loaded.
+        let shared = counters.and_then(|counters| {
+            SharedPins::make(counters)
+                .map_err(|error| tracing::warn!(%error, "the books cannot share the fences' counter maps; those are read on their own"))
+                .ok()
+        });
+        let pins = shared.as_ref().map(SharedPins::paths).unwrap_or_default();
         let (mut bpf, flush, flush_missing) = match kfunc {
-            Some((name, id)) => match load_patched(&btf, Some(id)) {
+            Some((name, id)) => match load_patched(&btf, Some(id), &pins) {
                 Ok(bpf) => (bpf, Some(name), None),
                 // Its call refused (an older verifier's rule on its
                 // argument): the books without the CPU figure.
                 Err(error) => (
-                    load_patched(&btf, None)?,
+                    load_patched(&btf, None, &pins)?,
                     None,
                     Some(format!("{name} could not be called: {error}")),
                 ),
             },
             None => (
-                load_patched(&btf, None)?,
+                load_patched(&btf, None, &pins)?,
                 None,
                 Some(format!(
                     "the kernel has neither {} (BTF)",
@@ -230,6 +265,8 @@ impl Books {
                 )),
             ),
         };
+        let shares_counters = shared.is_some();
+        drop(shared);
         let program: &Iter = bpf
             .program("read_books")
             .ok_or_else(|| FenceError::Program {
@@ -265,7 +302,13 @@ impl Books {
             v1_missing,
             flush,
             flush_missing,
+            shares_counters,
         })
+    }
+
+    /// Whether the records carry the network and denial counters.
+    pub fn shares_counters(&self) -> bool {
+        self.shares_counters
     }
 
     /// Why memory on the v1 hierarchy is not read here, if it is not.
@@ -307,6 +350,50 @@ impl Books {
     }
 }
 
+/// The counter maps pinned for the books' load, in a directory of their
+/// own; removed when dropped (the loaded program holds the maps).
+struct SharedPins {
+    dir: std::path::PathBuf,
+}
+
+impl SharedPins {
+    const NAMES: [&'static str; 3] = ["task_net", "denied_binds", "denied_opens"];
+
+    fn make(counters: Counters<'_>) -> Result<Self, FenceError> {
+        crate::pins::mount_bpffs()?;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = Path::new("/sys/fs/bpf").join(format!("butte-books-{}-{n}", std::process::id()));
+        let shown = dir.display().to_string();
+        let pin_error = |detail: String| FenceError::Pin {
+            path: shown.clone(),
+            detail,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| pin_error(e.to_string()))?;
+        let pins = Self { dir };
+        let maps = [counters.net, counters.denied_binds, counters.denied_opens];
+        for (name, map) in Self::NAMES.into_iter().zip(maps) {
+            map.pin(pins.dir.join(name))
+                .map_err(|e| pin_error(format!("{name}: {e}")))?;
+        }
+        Ok(pins)
+    }
+
+    fn paths(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        Self::NAMES
+            .into_iter()
+            .map(|name| (name, self.dir.join(name)))
+            .collect()
+    }
+}
+
+impl Drop for SharedPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns's clock).
 fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
@@ -323,7 +410,11 @@ fn monotonic_ns() -> u64 {
 
 /// The object with its flush call patched to the kfunc `id` (or to nothing),
 /// loaded, its iterator loaded into the kernel.
-fn load_patched(btf: &Btf, id: Option<u32>) -> Result<Ebpf, FenceError> {
+fn load_patched(
+    btf: &Btf,
+    id: Option<u32>,
+    pins: &[(&'static str, std::path::PathBuf)],
+) -> Result<Ebpf, FenceError> {
     let mut bytes = OBJECT.to_vec();
     let at = bytes
         .windows(FLUSH_CALL.len())
@@ -346,8 +437,12 @@ fn load_patched(btf: &Btf, id: Option<u32>) -> Result<Ebpf, FenceError> {
     #[allow(unsafe_code)]
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     let page_size = u64::try_from(page_size).unwrap_or(4096);
-    let mut bpf = aya::EbpfLoader::new()
-        .override_global("page_size", &page_size, true)
+    let mut loader = aya::EbpfLoader::new();
+    loader.override_global("page_size", &page_size, true);
+    for (name, path) in pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut bpf = loader
         .load(&bytes)
         .map_err(|e| failed("books", "load", &e))?;
     let iterator: &mut Iter = crate::program_mut(&mut bpf, "read_books")?;
@@ -449,7 +544,7 @@ mod tests {
     fn records_keep_the_c_layout_and_their_flags() {
         assert_eq!(
             std::mem::size_of::<Record>(),
-            104,
+            168,
             "the C side's struct record"
         );
         let with = Record {

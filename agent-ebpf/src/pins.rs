@@ -341,7 +341,7 @@ fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result
 
 /// Mounts bpffs at /sys/fs/bpf unless it is there.
 #[allow(unsafe_code)]
-fn mount_bpffs() -> Result<(), FenceError> {
+pub(crate) fn mount_bpffs() -> Result<(), FenceError> {
     let path = Path::new(BPFFS);
     let c_path = c"/sys/fs/bpf";
     // SAFETY: statfs fills the struct for a valid path.

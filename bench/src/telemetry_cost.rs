@@ -297,9 +297,11 @@ fn main() {
     ));
     std::hint::black_box(sample_poller(&tasks));
     // The books' share, timed apart on a second reader of the same subtree.
-    if let Ok(mut books) =
-        butte_agent_ebpf::books::Books::load(&subtree, isolator.memory_v1_subtree().as_deref())
-    {
+    if let Ok(mut books) = butte_agent_ebpf::books::Books::load(
+        &subtree,
+        isolator.memory_v1_subtree().as_deref(),
+        None,
+    ) {
         let (mut v2, mut v1) = (Duration::ZERO, Duration::ZERO);
         for _ in 0..10 {
             let started = process_cpu();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use butte_agent_ebpf::FenceError;
 use butte_agent_ebpf::accounting::{Accounting, Events, TaskStats};
-use butte_agent_ebpf::books::{Books, CgroupBooks};
+use butte_agent_ebpf::books::{Books, CgroupBooks, Counters};
 use butte_agent_ebpf::devices::{DeviceFence, DeviceRule, default_rules};
 use butte_agent_ebpf::network::{self, NetStats, Network};
 use butte_agent_ebpf::pins::Pins;
@@ -107,21 +107,33 @@ impl Fences {
         let mut keep =
             |fence: Fence, error: FenceError| unenforced.push(Unenforced { fence, error });
         let pinned = pins.as_ref();
-        let books = Books::load(subtree, memory_v1_subtree)
+        let ports = PortFence::attach(subtree, pinned)
+            .map_err(|e| keep(Fence::Ports, e))
+            .ok();
+        let devices = DeviceFence::attach(subtree, pinned)
+            .map_err(|e| keep(Fence::Devices, e))
+            .ok();
+        let network = Network::attach(subtree, pinned)
+            .map_err(|e| keep(Fence::Network, e))
+            .ok();
+        // The books read the fences' counters in their own pass.
+        let counters = match (&ports, &devices, &network) {
+            (Some(ports), Some(devices), Some(network)) => Some(Counters {
+                net: network.stats_map(),
+                denied_binds: ports.denied_map(),
+                denied_opens: devices.denied_map(),
+            }),
+            _ => None,
+        };
+        let books = Books::load(subtree, memory_v1_subtree, counters)
             .map_err(|e| keep(Fence::Books, e))
             .ok();
         // Without the books' CPU, the scheduler's tracepoint counts it.
         let cpu_from_books = books.as_ref().is_some_and(|b| b.flushes().is_some());
         let fences = Self {
-            ports: PortFence::attach(subtree, pinned)
-                .map_err(|e| keep(Fence::Ports, e))
-                .ok(),
-            devices: DeviceFence::attach(subtree, pinned)
-                .map_err(|e| keep(Fence::Devices, e))
-                .ok(),
-            network: Network::attach(subtree, pinned)
-                .map_err(|e| keep(Fence::Network, e))
-                .ok(),
+            ports,
+            devices,
+            network,
             accounting: Accounting::attach(!cpu_from_books)
                 .map_err(|e| keep(Fence::Accounting, e))
                 .ok(),
@@ -315,11 +327,13 @@ impl Fences {
             .books
             .as_mut()
             .map(|b| b.read().and_then(|v2| Ok((v2, b.read_v1_memory()?))));
+        let mut counted = false;
         let (books, v1_memory) = match read {
             Some(Ok(read)) => {
                 if std::mem::take(&mut self.books_failing) {
                     tracing::info!("the kernel's books are readable again");
                 }
+                counted = self.books.as_ref().is_some_and(Books::shares_counters);
                 read
             }
             Some(Err(error)) => {
@@ -330,13 +344,32 @@ impl Fences {
             }
             None => Default::default(),
         };
+        // The counters came with the books (their own maps are not read
+        // again); only fenced containers have them.
+        let (net, denied_binds, denied_opens) = if counted {
+            let fenced: std::collections::HashSet<u64> = self.keys.values().copied().collect();
+            let ours = books.iter().filter(|(key, _)| fenced.contains(key));
+            let mut counts = (HashMap::new(), HashMap::new(), HashMap::new());
+            for (key, book) in ours {
+                counts.0.insert(*key, book.net);
+                counts.1.insert(*key, book.denied_binds);
+                counts.2.insert(*key, book.denied_opens);
+            }
+            counts
+        } else {
+            (
+                whole(self.network.as_ref().map(Network::all_stats)),
+                whole(self.ports.as_ref().map(PortFence::all_denied)),
+                whole(self.devices.as_ref().map(DeviceFence::all_denied)),
+            )
+        };
         Counts {
             books,
             v1_memory,
             cpu: whole(self.accounting.as_mut().map(|a| a.all_stats())),
-            net: whole(self.network.as_ref().map(Network::all_stats)),
-            denied_binds: whole(self.ports.as_ref().map(PortFence::all_denied)),
-            denied_opens: whole(self.devices.as_ref().map(DeviceFence::all_denied)),
+            net,
+            denied_binds,
+            denied_opens,
         }
     }
 

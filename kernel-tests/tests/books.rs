@@ -62,6 +62,7 @@ fn the_kernels_books_agree_with_its_files_for_cpu_memory_and_pressure() {
     let mut books = Books::load(
         &isolator.v2_subtree(),
         isolator.memory_v1_subtree().as_deref(),
+        None,
     )
     .unwrap();
     assert!(
@@ -156,6 +157,7 @@ fn every_cgroup_is_read_at_hundreds_of_tasks_and_removed_ones_drop_out() {
     let mut books = Books::load(
         &isolator.v2_subtree(),
         isolator.memory_v1_subtree().as_deref(),
+        None,
     )
     .unwrap();
     let all = books.read().unwrap();

@@ -11,6 +11,11 @@
 // cannot go on across a second read(), and one read holds 32 KiB, about
 // 340 records.)
 //
+// The counters our own programs keep per task (bytes and packets each way,
+// bandwidth drops, denied binds and device opens) are read in the same pass:
+// the agent loads this object over those programs' maps (same definitions
+// as in network.bpf.c, ports.bpf.c and devices.bpf.c).
+//
 // On a hybrid host the memory controller is on v1: the agent runs the same
 // program over its v1 memory subtree too, and takes the memory figure from
 // those records (the CPU and PSI figures there are zero).
@@ -110,6 +115,38 @@ struct bpf_iter__cgroup {
 // Set by the agent at load (sysconf(_SC_PAGESIZE)): the page counter counts pages.
 const volatile __u64 page_size = 4096;
 
+// network.bpf.c's struct net_stats.
+struct net_stats {
+    __u64 tx_bytes;
+    __u64 tx_packets;
+    __u64 tx_dropped;
+    __u64 rx_bytes;
+    __u64 rx_packets;
+    __u64 rx_dropped;
+};
+
+// The other programs' per-task counters, shared at load.
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, MAX_TASKS);
+    __type(key, __u64);
+    __type(value, struct net_stats);
+} task_net SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, MAX_TASKS);
+    __type(key, __u64);
+    __type(value, __u64);
+} denied_binds SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, MAX_TASKS);
+    __type(key, __u64);
+    __type(value, __u64);
+} denied_opens SEC(".maps");
+
 // One cgroup's books; the agent's `Record` has the same layout.
 struct record {
     __u64 read_ns; // bpf_ktime_get_ns() when written: older ones are stale
@@ -124,6 +161,9 @@ struct record {
     __u64 memory_full_ns;
     __u64 io_some_ns;
     __u64 io_full_ns;
+    struct net_stats net;
+    __u64 denied_binds;
+    __u64 denied_opens;
     __u32 flags;
     __u32 level;
 };
@@ -217,6 +257,16 @@ int read_books(struct bpf_iter__cgroup *ctx)
         record.io_full_ns = PSI_TOTAL(totals, PSI_IO_FULL);
         record.flags |= HAS_PSI;
     }
+    __u64 id = record.cgroup;
+    struct net_stats *net = bpf_map_lookup_elem(&task_net, &id);
+    if (net)
+        record.net = *net;
+    __u64 *denied = bpf_map_lookup_elem(&denied_binds, &id);
+    if (denied)
+        record.denied_binds = *denied;
+    denied = bpf_map_lookup_elem(&denied_opens, &id);
+    if (denied)
+        record.denied_opens = *denied;
     bpf_map_update_elem(&v2_books, &slot, &record, BPF_ANY);
     return 0;
 }
