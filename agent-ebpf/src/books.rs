@@ -361,6 +361,7 @@ impl SharedPins {
 
     fn make(counters: Counters<'_>) -> Result<Self, FenceError> {
         crate::pins::mount_bpffs()?;
+        remove_dead_pins();
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = Path::new("/sys/fs/bpf").join(format!("butte-books-{}-{n}", std::process::id()));
@@ -385,6 +386,31 @@ impl SharedPins {
             .into_iter()
             .map(|name| (name, self.dir.join(name)))
             .collect()
+    }
+}
+
+/// Removes what a process killed while loading the books left pinned.
+fn remove_dead_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("butte-books-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the pid exists.
+        #[allow(unsafe_code)]
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
