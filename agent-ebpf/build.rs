@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for program in PROGRAMS {
         let source = format!("src/bpf/{program}.bpf.c");
         println!("cargo:rerun-if-changed={source}");
+        println!("cargo:rerun-if-changed=src/bpf/counters.h");
         let object = out.join(format!("{program}.bpf.o"));
         let status = Command::new("clang")
             .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86", "-Wall", "-Werror", "-c"])

@@ -478,17 +478,12 @@ fn load_patched(
     Ok(bpf)
 }
 
+/// A bpf(2) command that returns a new fd.
 fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> std::io::Result<OwnedFd> {
-    // SAFETY: the callers pass a pointer to an attr struct of `size` bytes
-    // that lives across the call.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = crate::pins::bpf(cmd, attr, size)?;
     // SAFETY: these commands return a new fd, ours.
     #[allow(unsafe_code)]
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// BPF_LINK_CREATE of the iterator over `cgroup` and its descendants, in

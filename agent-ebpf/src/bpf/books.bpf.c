@@ -24,6 +24,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 
+#include "counters.h"
+
 struct kernfs_node {
     __u64 id;
 } __attribute__((preserve_access_index));
@@ -115,37 +117,10 @@ struct bpf_iter__cgroup {
 // Set by the agent at load (sysconf(_SC_PAGESIZE)): the page counter counts pages.
 const volatile __u64 page_size = 4096;
 
-// network.bpf.c's struct net_stats.
-struct net_stats {
-    __u64 tx_bytes;
-    __u64 tx_packets;
-    __u64 tx_dropped;
-    __u64 rx_bytes;
-    __u64 rx_packets;
-    __u64 rx_dropped;
-};
-
 // The other programs' per-task counters, shared at load.
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, MAX_TASKS);
-    __type(key, __u64);
-    __type(value, struct net_stats);
-} task_net SEC(".maps");
-
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, MAX_TASKS);
-    __type(key, __u64);
-    __type(value, __u64);
-} denied_binds SEC(".maps");
-
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, MAX_TASKS);
-    __type(key, __u64);
-    __type(value, __u64);
-} denied_opens SEC(".maps");
+TASK_COUNTER_MAP(task_net, struct net_stats);
+TASK_COUNTER_MAP(denied_binds, __u64);
+TASK_COUNTER_MAP(denied_opens, __u64);
 
 // One cgroup's books; the agent's `Record` has the same layout.
 struct record {
