@@ -506,7 +506,7 @@ mod tests {
         });
         let labels = r#"framework_id="fw",executor_id="t\"1",task_id="t\"1""#;
         for line in [
-            "# HELP butte_task_cpu_seconds_total CPU time, from the scheduler's runtime (eBPF)"
+            "# HELP butte_task_cpu_seconds_total CPU time, from the kernel's rstat books (else the scheduler's runtime counter, eBPF)"
                 .to_owned(),
             "# TYPE butte_task_cpu_seconds_total counter".to_owned(),
             format!("butte_task_cpu_seconds_total{{{labels}}} 1.5"),
