@@ -84,7 +84,8 @@ impl Slots {
             Some(aya::maps::Map::Array(data)) => data,
             _ => return Err(failure("not an array in the object".into())),
         };
-        let len = crate::MAX_TASKS;
+        // The header, then a slot per cgroup.
+        let len = crate::MAX_TASKS + 1;
         let size = len * std::mem::size_of::<Record>();
         // SAFETY: a shared read-only mapping of the array map's fd (an
         // mmapable array of MAX_TASKS records); checked for failure below.
@@ -111,15 +112,26 @@ impl Slots {
         })
     }
 
-    /// The records the walk that began at `started` wrote: the leading
-    /// slots, up to the first older one.
-    fn fresh(&self, started: u64) -> HashMap<u64, CgroupBooks> {
+    fn slot(&self, slot: usize) -> Record {
+        debug_assert!(slot < self.len);
+        // SAFETY: slot < len, inside the mapping; records are plain old
+        // data, read whole with a volatile read (the kernel wrote them).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::read_volatile(self.base.as_ptr().add(slot.min(self.len - 1)))
+        }
+    }
+
+    /// The records the last walk wrote: the slots after its header (slot
+    /// 0, stamped at its start), up to the first older than the header.
+    fn fresh(&self) -> HashMap<u64, CgroupBooks> {
+        let started = self.slot(0).read_ns;
         let mut books = HashMap::new();
-        for slot in 0..self.len {
-            // SAFETY: slot < len, inside the mapping; records are plain old
-            // data, read whole with a volatile read (the kernel wrote them).
-            #[allow(unsafe_code)]
-            let record = unsafe { std::ptr::read_volatile(self.base.as_ptr().add(slot)) };
+        if started == 0 {
+            return books;
+        }
+        for slot in 1..self.len {
+            let record = self.slot(slot);
             if record.read_ns < started {
                 break;
             }
@@ -328,9 +340,8 @@ impl Books {
 
     /// Every cgroup below the v2 subtree, by its v2 id.
     pub fn read(&mut self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
-        let started = monotonic_ns();
         run_walk(self.v2.as_fd())?;
-        Ok(self.v2_books.fresh(started))
+        Ok(self.v2_books.fresh())
     }
 
     /// The memory of every cgroup below the v1 memory subtree, by its v1 id
@@ -339,11 +350,10 @@ impl Books {
         let Some(walk) = &self.v1_memory else {
             return Ok(HashMap::new());
         };
-        let started = monotonic_ns();
         run_walk(walk.as_fd())?;
         Ok(self
             .v1_books
-            .fresh(started)
+            .fresh()
             .into_iter()
             .filter_map(|(id, books)| Some((id, books.memory_bytes?)))
             .collect())
@@ -418,20 +428,6 @@ impl Drop for SharedPins {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns's clock).
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
-    }
-    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// The object with its flush call patched to the kfunc `id` (or to nothing),

@@ -147,12 +147,15 @@ struct record {
 #define HAS_PSI 2
 
 // Records in walk order: the default (v2) hierarchy's, and the v1 memory
-// hierarchy's on a hybrid host (its ids are another kernfs's inodes). The
-// agent reads slots until one is older than the walk.
+// hierarchy's on a hybrid host (its ids are another kernfs's inodes).
+// Slot 0 is the walk's header (its start, written at the subtree's root);
+// the agent reads the slots after it until one is older than the header.
+// (The kernel's clock on both sides: a stamp from user space may run ahead
+// of bpf_ktime_get_ns under emulation.)
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
     __uint(map_flags, BPF_F_MMAPABLE);
-    __uint(max_entries, MAX_TASKS);
+    __uint(max_entries, MAX_TASKS + 1);
     __type(key, __u32);
     __type(value, struct record);
 } v2_books SEC(".maps");
@@ -160,7 +163,7 @@ struct {
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
     __uint(map_flags, BPF_F_MMAPABLE);
-    __uint(max_entries, MAX_TASKS);
+    __uint(max_entries, MAX_TASKS + 1);
     __type(key, __u32);
     __type(value, struct record);
 } v1_books SEC(".maps");
@@ -184,11 +187,15 @@ int read_books(struct bpf_iter__cgroup *ctx)
     if (ctx->meta->seq_num == 0) {
         if (v2)
             RSTAT_FLUSH(cgrp);
+        struct record header = {};
+        __u32 zero = 0;
+        header.read_ns = bpf_ktime_get_ns();
+        bpf_map_update_elem(v2 ? (void *)&v2_books : (void *)&v1_books, &zero, &header, BPF_ANY);
         return 0;
     }
-    // Slot 0 for the first cgroup below the root.
-    __u32 slot = ctx->meta->seq_num - 1;
-    if (slot >= MAX_TASKS)
+    // Slot 1 for the first cgroup below the root.
+    __u32 slot = ctx->meta->seq_num;
+    if (slot > MAX_TASKS)
         return 0;
     struct record record = {};
     record.cgroup = cgrp->kn->id;
