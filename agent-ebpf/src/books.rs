@@ -36,9 +36,8 @@ const FLUSH_KFUNCS: &[&str] = &["css_rstat_flush", "cgroup_rstat_flush"];
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct Record {
-    /// CLOCK_MONOTONIC when written: one older than the walk is stale (the
-    /// walk ended before it).
-    read_ns: u64,
+    /// The walk that wrote it (in slot 0, the last walk's number).
+    walk: u64,
     cgroup: u64,
     cpu_ns: u64,
     user_ns: u64,
@@ -123,16 +122,16 @@ impl Slots {
     }
 
     /// The records the last walk wrote: the slots after its header (slot
-    /// 0, stamped at its start), up to the first older than the header.
+    /// 0, with its number), while they carry the same number.
     fn fresh(&self) -> HashMap<u64, CgroupBooks> {
-        let started = self.slot(0).read_ns;
+        let walk = self.slot(0).walk;
         let mut books = HashMap::new();
-        if started == 0 {
+        if walk == 0 {
             return books;
         }
         for slot in 1..self.len {
             let record = self.slot(slot);
-            if record.read_ns < started {
+            if record.walk != walk {
                 break;
             }
             books.insert(record.cgroup, CgroupBooks::from(&record));

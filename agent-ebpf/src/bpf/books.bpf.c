@@ -124,7 +124,7 @@ TASK_COUNTER_MAP(denied_opens, __u64);
 
 // One cgroup's books; the agent's `Record` has the same layout.
 struct record {
-    __u64 read_ns; // bpf_ktime_get_ns() when written: older ones are stale
+    __u64 walk; // the walk that wrote it: others are stale
     __u64 cgroup;
     __u64 cpu_ns;
     __u64 user_ns;
@@ -146,12 +146,15 @@ struct record {
 #define HAS_MEMORY 1
 #define HAS_PSI 2
 
+// Walks so far; the agent runs one at a time.
+__u64 walks = 0;
+
 // Records in walk order: the default (v2) hierarchy's, and the v1 memory
 // hierarchy's on a hybrid host (its ids are another kernfs's inodes).
-// Slot 0 is the walk's header (its start, written at the subtree's root);
-// the agent reads the slots after it until one is older than the header.
-// (The kernel's clock on both sides: a stamp from user space may run ahead
-// of bpf_ktime_get_ns under emulation.)
+// Slot 0 is the walk's header (its number, written at the subtree's root);
+// the agent reads the slots after it while they carry the same number.
+// (Not a clock: a sleepable walk may move between CPUs, whose clocks an
+// emulated machine does not keep in step.)
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
     __uint(map_flags, BPF_F_MMAPABLE);
@@ -189,7 +192,7 @@ int read_books(struct bpf_iter__cgroup *ctx)
             RSTAT_FLUSH(cgrp);
         struct record header = {};
         __u32 zero = 0;
-        header.read_ns = bpf_ktime_get_ns();
+        header.walk = __sync_add_and_fetch(&walks, 1);
         bpf_map_update_elem(v2 ? (void *)&v2_books : (void *)&v1_books, &zero, &header, BPF_ANY);
         return 0;
     }
@@ -199,7 +202,7 @@ int read_books(struct bpf_iter__cgroup *ctx)
         return 0;
     struct record record = {};
     record.cgroup = cgrp->kn->id;
-    record.read_ns = bpf_ktime_get_ns();
+    record.walk = walks;
     record.level = cgrp->level;
 
     struct cgroup_subsys_state *css =
