@@ -4,8 +4,6 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "counters.h"
-
 #define MAX_RULES 64
 #define ANY 0xffffffffu
 
@@ -28,7 +26,12 @@ struct {
     __type(value, struct device_rules);
 } task_devices SEC(".maps");
 
-TASK_COUNTER_MAP(denied_opens, __u64);
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, MAX_TASKS);
+    __type(key, __u64);
+    __type(value, __u64);
+} denied_opens SEC(".maps");
 
 SEC("cgroup/dev")
 int devices(struct bpf_cgroup_dev_ctx *ctx)

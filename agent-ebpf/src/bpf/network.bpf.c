@@ -8,10 +8,21 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "counters.h"
+struct net_stats {
+    __u64 tx_bytes;
+    __u64 tx_packets;
+    __u64 tx_dropped;
+    __u64 rx_bytes;
+    __u64 rx_packets;
+    __u64 rx_dropped;
+};
 
-
-TASK_COUNTER_MAP(task_net, struct net_stats);
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, MAX_TASKS);
+    __type(key, __u64);
+    __type(value, struct net_stats);
+} task_net SEC(".maps");
 
 struct bucket {
     struct bpf_spin_lock lock;
