@@ -7,7 +7,6 @@
 //!
 //! `cargo build --release --workspace --bins && sudo target/release/agent-restart [TASKS] [RESTARTS]`
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,26 +34,7 @@ async fn launch_sleepers(scheduler: &mut Scheduler, count: usize) -> Duration {
         launched += batch.len();
         scheduler.accept(&offer, batch).await;
     }
-    let mut running = HashSet::new();
-    while running.len() < count {
-        let event = scheduler.next().await;
-        if event["type"] != "UPDATE" {
-            continue;
-        }
-        let status = &event["update"]["status"];
-        match status["state"].as_str() {
-            Some("TASK_RUNNING") => {
-                running.insert(
-                    status["task_id"]["value"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
-            }
-            Some("TASK_STARTING") => {}
-            other => panic!("a sleeper ended: {other:?} {status}"),
-        }
-    }
+    scheduler.until_running(count).await;
     started.elapsed()
 }
 

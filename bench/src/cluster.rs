@@ -331,6 +331,28 @@ impl Scheduler {
         event
     }
 
+    /// Waits for TASK_RUNNING of `count` distinct tasks (STARTING passed
+    /// over); any other state is a sleeper that ended: a panic.
+    pub async fn until_running(&mut self, count: usize) {
+        let mut running = std::collections::HashSet::new();
+        while running.len() < count {
+            let event = self.next().await;
+            assert!(!event.is_null(), "the scheduler's stream ended");
+            if event["type"] != "UPDATE" {
+                continue;
+            }
+            let status = &event["update"]["status"];
+            match status["state"].as_str() {
+                Some("TASK_RUNNING") => {
+                    let id = status["task_id"]["value"].as_str().unwrap_or_default();
+                    running.insert(id.to_owned());
+                }
+                Some("TASK_STARTING") => {}
+                other => panic!("a sleeper ended: {other:?} {status}"),
+            }
+        }
+    }
+
     /// The oldest offer not used yet (waiting for one).
     pub async fn offer(&mut self) -> Value {
         while self.offers.is_empty() {

@@ -10,7 +10,7 @@
 //!
 //! `cargo build --release --workspace --bins && sudo target/release/master-restart [TASKS_PER_AGENT] [RESTARTS]`
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -67,35 +67,8 @@ async fn launch_sleepers(scheduler: &mut Scheduler, per_agent: usize) -> Duratio
         launched += batch.len();
         scheduler.accept(&offer, batch).await;
     }
-    running_updates(scheduler, total).await;
+    scheduler.until_running(total).await;
     started.elapsed()
-}
-
-/// Waits for TASK_RUNNING of `count` distinct tasks.
-async fn running_updates(scheduler: &mut Scheduler, count: usize) {
-    let mut running = HashSet::new();
-    while running.len() < count {
-        let event = scheduler.next().await;
-        if event.is_null() {
-            panic!("the scheduler's stream ended");
-        }
-        if event["type"] != "UPDATE" {
-            continue;
-        }
-        let status = &event["update"]["status"];
-        match status["state"].as_str() {
-            Some("TASK_RUNNING") => {
-                running.insert(
-                    status["task_id"]["value"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
-            }
-            Some("TASK_STARTING") => {}
-            other => panic!("a sleeper ended: {other:?} {status}"),
-        }
-    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -156,7 +129,7 @@ async fn main() {
             .await
             .unwrap_or_else(|e| panic!("subscribe again: {e}"));
         assert!(scheduler.reconcile(&[]).await, "RECONCILE refused");
-        running_updates(&mut scheduler, total).await;
+        scheduler.until_running(total).await;
         reconciled.push(started.elapsed());
     }
     stats("exec to answering (registry read back)", answering);

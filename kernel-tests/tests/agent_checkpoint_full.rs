@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -16,17 +15,7 @@ use std::time::Duration;
 mod common;
 use common::cluster::Cluster;
 use common::driven::Driven;
-
-/// Fills the filesystem of `dir` with one file; its path.
-fn fill(dir: &Path) -> PathBuf {
-    let filler = dir.join("filler");
-    let mut file = std::fs::File::create(&filler).unwrap();
-    let block = vec![1u8; 64 << 10];
-    while file.write_all(&block).is_ok() {}
-    while file.write_all(&[1u8]).is_ok() {}
-    let _ = file.sync_all();
-    filler
-}
+use common::{fill, mount_tmpfs};
 
 /// Files under `dir` whose name says they are a checkpoint's temp copy.
 fn temp_files(dir: &Path) -> Vec<PathBuf> {
@@ -65,16 +54,7 @@ fn a_full_checkpoint_disk_refuses_launches_with_the_reason_and_they_resume() {
         15_233,
         "cpus:2;mem:1024",
         &[],
-        |dir| {
-            let meta = dir.join("agent/meta");
-            std::fs::create_dir_all(&meta).unwrap();
-            let mounted = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=2m", "butte-kt-checkpoints"])
-                .arg(&meta)
-                .status()
-                .unwrap();
-            assert!(mounted.success(), "a tmpfs for the agent's checkpoints");
-        },
+        |dir| mount_tmpfs(&dir.join("agent/meta"), "2m"),
     );
     let meta = cluster.dir.join("agent/meta");
     let _unmount = Mounted(meta.clone());

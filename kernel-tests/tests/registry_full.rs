@@ -9,12 +9,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 mod common;
 use common::cluster::{Cluster, http_get};
+use common::{fill, mount_tmpfs};
 
 /// The status line's code and the first bytes of the answer to a SUBSCRIBE.
 /// `padding` bytes in the framework's hostname make its registry record
@@ -57,18 +57,6 @@ fn subscribe(port: u16, name: &str, padding: usize) -> (u16, String) {
     (code, text)
 }
 
-/// Fills the filesystem of `dir` with one file; its path.
-fn fill(dir: &Path) -> std::path::PathBuf {
-    let filler = dir.join("filler");
-    let mut file = std::fs::File::create(&filler).unwrap();
-    let block = vec![1u8; 64 << 10];
-    while file.write_all(&block).is_ok() {}
-    // And the last bytes a block could not take.
-    while file.write_all(&[1u8]).is_ok() {}
-    let _ = file.sync_all();
-    filler
-}
-
 #[test]
 fn a_full_registry_disk_refuses_writes_with_503_and_they_resume_when_space_returns() {
     let cluster = Cluster::start_prepared(
@@ -77,16 +65,7 @@ fn a_full_registry_disk_refuses_writes_with_503_and_they_resume_when_space_retur
         15231,
         "cpus:2;mem:1024",
         &[],
-        |dir| {
-            let master = dir.join("master");
-            std::fs::create_dir_all(&master).unwrap();
-            let mounted = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=8m", "butte-kt-registry"])
-                .arg(&master)
-                .status()
-                .unwrap();
-            assert!(mounted.success(), "a tmpfs for the registry");
-        },
+        |dir| mount_tmpfs(&dir.join("master"), "8m"),
     );
     let master_dir = cluster.dir.join("master");
     let unmount = || {

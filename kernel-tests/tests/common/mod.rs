@@ -177,3 +177,34 @@ pub fn fake_nvidia_node(path: &Path, minor: u32) {
         path.display()
     );
 }
+
+/// Mounts a tmpfs of `size` (e.g. `2m`) at `dir`, made if missing: a disk
+/// a test can fill.
+pub fn mount_tmpfs(dir: &Path, size: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "butte-kt-tmpfs",
+        ])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "a tmpfs at {}", dir.display());
+}
+
+/// Fills the filesystem of `dir` to the last byte with one file; its path.
+pub fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![1u8; 64 << 10];
+    while file.write_all(&block).is_ok() {}
+    // And the last bytes a block could not take.
+    while file.write_all(&[1u8]).is_ok() {}
+    let _ = file.sync_all();
+    filler
+}
