@@ -33,9 +33,9 @@ pub enum AgentLink {
         epoch: u64,
         messages: mpsc::Sender<link::MasterMessage>,
     },
-    /// The link closed (or went silent) at `since`; the agent is unreachable
-    /// once silent for the ping timeouts.
-    Disconnected { since: Instant },
+    /// The link closed (or went silent); the agent is unreachable once
+    /// silent (since its `last_seen`) for the ping timeouts.
+    Disconnected,
     /// Read back from the registry at `since`, after a master restart: the
     /// agent has `--agent-reregister-timeout` to come back.
     Recovered { since: Instant },
@@ -82,18 +82,18 @@ impl AgentLink {
 
     /// The link of `epoch` closed; true when it was the current one (a
     /// replaced link's close changes nothing).
-    fn disconnect(&mut self, epoch: u64, now: Instant) -> bool {
+    fn disconnect(&mut self, epoch: u64) -> bool {
         let current = self.epoch() == Some(epoch);
         if current {
-            *self = AgentLink::Disconnected { since: now };
+            *self = AgentLink::Disconnected;
         }
         current
     }
 
     /// The master ends the link itself (it is stopping).
-    pub(super) fn close(&mut self, now: Instant) {
+    pub(super) fn close(&mut self) {
         if self.is_connected() {
-            *self = AgentLink::Disconnected { since: now };
+            *self = AgentLink::Disconnected;
         }
     }
 
@@ -108,7 +108,7 @@ impl AgentLink {
         now: Instant,
     ) -> bool {
         match self {
-            AgentLink::Disconnected { .. } => now.duration_since(last_seen) >= silence,
+            AgentLink::Disconnected => now.duration_since(last_seen) >= silence,
             AgentLink::Recovered { since } => now.duration_since(*since) >= reregister,
             _ => false,
         }
@@ -488,7 +488,7 @@ impl Master {
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return;
         };
-        if !agent.link.disconnect(epoch, Instant::now()) {
+        if !agent.link.disconnect(epoch) {
             return;
         }
         self.allocator.set_agent_active(agent_id, false);
@@ -754,7 +754,7 @@ mod tests {
         master.agent_disconnected(&agent_id, epoch);
         assert!(matches!(
             link_of(&master, &agent_id),
-            AgentLink::Disconnected { .. }
+            AgentLink::Disconnected
         ));
         assert!(master.allocator.free(&agent_id).is_some());
 
@@ -790,7 +790,7 @@ mod tests {
 
         master.check_agents(seen + Duration::from_secs(11));
         assert!(
-            matches!(link_of(&master, &agent_id), AgentLink::Disconnected { .. }),
+            matches!(link_of(&master, &agent_id), AgentLink::Disconnected),
             "one ping timeout drops the link, no more"
         );
         master.check_agents(seen + Duration::from_secs(29));
@@ -815,7 +815,7 @@ mod tests {
         assert_eq!(link_of(&master, &agent_id).epoch(), Some(epoch));
         master.agent_heartbeat(&agent_id);
         assert!(
-            matches!(link_of(&master, &agent_id), AgentLink::Disconnected { .. }),
+            matches!(link_of(&master, &agent_id), AgentLink::Disconnected),
             "past the bound the link is closed"
         );
         assert_eq!(

@@ -384,7 +384,7 @@ impl Master {
             framework.connection.close(now);
         }
         for agent in self.agents.values_mut() {
-            agent.link.close(now);
+            agent.link.close();
         }
     }
 }
