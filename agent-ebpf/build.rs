@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The programs under src/bpf, by file stem.
-const PROGRAMS: &[&str] = &["ports", "devices", "accounting", "network"];
+const PROGRAMS: &[&str] = &["ports", "devices", "accounting", "network", "books"];
 
 /// The most tasks (cgroups) one agent tracks at once. Every per-task hash map
 /// is sized to it (clang gets it as MAX_TASKS) and the crate says the same
@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for program in PROGRAMS {
         let source = format!("src/bpf/{program}.bpf.c");
         println!("cargo:rerun-if-changed={source}");
+        println!("cargo:rerun-if-changed=src/bpf/counters.h");
         let object = out.join(format!("{program}.bpf.o"));
         let status = Command::new("clang")
             .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86", "-Wall", "-Werror", "-c"])

@@ -31,6 +31,9 @@ pub struct TaskStats {
     pub runq_count: u64,
     pub runq_total_ns: u64,
     pub runq_slots: [u64; RUNQ_SLOTS],
+    /// Whether the task keeps a run-queue histogram (else the run-queue
+    /// figures are not counted).
+    pub runq_wanted: bool,
 }
 
 /// `struct task_stats` of the C side: the counts of exited threads, and the
@@ -50,6 +53,7 @@ struct RawTaskStats {
     /// Exited since the last flush, which moves it into `cpu_ns`; until then
     /// the thread may still be in the snapshot, so it is not counted.
     exited_cpu_ns: u64,
+    runq_wanted: u64,
 }
 
 /// The times last reported for a task, below which its totals never go.
@@ -86,6 +90,7 @@ impl RawTaskStats {
             runq_count: self.runq_count,
             runq_total_ns: self.runq_total_ns,
             runq_slots: self.runq_slots,
+            runq_wanted: self.runq_wanted != 0,
         }
     }
 }
@@ -99,6 +104,7 @@ impl Default for TaskStats {
             runq_count: 0,
             runq_total_ns: 0,
             runq_slots: [0; RUNQ_SLOTS],
+            runq_wanted: false,
         }
     }
 }
@@ -236,6 +242,12 @@ impl AsFd for Events {
 /// The loaded and attached accounting programs, with their maps.
 pub struct Accounting {
     bpf: Ebpf,
+    /// sched_switch's link, while attached.
+    switch: Option<aya::programs::tp_btf::BtfTracePointLinkId>,
+    /// Attach sched_switch whatever the tasks ask: CPU time is counted there.
+    switch_always: bool,
+    /// Tasks (cgroup ids) that keep a run-queue histogram.
+    runq_wanted: std::collections::HashSet<u64>,
     stats: HashMap<MapData, u64, RawTaskStats>,
     /// What was last reported per task, so totals never go back.
     reported: std::collections::HashMap<u64, Reported>,
@@ -251,9 +263,12 @@ const ITERATORS: &[&str] = &["flush", "split"];
 /// visits every thread of every task, and the ratio moves slowly.
 const SPLIT_EVERY: u64 = 10;
 
+/// The context-switch program: CPU time (where the kernel's books do not
+/// give it) and the run-queue histogram.
+const SWITCH: (&str, &str) = ("switch_task", "sched_switch");
+
 /// The tracepoints (program name, tracepoint) the object attaches to.
 const TRACEPOINTS: &[(&str, &str)] = &[
-    ("switch_task", "sched_switch"),
     ("exec", "sched_process_exec"),
     ("exit_process", "sched_process_exit"),
     ("oom_victim", "mark_victim"),
@@ -261,8 +276,10 @@ const TRACEPOINTS: &[(&str, &str)] = &[
 
 impl Accounting {
     /// Loads the programs and attaches them to the scheduler's tracepoints;
-    /// they account the tasks whose v2 cgroups are `track`ed.
-    pub fn attach() -> Result<Self, FenceError> {
+    /// they account the tasks whose v2 cgroups are `track`ed. sched_switch
+    /// is attached for good with `switch_always` (CPU time is counted
+    /// there), else only while a tracked task keeps a run-queue histogram.
+    pub fn attach(switch_always: bool) -> Result<Self, FenceError> {
         // Task storage (split_seen) is a map type aya 0.14 does not know; the kernel does.
         let mut bpf = aya::EbpfLoader::new()
             .allow_unsupported_maps()
@@ -276,6 +293,11 @@ impl Accounting {
                 .map_err(|e| failed(name, "load into the kernel", &e))?;
             program.attach().map_err(|e| failed(name, "attach", &e))?;
         }
+        let (name, tracepoint) = SWITCH;
+        let program: &mut BtfTracePoint = crate::program_mut(&mut bpf, name)?;
+        program
+            .load(tracepoint, &btf)
+            .map_err(|e| failed(name, "load into the kernel", &e))?;
         for &name in ITERATORS {
             let iterator: &mut Iter = crate::program_mut(&mut bpf, name)?;
             iterator
@@ -293,13 +315,45 @@ impl Accounting {
             step: "open",
             detail: Chain(&e).to_string(),
         })?;
-        Ok(Self {
+        let mut accounting = Self {
             bpf,
+            switch: None,
+            switch_always,
+            runq_wanted: std::collections::HashSet::new(),
             stats,
             reported: std::collections::HashMap::new(),
             flushes: 0,
             events: Some(Events { ring }),
-        })
+        };
+        accounting.attach_switch_as_needed()?;
+        Ok(accounting)
+    }
+
+    /// Attaches sched_switch when something needs it, detaches it when
+    /// nothing does (a node where no task keeps a histogram pays nothing
+    /// per context switch).
+    fn attach_switch_as_needed(&mut self) -> Result<(), FenceError> {
+        let needed = self.switch_always || !self.runq_wanted.is_empty();
+        let (name, _) = SWITCH;
+        let program: &mut BtfTracePoint = crate::program_mut(&mut self.bpf, name)?;
+        match (needed, self.switch.take()) {
+            (true, None) => {
+                let link = program.attach().map_err(|e| failed(name, "attach", &e))?;
+                self.switch = Some(link);
+            }
+            (false, Some(link)) => {
+                program
+                    .detach(link)
+                    .map_err(|e| failed(name, "detach", &e))?;
+            }
+            (_, kept) => self.switch = kept,
+        }
+        Ok(())
+    }
+
+    /// Whether sched_switch runs now.
+    pub fn switch_attached(&self) -> bool {
+        self.switch.is_some()
     }
 
     /// The event buffer (once: whoever takes it reads it).
@@ -307,12 +361,23 @@ impl Accounting {
         self.events.take()
     }
 
-    /// Starts accounting the task in `cgroup_id` (from zero).
-    pub fn track(&mut self, cgroup_id: u64) -> Result<(), FenceError> {
+    /// Starts accounting the task in `cgroup_id` (from zero), with its
+    /// run-queue histogram where `runq` asks for it.
+    pub fn track(&mut self, cgroup_id: u64, runq: bool) -> Result<(), FenceError> {
         self.reported.remove(&cgroup_id);
+        let entry = RawTaskStats {
+            runq_wanted: u64::from(runq),
+            ..RawTaskStats::default()
+        };
         self.stats
-            .insert(cgroup_id, RawTaskStats::default(), 0)
-            .map_err(|e| crate::insert_failed("task_stats", &e))
+            .insert(cgroup_id, entry, 0)
+            .map_err(|e| crate::insert_failed("task_stats", &e))?;
+        if runq {
+            self.runq_wanted.insert(cgroup_id);
+        } else {
+            self.runq_wanted.remove(&cgroup_id);
+        }
+        self.attach_switch_as_needed()
     }
 
     /// Takes a snapshot of the live threads' CPU time, so the next reads are
@@ -352,8 +417,12 @@ impl Accounting {
     }
 
     /// Every tracked task's counts (as of the last flush), by cgroup id, in
-    /// a few syscalls.
+    /// a few syscalls; none where CPU is counted elsewhere (the kernel's
+    /// books) and no task keeps a run-queue histogram: nothing to read.
     pub fn all_stats(&mut self) -> Result<std::collections::HashMap<u64, TaskStats>, FenceError> {
+        if !self.switch_always && self.runq_wanted.is_empty() {
+            return Ok(std::collections::HashMap::new());
+        }
         let raw: std::collections::HashMap<u64, RawTaskStats> =
             crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_stats")?;
         let totals: std::collections::HashMap<u64, TaskStats> = raw
@@ -371,6 +440,11 @@ impl Accounting {
     pub fn forget(&mut self, cgroup_id: u64) {
         self.reported.remove(&cgroup_id);
         let _ = self.stats.remove(&cgroup_id);
+        if self.runq_wanted.remove(&cgroup_id)
+            && let Err(error) = self.attach_switch_as_needed()
+        {
+            tracing::warn!(%error, "cannot detach sched_switch; it runs on");
+        }
     }
 
     /// Kernel time spent in the tracing programs so far (needs

@@ -221,6 +221,11 @@ impl DeviceFence {
             .map_err(|e| crate::insert_failed("task_devices", &e))
     }
 
+    /// The denied-opens map (the books read it in their pass).
+    pub fn denied_map(&self) -> &aya::maps::MapData {
+        aya::maps::IterableMap::map(&self.denied)
+    }
+
     /// Device opens refused: every task's refusals (tasks with none have no entry), in a few syscalls.
     pub fn all_denied(&self) -> Result<std::collections::HashMap<u64, u64>, FenceError> {
         crate::lookup_all(aya::maps::IterableMap::map(&self.denied), "denied_opens")

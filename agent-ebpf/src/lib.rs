@@ -4,6 +4,7 @@
 //! inode number of its v2 directory).
 
 pub mod accounting;
+pub mod books;
 pub mod devices;
 pub mod network;
 pub mod pins;

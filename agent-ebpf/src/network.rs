@@ -155,6 +155,11 @@ impl Network {
         self.stats.get(&cgroup_id, 0).ok()
     }
 
+    /// The per-task counters map (the books read it in their pass).
+    pub fn stats_map(&self) -> &aya::maps::MapData {
+        aya::maps::IterableMap::map(&self.stats)
+    }
+
     /// Every tracked task's counts, by cgroup id, in a few syscalls.
     pub fn all_stats(&self) -> Result<std::collections::HashMap<u64, NetStats>, FenceError> {
         crate::lookup_all(aya::maps::IterableMap::map(&self.stats), "task_net")

@@ -226,8 +226,9 @@ impl Links {
     }
 }
 
+/// The bpf(2) syscall; its return value.
 #[allow(unsafe_code)]
-fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> std::io::Result<libc::c_long> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> std::io::Result<libc::c_long> {
     // SAFETY: the callers pass a pointer to an attr struct of `size` bytes
     // that lives across the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
@@ -341,7 +342,7 @@ fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result
 
 /// Mounts bpffs at /sys/fs/bpf unless it is there.
 #[allow(unsafe_code)]
-fn mount_bpffs() -> Result<(), FenceError> {
+pub(crate) fn mount_bpffs() -> Result<(), FenceError> {
     let path = Path::new(BPFFS);
     let c_path = c"/sys/fs/bpf";
     // SAFETY: statfs fills the struct for a valid path.

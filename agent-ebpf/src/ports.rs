@@ -116,6 +116,11 @@ impl PortFence {
             .map_err(|e| crate::insert_failed("task_ports", &e))
     }
 
+    /// The denied-binds map (the books read it in their pass).
+    pub fn denied_map(&self) -> &aya::maps::MapData {
+        aya::maps::IterableMap::map(&self.denied)
+    }
+
     /// Binds the task was refused.
     /// Every task's refusals (tasks with none have no entry), in a few syscalls.
     pub fn all_denied(&self) -> Result<std::collections::HashMap<u64, u64>, FenceError> {

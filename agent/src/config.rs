@@ -108,6 +108,20 @@ pub struct AgentConfig {
     /// forgets them and exits (before an incompatible upgrade).
     #[arg(long, env = "BUTTE_RECOVER", value_enum, default_value_t = Recover::Reconnect)]
     pub recover: Recover,
+    /// Which tasks get a run-queue latency histogram: `labelled` (those
+    /// with the label `butte.telemetry.runqueue_histogram=true`), `all`, or
+    /// `off`. It costs an eBPF program run on every context switch of the
+    /// machine, attached only while some task has one.
+    #[arg(long, env = "BUTTE_RUNQUEUE_HISTOGRAM", value_enum, default_value_t = RunqueueHistogram::Labelled)]
+    pub runqueue_histogram: RunqueueHistogram,
+}
+
+/// `--runqueue-histogram`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunqueueHistogram {
+    All,
+    Labelled,
+    Off,
 }
 
 /// `--recover`.

@@ -114,7 +114,7 @@ const TASK_SERIES: &[(&str, MetricType, &str, Read)] = &[
     (
         "butte_task_cpu_seconds",
         MetricType::Counter,
-        "CPU time, from the scheduler's runtime (eBPF)",
+        "CPU time, from the kernel's rstat books (else the scheduler's runtime counter, eBPF)",
         |s| extra(s).cpus_total_time_secs.map(Value::Real),
     ),
     (
@@ -244,6 +244,42 @@ const TASK_SERIES: &[(&str, MetricType, &str, Read)] = &[
                 .gpu_utilization_percent
                 .map(|p| Value::Real(p / 100.0))
         },
+    ),
+    (
+        "butte_task_cpu_pressure_some_seconds",
+        MetricType::Counter,
+        "Time some of its runnable tasks waited for CPU (PSI cpu.pressure some total)",
+        |s| extra(s).cpu_pressure_some_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_cpu_pressure_full_seconds",
+        MetricType::Counter,
+        "Time all of its runnable tasks waited for CPU (PSI, where the kernel keeps it)",
+        |s| extra(s).cpu_pressure_full_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_memory_pressure_some_seconds",
+        MetricType::Counter,
+        "Time some of its tasks stalled on memory (PSI memory.pressure some total)",
+        |s| extra(s).memory_pressure_some_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_memory_pressure_full_seconds",
+        MetricType::Counter,
+        "Time all of its tasks stalled on memory (PSI)",
+        |s| extra(s).memory_pressure_full_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_io_pressure_some_seconds",
+        MetricType::Counter,
+        "Time some of its tasks stalled on I/O (PSI io.pressure some total)",
+        |s| extra(s).io_pressure_some_secs.map(Value::Real),
+    ),
+    (
+        "butte_task_io_pressure_full_seconds",
+        MetricType::Counter,
+        "Time all of its tasks stalled on I/O (PSI)",
+        |s| extra(s).io_pressure_full_secs.map(Value::Real),
     ),
     (
         "butte_task_execs",
@@ -470,7 +506,7 @@ mod tests {
         });
         let labels = r#"framework_id="fw",executor_id="t\"1",task_id="t\"1""#;
         for line in [
-            "# HELP butte_task_cpu_seconds_total CPU time, from the scheduler's runtime (eBPF)"
+            "# HELP butte_task_cpu_seconds_total CPU time, from the kernel's rstat books (else the scheduler's runtime counter, eBPF)"
                 .to_owned(),
             "# TYPE butte_task_cpu_seconds_total counter".to_owned(),
             format!("butte_task_cpu_seconds_total{{{labels}}} 1.5"),

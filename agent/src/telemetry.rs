@@ -1,14 +1,20 @@
-//! The telemetry collector. Every interval: what the eBPF programs counted
-//! per container (CPU, run queue, network, denials, events) and its memory
-//! from cgroupfs (all containers' files in one io_uring submission), as
-//! Mesos's ResourceStatistics plus our additions; kept as each task's newest
-//! sample (GET_CONTAINERS, /metrics) and streamed to the master.
+//! The telemetry collector. Every interval: the kernel's own per-cgroup
+//! books read in one iterator pass (CPU from rstat, memory from the memcg
+//! page counter, pressure totals from PSI), what the eBPF programs counted
+//! per container (run queue, network, denials, events), and the rss/cache
+//! split from memory.stat when it may have moved (all due files in one
+//! io_uring submission); as Mesos's ResourceStatistics plus our additions,
+//! kept as each task's newest sample (GET_CONTAINERS, /metrics) and
+//! streamed to the master. Where the books cannot be read, CPU comes from
+//! the scheduler's tracepoint and memory from each task's usage file.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use butte_agent_ebpf::accounting::TaskStats;
+use butte_agent_ebpf::books::Pressure;
 use butte_agent_ebpf::network::NetStats;
 use butte_api::mesos::v1::{ContainerId, ExecutorId, FrameworkId, ResourceStatistics, TaskId};
 use butte_api::telemetry::v1::{ExtraStatistics, TaskSample, TelemetryBatch};
@@ -30,6 +36,9 @@ pub struct Memory {
 
 struct OpenMemory {
     files: MemoryFiles,
+    /// The inode of the directory its files are in: the cgroup's id in the
+    /// hierarchy that holds its memory, as the kernel's books name it.
+    cgroup: u64,
     usage: File,
     stat: File,
     /// The last stat read: its breakdown and when it was taken.
@@ -76,13 +85,15 @@ impl MemorySampler {
         }
     }
 
-    /// The memory of each container (those whose files cannot be read are
-    /// left out): every usage file in one go, then the stat files that are
-    /// due in a second.
+    /// The memory of each container (those whose figures cannot be had are
+    /// left out): its usage from the kernel's books (`books`: bytes by
+    /// cgroup id in the hierarchy that holds memory), else every usage
+    /// file in one go; then the stat files that are due in a second.
     pub fn read<'a>(
         &mut self,
         isolator: &dyn Isolator,
         containers: &[&'a str],
+        books: &HashMap<u64, u64>,
     ) -> HashMap<&'a str, Memory> {
         let wanted: HashSet<&str> = containers.iter().copied().collect();
         self.open.retain(|id, _| wanted.contains(id.as_str()));
@@ -90,8 +101,14 @@ impl MemorySampler {
             if !self.open.contains_key(id) {
                 let files = isolator.memory_files(id);
                 if let (Ok(usage), Ok(stat)) = (File::open(&files.usage), File::open(&files.stat)) {
+                    let cgroup = files
+                        .usage
+                        .parent()
+                        .and_then(|dir| std::fs::metadata(dir).ok())
+                        .map_or(0, |meta| meta.ino());
                     let open = OpenMemory {
                         files,
+                        cgroup,
                         usage,
                         stat,
                         breakdown: None,
@@ -107,16 +124,21 @@ impl MemorySampler {
             .copied()
             .filter(|id| self.open.contains_key(*id))
             .collect();
-        let files: Vec<&File> = ids.iter().map(|id| &self.open[*id].usage).collect();
-        let usages: Vec<Option<u64>> = self
-            .reader
-            .read_all(&files, NUMBER_READ_SIZE)
-            .into_iter()
-            .map(|r| {
-                r.ok()
-                    .and_then(|b| std::str::from_utf8(b).ok()?.trim().parse().ok())
-            })
+        // Usage files are read only for what the books do not hold.
+        let mut usages: Vec<Option<u64>> = ids
+            .iter()
+            .map(|id| books.get(&self.open[*id].cgroup).copied())
             .collect();
+        let unknown: Vec<usize> = (0..ids.len()).filter(|&i| usages[i].is_none()).collect();
+        if !unknown.is_empty() {
+            let files: Vec<&File> = unknown.iter().map(|&i| &self.open[ids[i]].usage).collect();
+            let read = self.reader.read_all(&files, NUMBER_READ_SIZE);
+            for (&i, result) in unknown.iter().zip(read) {
+                usages[i] = result
+                    .ok()
+                    .and_then(|b| std::str::from_utf8(b).ok()?.trim().parse().ok());
+            }
+        }
         let due: Vec<(&'a str, u64)> = ids
             .iter()
             .zip(&usages)
@@ -160,6 +182,7 @@ impl MemorySampler {
 #[derive(Default)]
 struct Counted {
     cpu: Option<TaskStats>,
+    pressure: Option<Pressure>,
     net: Option<NetStats>,
     denied_binds: u64,
     denied_opens: u64,
@@ -170,7 +193,6 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
     let views = agent.task_views();
     let containers: BTreeSet<&str> = views.iter().map(|v| v.container_id.as_str()).collect();
     let containers: Vec<&str> = containers.into_iter().collect();
-    let memory = memory_sampler.read(agent.isolator(), &containers);
     let gpu_use = crate::gpu_telemetry::sample(agent);
     let held: HashMap<&str, Vec<u32>> = match agent.lock().gpus.as_ref() {
         Some(books) => containers
@@ -182,25 +204,53 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
     };
     let events = agent.lock().event_counts.clone();
     let mut counted: HashMap<u64, Counted> = HashMap::new();
+    let mut memory_books: HashMap<u64, u64>;
     {
         let mut fences = agent.fences();
         fences.flush();
+        let cpu_from_books = fences.cpu_from_books();
         let Counts {
+            books,
+            v1_memory,
             mut cpu,
             mut net,
             denied_binds: binds,
             denied_opens: opens,
         } = fences.counts();
+        memory_books = v1_memory;
+        memory_books.extend(
+            books
+                .iter()
+                .filter_map(|(id, b)| Some((*id, b.memory_bytes?))),
+        );
         for view in &views {
             let key = view.cgroup_key;
+            let book = books.get(&key);
+            let mut task_cpu = cpu.remove(&key);
+            if cpu_from_books {
+                match book {
+                    // CPU from rstat; the run queue still from the tracepoint.
+                    Some(book) => {
+                        let stats = task_cpu.get_or_insert_with(TaskStats::default);
+                        stats.cpu_ns = book.cpu_ns;
+                        stats.user_ns = book.user_ns;
+                        stats.system_ns = book.system_ns;
+                    }
+                    // The books could not be read this round: no CPU figure,
+                    // rather than the tracepoint's, not kept current here.
+                    None => task_cpu = None,
+                }
+            }
             counted.entry(key).or_insert_with(|| Counted {
-                cpu: cpu.remove(&key),
+                cpu: task_cpu,
+                pressure: book.and_then(|b| b.pressure),
                 net: net.remove(&key),
                 denied_binds: binds.get(&key).copied().unwrap_or(0),
                 denied_opens: opens.get(&key).copied().unwrap_or(0),
             });
         }
     }
+    let memory = memory_sampler.read(agent.isolator(), &containers, &memory_books);
     let timestamp = butte_api::update_queue::unix_now();
     let samples = views
         .iter()
@@ -259,12 +309,23 @@ fn task_sample(
         statistics.cpus_user_time_secs = Some(user as f64 / 1e9);
         statistics.cpus_system_time_secs = Some(system as f64 / 1e9);
         extra.cpus_total_time_secs = Some(cpu.cpu_ns as f64 / 1e9);
+    }
+    if let Some(cpu) = counted.cpu.filter(|cpu| cpu.runq_wanted) {
         extra.runq_waits = Some(cpu.runq_count);
         extra.runq_total_secs = Some(cpu.runq_total_ns as f64 / 1e9);
         extra.runq_latency_p50_micros = cpu.runq_quantile_micros(0.5);
         extra.runq_latency_p90_micros = cpu.runq_quantile_micros(0.9);
         extra.runq_latency_p99_micros = cpu.runq_quantile_micros(0.99);
         extra.runq_histogram = cpu.runq_slots.to_vec();
+    }
+    if let Some(pressure) = counted.pressure {
+        let secs = |ns: u64| Some(ns as f64 / 1e9);
+        extra.cpu_pressure_some_secs = secs(pressure.cpu_some_ns);
+        extra.cpu_pressure_full_secs = secs(pressure.cpu_full_ns);
+        extra.memory_pressure_some_secs = secs(pressure.memory_some_ns);
+        extra.memory_pressure_full_secs = secs(pressure.memory_full_ns);
+        extra.io_pressure_some_secs = secs(pressure.io_some_ns);
+        extra.io_pressure_full_secs = secs(pressure.io_full_ns);
     }
     if let Some(net) = counted.net {
         statistics.net_tx_bytes = Some(net.tx_bytes);

@@ -19,7 +19,11 @@
 //! switches, the collection's follows the tasks, so the ratio depends on
 //! how busy the tasks are; the bench says which it measured.
 //!
-//! `cargo run --release -p butte-bench --bin telemetry-cost [-- TASKS SECONDS WAKES]`
+//! With the kernel's books (books.bpf.c), the flush and split iterators do
+//! not run and sched_switch runs only for tasks that keep a run-queue
+//! histogram: `histogram` as the fourth argument gives every task one.
+//!
+//! `cargo run --release -p butte-bench --bin telemetry-cost [-- TASKS SECONDS WAKES [histogram]]`
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -57,6 +61,7 @@ fn start_tasks(
     isolator: &dyn Isolator,
     n: usize,
     wakes_per_second: f64,
+    histogram: bool,
     fences: &mut Fences,
 ) -> Vec<Task> {
     let script = if wakes_per_second > 0.0 {
@@ -80,13 +85,23 @@ fn start_tasks(
                     },
                 )
                 .unwrap_or_else(|e| panic!("cgroups for {id}: {e}"));
+            let fence = TaskFence {
+                runqueue_histogram: histogram,
+                ..TaskFence::default()
+            };
             let key = fences
-                .fence(&id, &placement.unified, &TaskFence::default())
+                .fence(&id, &placement.unified, &fence)
                 .unwrap_or_else(|e| panic!("fence {id}: {e}"));
             let sandbox = PathBuf::from(WORK).join(&id);
             std::fs::create_dir_all(&sandbox).unwrap_or_else(|e| panic!("sandbox: {e}"));
+            // Asleep: a plain sleep (4,096 perls would not fit in memory).
+            let argv = if wakes_per_second > 0.0 {
+                vec!["/usr/bin/perl".into(), "-e".into(), script.clone()]
+            } else {
+                vec!["/bin/sleep".into(), "1000000".into()]
+            };
             let spec = ContainerSpec {
-                argv: vec!["/usr/bin/perl".into(), "-e".into(), script.clone()],
+                argv,
                 env: vec![("PATH".into(), "/usr/bin:/bin".into())],
                 sandbox,
                 hostname: id.clone(),
@@ -115,12 +130,21 @@ fn sample_ours(
     parts[0] += flushed - started;
     let mut sum = 0;
     let counts = fences.counts();
-    assert_eq!(
-        counts.cpu.len(),
-        tasks.len(),
-        "every task's counts were read"
+    let read = if fences.cpu_from_books() {
+        counts.books.len()
+    } else {
+        counts.cpu.len()
+    };
+    assert!(read >= tasks.len(), "every task's counts were read");
+    let mut kernel_memory = counts.v1_memory.clone();
+    kernel_memory.extend(
+        counts
+            .books
+            .iter()
+            .filter_map(|(id, b)| Some((*id, b.memory_bytes?))),
     );
     for task in tasks {
+        sum += counts.books.get(&task.key).map_or(0, |b| b.cpu_ns);
         sum += counts.cpu.get(&task.key).map_or(0, |s| s.cpu_ns);
         sum += counts.net.get(&task.key).map_or(0, |s| s.tx_bytes);
         sum += counts.denied_binds.get(&task.key).copied().unwrap_or(0);
@@ -129,7 +153,7 @@ fn sample_ours(
     let looked_up = process_cpu();
     parts[1] += looked_up - flushed;
     let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
-    let read = memory.read(isolator, &ids);
+    let read = memory.read(isolator, &ids, &kernel_memory);
     parts[2] += process_cpu() - looked_up;
     assert_eq!(read.len(), tasks.len(), "every task's memory was read");
     sum + read.values().map(|m| m.usage).sum::<u64>()
@@ -175,6 +199,7 @@ fn every_second(seconds: u64, mut round: impl FnMut() -> u64) -> Duration {
 /// One run's CPU time, ours and the poller's.
 struct Measured {
     seconds: u64,
+    tasks: usize,
     collection: Duration,
     bpf: Duration,
     runs: u64,
@@ -199,7 +224,7 @@ fn report(m: &Measured) {
         m.bpf.as_nanos() as f64 / m.runs.max(1) as f64
     );
     println!(
-        "        collection: flush {:.3} ms/s, map lookups {:.3} ms/s, memory files {:.3} ms/s",
+        "        collection: flush {:.3} ms/s, books + map reads {:.3} ms/s, memory files {:.3} ms/s",
         per_second(m.parts[0]),
         per_second(m.parts[1]),
         per_second(m.parts[2])
@@ -212,6 +237,11 @@ fn report(m: &Measured) {
     println!(
         "ratio: poller / butte = {:.1}x",
         m.poller.as_secs_f64() / ours.as_secs_f64()
+    );
+    println!(
+        "per task-second: butte {:.3} us, poller {:.3} us",
+        ours.as_secs_f64() * 1e6 / (m.seconds as f64 * m.tasks as f64),
+        m.poller.as_secs_f64() * 1e6 / (m.seconds as f64 * m.tasks as f64)
     );
 }
 
@@ -232,6 +262,8 @@ fn main() {
         .and_then(|a| a.parse::<f64>().ok())
         .unwrap_or(10.0)
         .max(0.0);
+    // `histogram`: every task keeps a run-queue histogram (sched_switch runs).
+    let histogram = args.next().is_some_and(|a| a == "histogram");
     let isolator = detect(Path::new("/sys/fs/cgroup"), Path::new(SUBTREE))
         .unwrap_or_else(|e| panic!("cgroups (run as root): {e}"));
     let v1 = Path::new(&format!("/sys/fs/cgroup/cpuacct/{SUBTREE}")).exists();
@@ -241,8 +273,9 @@ fn main() {
     );
     let _stats = butte_agent_ebpf::enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
     let subtree = isolator.v2_subtree();
-    let mut fences = Fences::attach_all(&subtree).unwrap_or_else(|e| panic!("{e}"));
-    let tasks = start_tasks(&*isolator, n, wakes_per_second, &mut fences);
+    let mut fences = Fences::attach_all(&subtree, isolator.memory_v1_subtree().as_deref())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tasks = start_tasks(&*isolator, n, wakes_per_second, histogram, &mut fences);
     std::thread::sleep(Duration::from_secs(2));
 
     let reader = if std::env::var_os("BUTTE_BENCH_PREAD").is_some() {
@@ -263,6 +296,28 @@ fn main() {
         &mut warm_up,
     ));
     std::hint::black_box(sample_poller(&tasks));
+    // The books' share, timed apart on a second reader of the same subtree.
+    if let Ok(mut books) = butte_agent_ebpf::books::Books::load(
+        &subtree,
+        isolator.memory_v1_subtree().as_deref(),
+        None,
+    ) {
+        let (mut v2, mut v1) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..10 {
+            let started = process_cpu();
+            let read = books.read().map(|b| b.len()).unwrap_or(0);
+            let middle = process_cpu();
+            let memory = books.read_v1_memory().map(|m| m.len()).unwrap_or(0);
+            v1 += process_cpu() - middle;
+            v2 += middle - started;
+            std::hint::black_box((read, memory));
+        }
+        println!(
+            "books alone: v2 walk + read {:.3} ms, v1 memory walk + read {:.3} ms (mean of 10)",
+            v2.as_secs_f64() * 1e2,
+            v1.as_secs_f64() * 1e2
+        );
+    }
     let (bpf_before, runs_before) = fences.run_time();
     let mut parts = [Duration::ZERO; 3];
     let collection = every_second(seconds, || {
@@ -273,10 +328,12 @@ fn main() {
     let poller = every_second(seconds, || sample_poller(&tasks));
 
     println!(
-        "{n} tasks waking {wakes_per_second} times a second each, sampled every second for {seconds} s (io_uring: {io_uring})"
+        "{n} tasks waking {wakes_per_second} times a second each, sampled every second for {seconds} s (io_uring: {io_uring}; CPU from the kernel's books: {}; run-queue histogram for all: {histogram})",
+        fences.cpu_from_books()
     );
     report(&Measured {
         seconds,
+        tasks: n,
         collection,
         bpf,
         runs,

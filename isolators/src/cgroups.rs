@@ -126,6 +126,11 @@ pub trait Isolator: Send + Sync {
     fn list(&self) -> Result<Vec<String>, CgroupError>;
     /// The v2 directory of the whole subtree (where eBPF programs attach).
     fn v2_subtree(&self) -> PathBuf;
+    /// The subtree in the v1 memory hierarchy, where memory is on v1 (a
+    /// hybrid host): the kernel's books of memory are kept there.
+    fn memory_v1_subtree(&self) -> Option<PathBuf> {
+        None
+    }
     /// The v2 directory of `id` (its inode is the id eBPF sees).
     fn v2_dir(&self, id: &str) -> PathBuf;
     /// Removes the (empty) subtree itself; best effort, on the way out.
@@ -184,6 +189,27 @@ fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
     }
 }
 
+/// Reclaims what an emptied memory cgroup still holds (its page cache):
+/// an rmdir'ed memcg that holds pages stays behind, dying, and every dying
+/// one slows the memcg code for everyone. v1 has `memory.force_empty`, v2
+/// `memory.reclaim` (5.19 on). Best effort: what cannot be reclaimed now
+/// goes as the kernel reclaims it.
+fn reclaim_memory(dir: &Path) {
+    let force_empty = dir.join("memory.force_empty");
+    if force_empty.exists() {
+        let _ = fs::write(&force_empty, "0");
+        return;
+    }
+    let reclaim = dir.join("memory.reclaim");
+    let current = fs::read_to_string(dir.join("memory.current"))
+        .ok()
+        .and_then(|c| c.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if current > 0 && reclaim.exists() {
+        let _ = fs::write(&reclaim, current.to_string());
+    }
+}
+
 /// SIGKILLs everything in `dir` until `cgroup.procs` is empty, then removes it.
 /// A v2 cgroup on 5.14+ is killed whole by `cgroup.kill` (no fork can slip
 /// past it); the kill loop below is then only the wait, and the fallback.
@@ -223,6 +249,7 @@ fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    reclaim_memory(dir);
     // rmdir can see EBUSY for a moment while the last exit is being accounted.
     loop {
         match fs::remove_dir(dir) {
@@ -441,6 +468,12 @@ impl Isolator for Hybrid {
 
     fn v2_subtree(&self) -> PathBuf {
         self.root.join("unified").join(&self.subtree)
+    }
+
+    fn memory_v1_subtree(&self) -> Option<PathBuf> {
+        self.controllers()
+            .any(|c| c == "memory")
+            .then(|| self.root.join("memory").join(&self.subtree))
     }
 
     fn v2_dir(&self, id: &str) -> PathBuf {

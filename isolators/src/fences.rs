@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use butte_agent_ebpf::FenceError;
 use butte_agent_ebpf::accounting::{Accounting, Events, TaskStats};
+use butte_agent_ebpf::books::{Books, CgroupBooks, Counters};
 use butte_agent_ebpf::devices::{DeviceFence, DeviceRule, default_rules};
 use butte_agent_ebpf::network::{self, NetStats, Network};
 use butte_agent_ebpf::pins::Pins;
@@ -25,6 +26,9 @@ pub struct TaskFence {
     pub egress_mbit_per_s: Option<f64>,
     /// Whether ingress is policed to the egress limit too.
     pub police_ingress: bool,
+    /// Whether its run-queue latency histogram is kept (the scheduler's
+    /// tracepoint runs only while some task has one).
+    pub runqueue_histogram: bool,
 }
 
 impl TaskFence {
@@ -54,11 +58,17 @@ pub enum Fence {
     Network,
     /// per-task CPU time, run-queue latency and process events
     Accounting,
+    /// the kernel's per-cgroup books (CPU, memory, pressure) read in one pass
+    Books,
 }
 
 /// What the kernel counted for every fenced container, read whole this round.
 #[derive(Default)]
 pub struct Counts {
+    /// The kernel's own books (rstat CPU, memcg usage, PSI), by v2 cgroup id.
+    pub books: HashMap<u64, CgroupBooks>,
+    /// Memory from the v1 memory hierarchy (a hybrid host), by v1 cgroup id.
+    pub v1_memory: HashMap<u64, u64>,
     pub cpu: HashMap<u64, TaskStats>,
     pub net: HashMap<u64, NetStats>,
     pub denied_binds: HashMap<u64, u64>,
@@ -72,6 +82,10 @@ pub struct Fences {
     devices: Option<DeviceFence>,
     network: Option<Network>,
     accounting: Option<Accounting>,
+    /// The kernel's per-cgroup books, read by a cgroup iterator.
+    books: Option<Books>,
+    /// Whether the last read of the books failed (logged once per spell).
+    books_failing: bool,
     /// eBPF map keys (v2 cgroup ids) by container id.
     keys: HashMap<String, u64>,
     /// Where the fences are pinned, so that they hold while no agent runs.
@@ -84,24 +98,47 @@ impl Fences {
     /// while no agent runs, and a later agent takes them over). A fence
     /// that cannot load is left out and named in the second value: the
     /// caller must not offer what it would enforce.
-    pub fn attach(subtree: &Path, pins: Option<Pins>) -> (Self, Vec<Unenforced>) {
+    pub fn attach(
+        subtree: &Path,
+        memory_v1_subtree: Option<&Path>,
+        pins: Option<Pins>,
+    ) -> (Self, Vec<Unenforced>) {
         let mut unenforced = Vec::new();
         let mut keep =
             |fence: Fence, error: FenceError| unenforced.push(Unenforced { fence, error });
         let pinned = pins.as_ref();
+        let ports = PortFence::attach(subtree, pinned)
+            .map_err(|e| keep(Fence::Ports, e))
+            .ok();
+        let devices = DeviceFence::attach(subtree, pinned)
+            .map_err(|e| keep(Fence::Devices, e))
+            .ok();
+        let network = Network::attach(subtree, pinned)
+            .map_err(|e| keep(Fence::Network, e))
+            .ok();
+        // The books read the fences' counters in their own pass.
+        let counters = match (&ports, &devices, &network) {
+            (Some(ports), Some(devices), Some(network)) => Some(Counters {
+                net: network.stats_map(),
+                denied_binds: ports.denied_map(),
+                denied_opens: devices.denied_map(),
+            }),
+            _ => None,
+        };
+        let books = Books::load(subtree, memory_v1_subtree, counters)
+            .map_err(|e| keep(Fence::Books, e))
+            .ok();
+        // Without the books' CPU, the scheduler's tracepoint counts it.
+        let cpu_from_books = books.as_ref().is_some_and(|b| b.flushes().is_some());
         let fences = Self {
-            ports: PortFence::attach(subtree, pinned)
-                .map_err(|e| keep(Fence::Ports, e))
-                .ok(),
-            devices: DeviceFence::attach(subtree, pinned)
-                .map_err(|e| keep(Fence::Devices, e))
-                .ok(),
-            network: Network::attach(subtree, pinned)
-                .map_err(|e| keep(Fence::Network, e))
-                .ok(),
-            accounting: Accounting::attach()
+            ports,
+            devices,
+            network,
+            accounting: Accounting::attach(!cpu_from_books)
                 .map_err(|e| keep(Fence::Accounting, e))
                 .ok(),
+            books,
+            books_failing: false,
             keys: HashMap::new(),
             pins,
         };
@@ -133,8 +170,11 @@ impl Fences {
 
     /// Every fence, or the first that cannot load (benchmarks and tests,
     /// which measure all of them). Not pinned.
-    pub fn attach_all(subtree: &Path) -> Result<Self, FenceError> {
-        let (fences, unenforced) = Self::attach(subtree, None);
+    pub fn attach_all(
+        subtree: &Path,
+        memory_v1_subtree: Option<&Path>,
+    ) -> Result<Self, FenceError> {
+        let (fences, unenforced) = Self::attach(subtree, memory_v1_subtree, None);
         match unenforced.into_iter().next() {
             Some(missing) => Err(missing.error),
             None => Ok(fences),
@@ -148,6 +188,7 @@ impl Fences {
             Fence::Devices => self.devices.is_some(),
             Fence::Network => self.network.is_some(),
             Fence::Accounting => self.accounting.is_some(),
+            Fence::Books => self.books.is_some(),
         }
     }
 
@@ -211,7 +252,7 @@ impl Fences {
             network.track(key, limits, keep_counts)?;
         }
         if let Some(accounting) = self.accounting.as_mut() {
-            accounting.track(key)?;
+            accounting.track(key, fence.runqueue_histogram)?;
         }
         Ok(())
     }
@@ -253,8 +294,24 @@ impl Fences {
             .collect()
     }
 
-    /// Brings every task's CPU time up to now (before `counts`).
+    /// The kernel's books, where they loaded.
+    pub fn books(&self) -> Option<&Books> {
+        self.books.as_ref()
+    }
+
+    /// Whether CPU time comes from the kernel's books (rstat, flushed at
+    /// each read) rather than from the scheduler's tracepoint and a walk
+    /// of every thread.
+    pub fn cpu_from_books(&self) -> bool {
+        self.books.as_ref().is_some_and(|b| b.flushes().is_some())
+    }
+
+    /// Brings every task's CPU time up to now (before `counts`); a no-op
+    /// where CPU comes from the kernel's books (read current).
     pub fn flush(&mut self) {
+        if self.cpu_from_books() {
+            return;
+        }
         if let Some(accounting) = self.accounting.as_mut()
             && let Err(error) = accounting.flush()
         {
@@ -266,11 +323,53 @@ impl Fences {
     /// syscalls rather than one lookup per task; a map that cannot be read
     /// this round is empty (and logged).
     pub fn counts(&mut self) -> Counts {
+        let read = self
+            .books
+            .as_mut()
+            .map(|b| b.read().and_then(|v2| Ok((v2, b.read_v1_memory()?))));
+        let mut counted = false;
+        let (books, v1_memory) = match read {
+            Some(Ok(read)) => {
+                if std::mem::take(&mut self.books_failing) {
+                    tracing::info!("the kernel's books are readable again");
+                }
+                counted = self.books.as_ref().is_some_and(Books::shares_counters);
+                read
+            }
+            Some(Err(error)) => {
+                if !std::mem::replace(&mut self.books_failing, true) {
+                    tracing::warn!(%error, "cannot read the kernel's books; tasks have no CPU, memory-from-the-books or pressure figures until they can be read");
+                }
+                Default::default()
+            }
+            None => Default::default(),
+        };
+        // The counters came with the books (their own maps are not read
+        // again); only fenced containers have them.
+        let (net, denied_binds, denied_opens) = if counted {
+            let fenced: std::collections::HashSet<u64> = self.keys.values().copied().collect();
+            let ours = books.iter().filter(|(key, _)| fenced.contains(key));
+            let mut counts = (HashMap::new(), HashMap::new(), HashMap::new());
+            for (key, book) in ours {
+                counts.0.insert(*key, book.net);
+                counts.1.insert(*key, book.denied_binds);
+                counts.2.insert(*key, book.denied_opens);
+            }
+            counts
+        } else {
+            (
+                whole(self.network.as_ref().map(Network::all_stats)),
+                whole(self.ports.as_ref().map(PortFence::all_denied)),
+                whole(self.devices.as_ref().map(DeviceFence::all_denied)),
+            )
+        };
         Counts {
+            books,
+            v1_memory,
             cpu: whole(self.accounting.as_mut().map(|a| a.all_stats())),
-            net: whole(self.network.as_ref().map(Network::all_stats)),
-            denied_binds: whole(self.ports.as_ref().map(PortFence::all_denied)),
-            denied_opens: whole(self.devices.as_ref().map(DeviceFence::all_denied)),
+            net,
+            denied_binds,
+            denied_opens,
         }
     }
 

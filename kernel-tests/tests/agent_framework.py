@@ -79,7 +79,7 @@ def ports_task(task_id, agent_id):
     return t
 
 
-def task(task_id, agent_id, command, cpus=0.05, mem=32, user=None, disk=None):
+def task(task_id, agent_id, command, cpus=0.05, mem=32, user=None, disk=None, labels=None):
     info = {
         "name": task_id,
         "task_id": {"value": task_id},
@@ -94,6 +94,8 @@ def task(task_id, agent_id, command, cpus=0.05, mem=32, user=None, disk=None):
         info["command"]["user"] = user
     if disk is not None:
         info["resources"].append({"name": "disk", "type": "SCALAR", "scalar": {"value": disk}})
+    if labels:
+        info["labels"] = {"labels": [{"key": k, "value": v} for k, v in labels.items()]}
     return info
 
 
@@ -199,6 +201,15 @@ def check_telemetry(driver, agent_port, subtree, received, reported):
         fail("user + system %.6f != total %.6f" % (user_system, ebpf_cpu))
     if not stats.get("mem_limit_bytes") == 64 * 1024 * 1024 or not stats.get("mem_total_bytes"):
         fail("busy memory figures: %s" % stats)
+    # The run-queue histogram only for the task whose label asks for it;
+    # pressure (PSI totals) for every task.
+    if busy["butte_statistics"].get("runq_waits", 0) < 1 or "runq_latency_p99_micros" not in busy["butte_statistics"]:
+        fail("busy asked for its run-queue histogram: %s" % busy["butte_statistics"])
+    if "runq_waits" in by_task["sender"]["butte_statistics"]:
+        fail("sender did not ask for a run-queue histogram: %s" % by_task["sender"]["butte_statistics"])
+    if busy["butte_statistics"].get("cpu_pressure_some_secs") is None or \
+            busy["butte_statistics"].get("memory_pressure_some_secs") is None:
+        fail("busy has no pressure totals: %s" % busy["butte_statistics"])
     # Read on demand from cgroupfs: busy is its shell and a sleep now, and
     # its 2 s busy loop ran under a 1-core quota (100 ms periods). One thread
     # under a 1-core quota is rarely throttled: container.rs checks a loop
@@ -229,6 +240,8 @@ def check_telemetry(driver, agent_port, subtree, received, reported):
     labels = '{framework_id="%s",executor_id="busy",task_id="busy"}' % driver.frameworkId
     if "butte_task_cpu_seconds_total" + labels not in metrics:
         fail("the agent's /metrics has no CPU series for busy:\n" + metrics[:3000])
+    if "butte_task_cpu_pressure_some_seconds_total" + labels not in metrics:
+        fail("the agent's /metrics has no CPU pressure series for busy:\n" + metrics[:3000])
     # The disk watcher's newest measure of its sandbox, and its disk (8 MB).
     series = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("butte_task_disk_"))
     used = float(series.get("butte_task_disk_used_bytes" + labels, -1))
@@ -251,7 +264,8 @@ def run_telemetry(driver, offer, agent_id, agent_port, subtree):
     first = [iperf_task("bw-20", agent_id, 15190, 20), iperf_task("bw-100", agent_id, 15191, 100),
              iperf_task("bw-500", agent_id, 15192, 500),
              task("busy", agent_id, "head -c 1048576 /dev/zero > $MESOS_SANDBOX/blob; "
-                  "timeout 2 sh -c 'while :; do :; done'; sleep 6", cpus=1, mem=64, disk=8),
+                  "timeout 2 sh -c 'while :; do :; done'; sleep 6", cpus=1, mem=64, disk=8,
+                  labels={"butte.telemetry.runqueue_histogram": "true"}),
              sender_task(agent_id)]
     offer.accept(first)
     print(json.dumps({"launched": len(first)}), flush=True)

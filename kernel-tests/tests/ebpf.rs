@@ -50,11 +50,11 @@ fn within(measured: f64, reference: f64, fraction: f64) -> bool {
 fn cpu_time_of_exited_processes_is_counted_to_their_last_slice() {
     let subtree = format!("butte/kt-exits-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut accounting = Accounting::attach().unwrap();
+    let mut accounting = Accounting::attach(true).unwrap();
     let id = unique("exits");
     let placement = isolator.create(&id, &limits(2.0, 64.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
-    accounting.track(key).unwrap();
+    accounting.track(key, true).unwrap();
     let sandbox = sandbox(&id);
     // Almost all of this task's CPU time is in the last slice of a process:
     // 200 short-lived ones, then a child that wakes once and spins until it
@@ -80,12 +80,12 @@ fn cpu_time_of_exited_processes_is_counted_to_their_last_slice() {
 fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
     let subtree = format!("butte/kt-acct-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut accounting = Accounting::attach().unwrap();
+    let mut accounting = Accounting::attach(true).unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("acct");
     let placement = isolator.create(&id, &limits(2.0, 64.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
-    accounting.track(key).unwrap();
+    accounting.track(key, true).unwrap();
     let sandbox = sandbox(&id);
     // A busy loop (runs without switching out) beside a loop of short sleeps
     // (wakeups: run-queue waits, and an exec each).
@@ -145,12 +145,12 @@ fn cpu_time_and_run_queue_come_from_the_scheduler_and_agree_with_cpuacct() {
 fn an_oom_kill_arrives_as_an_event_for_the_task() {
     let subtree = format!("butte/kt-oom-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut accounting = Accounting::attach().unwrap();
+    let mut accounting = Accounting::attach(true).unwrap();
     let mut events = accounting.take_events().unwrap();
     let id = unique("oomevent");
     let placement = isolator.create(&id, &limits(1.0, 32.0, 64)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
-    accounting.track(key).unwrap();
+    accounting.track(key, true).unwrap();
     let sandbox = sandbox(&id);
     let script = "exec dd if=/dev/zero of=/dev/null bs=256M count=1";
     let child = spawn(&shell_spec(&id, &placement, &sandbox, script)).unwrap();
@@ -289,14 +289,14 @@ fn network_bytes_are_counted_and_egress_is_held_to_its_limit() {
 
 #[test]
 fn a_full_task_map_refuses_the_next_task_and_says_the_limit() {
-    let mut accounting = Accounting::attach().unwrap();
+    let mut accounting = Accounting::attach(true).unwrap();
     // Keys far above any real cgroup id, so no thread of this host is counted.
     let first = 1u64 << 40;
     let keys = first..first + butte_agent_ebpf::MAX_TASKS as u64;
     for key in keys.clone() {
-        accounting.track(key).unwrap();
+        accounting.track(key, true).unwrap();
     }
-    let refused = accounting.track(keys.end).unwrap_err().to_string();
+    let refused = accounting.track(keys.end, true).unwrap_err().to_string();
     for key in keys.clone() {
         accounting.forget(key);
     }
@@ -305,6 +305,24 @@ fn a_full_task_map_refuses_the_next_task_and_says_the_limit() {
         "{refused}"
     );
     // Room again once tasks ended.
-    accounting.track(keys.end).unwrap();
+    accounting.track(keys.end, true).unwrap();
     accounting.forget(keys.end);
+}
+
+#[test]
+fn sched_switch_runs_only_while_a_task_keeps_a_run_queue_histogram() {
+    // As where the kernel's books give CPU time: nothing needs sched_switch
+    // until a task asks for its histogram.
+    let mut accounting = Accounting::attach(false).unwrap();
+    assert!(!accounting.switch_attached(), "nobody asked");
+    let key = (1u64 << 41) + 1;
+    accounting.track(key, false).unwrap();
+    assert!(!accounting.switch_attached(), "a task without a histogram");
+    accounting.track(key + 1, true).unwrap();
+    assert!(accounting.switch_attached(), "a task keeps one");
+    accounting.forget(key + 1);
+    assert!(!accounting.switch_attached(), "the last one ended");
+    accounting.forget(key);
+    let always = Accounting::attach(true).unwrap();
+    assert!(always.switch_attached(), "CPU time is counted there");
 }

@@ -105,6 +105,12 @@ impl TelemetryStore {
                     extra.denied_device_opens.map(|v| v as f64),
                 ),
                 ("oom_kills", extra.oom_kills.map(|v| v as f64)),
+                ("cpu_pressure_some_secs", extra.cpu_pressure_some_secs),
+                ("cpu_pressure_full_secs", extra.cpu_pressure_full_secs),
+                ("memory_pressure_some_secs", extra.memory_pressure_some_secs),
+                ("memory_pressure_full_secs", extra.memory_pressure_full_secs),
+                ("io_pressure_some_secs", extra.io_pressure_some_secs),
+                ("io_pressure_full_secs", extra.io_pressure_full_secs),
             ];
             for (name, value) in figures {
                 if let Some(value) = value {

@@ -1,5 +1,8 @@
 // Per-task accounting and events, keyed by the task's v2 cgroup id. A cgroup
 // is accounted only once the agent put a zeroed entry for it in `task_stats`.
+// Where the kernel's per-cgroup books give CPU time (books.bpf.c), the agent
+// attaches sched_switch only while some task keeps a run-queue histogram
+// (`runq_wanted`), and runs neither iterator.
 //
 // The hot path is sched_switch, which runs for every switch on the machine,
 // so it keeps no per-thread state: a thread's counts are found by one hash
@@ -96,6 +99,8 @@ struct task_stats {
     // Runtime of threads that exited since the last flush, which moves it
     // into cpu_ns (until then they may still be in the snapshot).
     __u64 exited_cpu_ns;
+    // Nonzero: the task keeps a run-queue latency histogram.
+    __u64 runq_wanted;
 };
 
 struct {
@@ -176,7 +181,7 @@ int switch_task(__u64 *ctx)
     if (!queued)
         return 0;
     struct task_stats *stats = stats_of(next);
-    if (!stats)
+    if (!stats || !stats->runq_wanted)
         return 0;
     __u64 now = next->se.cfs_rq->rq->clock;
     if (now <= queued)

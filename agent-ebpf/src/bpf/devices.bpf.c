@@ -4,6 +4,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
+#include "counters.h"
+
 #define MAX_RULES 64
 #define ANY 0xffffffffu
 
@@ -26,12 +28,7 @@ struct {
     __type(value, struct device_rules);
 } task_devices SEC(".maps");
 
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, MAX_TASKS);
-    __type(key, __u64);
-    __type(value, __u64);
-} denied_opens SEC(".maps");
+TASK_COUNTER_MAP(denied_opens, __u64);
 
 SEC("cgroup/dev")
 int devices(struct bpf_cgroup_dev_ctx *ctx)

@@ -8,21 +8,10 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-struct net_stats {
-    __u64 tx_bytes;
-    __u64 tx_packets;
-    __u64 tx_dropped;
-    __u64 rx_bytes;
-    __u64 rx_packets;
-    __u64 rx_dropped;
-};
+#include "counters.h"
 
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, MAX_TASKS);
-    __type(key, __u64);
-    __type(value, struct net_stats);
-} task_net SEC(".maps");
+
+TASK_COUNTER_MAP(task_net, struct net_stats);
 
 struct bucket {
     struct bpf_spin_lock lock;

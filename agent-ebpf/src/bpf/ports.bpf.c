@@ -4,6 +4,8 @@
 // task of ours and is let through.
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+
+#include "counters.h"
 #include <bpf/bpf_endian.h>
 
 #define MAX_RANGES 16
@@ -20,12 +22,7 @@ struct {
     __type(value, struct port_ranges);
 } task_ports SEC(".maps");
 
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, MAX_TASKS);
-    __type(key, __u64);
-    __type(value, __u64);
-} denied_binds SEC(".maps");
+TASK_COUNTER_MAP(denied_binds, __u64);
 
 static __always_inline int allowed(struct bpf_sock_addr *ctx)
 {

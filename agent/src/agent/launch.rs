@@ -18,6 +18,7 @@ use super::status::Change;
 use super::tasks::{Placing, TaskKey};
 use butte_api::ids::IdError;
 
+use crate::config::RunqueueHistogram;
 use crate::gpus::{AssignError, Assignment};
 use crate::launcher::LaunchRequest;
 use crate::launcher_client::LauncherError;
@@ -26,6 +27,36 @@ use crate::workdir::beneath;
 
 /// Task label asking for ingress to be policed to the task's `network_bandwidth` too.
 pub const POLICE_INGRESS_LABEL: &str = "butte.network_bandwidth.police_ingress";
+/// The label by which a task asks for a run-queue latency histogram.
+pub const RUNQUEUE_HISTOGRAM_LABEL: &str = "butte.telemetry.runqueue_histogram";
+
+/// What a task's labels (and the agent's flags) ask of its fences; a task
+/// group's container is asked what any of its tasks asks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct FenceAsks {
+    pub police_ingress: bool,
+    pub runqueue_histogram: bool,
+}
+
+impl FenceAsks {
+    pub(super) fn of(task: &TaskInfo, histogram: RunqueueHistogram) -> Self {
+        Self {
+            police_ingress: labelled_true(task, POLICE_INGRESS_LABEL),
+            runqueue_histogram: match histogram {
+                RunqueueHistogram::All => true,
+                RunqueueHistogram::Labelled => labelled_true(task, RUNQUEUE_HISTOGRAM_LABEL),
+                RunqueueHistogram::Off => false,
+            },
+        }
+    }
+
+    pub(super) fn or(self, other: Self) -> Self {
+        Self {
+            police_ingress: self.police_ingress || other.police_ingress,
+            runqueue_histogram: self.runqueue_histogram || other.runqueue_histogram,
+        }
+    }
+}
 
 /// Why a task could not be launched (its TASK_FAILED message).
 #[derive(Debug, thiserror::Error)]
@@ -322,15 +353,12 @@ impl Agent {
                 }
             }
         }
-        let police_ingress = tasks.iter().any(polices_ingress);
+        let asks = tasks
+            .iter()
+            .map(|task| FenceAsks::of(task, self.config.runqueue_histogram))
+            .fold(FenceAsks::default(), FenceAsks::or);
         let started = self
-            .start_group_init(
-                &group_id,
-                &executor_id,
-                &group_sandbox,
-                &total,
-                police_ingress,
-            )
+            .start_group_init(&group_id, &executor_id, &group_sandbox, &total, asks)
             .await;
         let (placement, gpus) = match started {
             Ok(started) => started,
@@ -419,9 +447,9 @@ impl Agent {
         executor_id: &str,
         sandbox: &Path,
         total: &Resources,
-        police_ingress: bool,
+        asks: FenceAsks,
     ) -> Result<(Placement, Option<Assignment>), LaunchError> {
-        let (placement, gpus) = self.prepare(group_id, sandbox, total, police_ingress)?;
+        let (placement, gpus) = self.prepare(group_id, sandbox, total, asks)?;
         let request = LaunchRequest {
             container_id: group_id.to_owned(),
             argv: Vec::new(),
@@ -451,8 +479,8 @@ impl Agent {
         resources: &Resources,
     ) -> Result<u64, LaunchError> {
         let privileges = self.privileges(framework, task)?;
-        let (placement, gpus) =
-            self.prepare(container_id, sandbox, resources, polices_ingress(task))?;
+        let asks = FenceAsks::of(task, self.config.runqueue_histogram);
+        let (placement, gpus) = self.prepare(container_id, sandbox, resources, asks)?;
         give_sandbox(sandbox, &privileges)?;
         self.set_gpus(key, &gpus);
         let argv = command_argv(task)?;
@@ -563,7 +591,7 @@ impl Agent {
         container_id: &str,
         sandbox: &Path,
         resources: &Resources,
-        police_ingress: bool,
+        asks: FenceAsks,
     ) -> Result<(Placement, Option<Assignment>), LaunchError> {
         self.create_sandbox(sandbox)?;
         self.hold_disk(container_id, sandbox, resources);
@@ -578,7 +606,7 @@ impl Agent {
             pids_max: self.config.task_pids_max,
         };
         let placement = self.isolator.create(container_id, &limits)?;
-        let fence = task_fence(resources, police_ingress, gpus.as_ref())?;
+        let fence = task_fence(resources, asks, gpus.as_ref())?;
         // The v1 devices controller enforces on its own; eBPF on v2 too.
         let v1_rules: Vec<String> = fence.device_rules().iter().map(v1_rule).collect();
         self.isolator.restrict_devices(container_id, &v1_rules)?;
@@ -714,10 +742,11 @@ impl Agent {
 }
 
 /// What a container is fenced to: its port ranges (none: only port 0), its
-/// egress limit, and its GPUs' device nodes beyond the defaults.
+/// egress limit, its GPUs' device nodes beyond the defaults, and what its
+/// labels ask.
 pub(super) fn task_fence(
     resources: &Resources,
-    police_ingress: bool,
+    asks: FenceAsks,
     gpus: Option<&Assignment>,
 ) -> Result<TaskFence, LaunchError> {
     let mut ports = Vec::new();
@@ -736,7 +765,8 @@ pub(super) fn task_fence(
         ports,
         granted_devices: gpus.map(Assignment::device_rules).unwrap_or_default(),
         egress_mbit_per_s: (bandwidth > 0.0).then_some(bandwidth),
-        police_ingress,
+        police_ingress: asks.police_ingress,
+        runqueue_histogram: asks.runqueue_histogram,
     })
 }
 
@@ -757,12 +787,12 @@ fn command_argv(task: &TaskInfo) -> Result<Vec<String>, LaunchError> {
     Ok(argv)
 }
 
-/// Whether the task asks for its ingress to be policed (label `POLICE_INGRESS_LABEL` = `true`).
-pub(super) fn polices_ingress(task: &TaskInfo) -> bool {
+/// Whether the task has the label `key` set to `true`.
+fn labelled_true(task: &TaskInfo, key: &str) -> bool {
     task.labels.as_ref().is_some_and(|labels| {
         labels
             .labels
             .iter()
-            .any(|l| l.key == POLICE_INGRESS_LABEL && l.value.as_deref() == Some("true"))
+            .any(|l| l.key == key && l.value.as_deref() == Some("true"))
     })
 }

@@ -9,7 +9,7 @@ use butte_api::resources::Resources;
 use butte_api::task_state::is_terminal;
 
 use super::Agent;
-use super::launch::{polices_ingress, task_fence};
+use super::launch::{FenceAsks, task_fence};
 use super::tasks::{TaskKey, TaskRecord};
 use crate::checkpoint::Recovered;
 use crate::gpus::Assignment;
@@ -34,7 +34,8 @@ impl Agent {
         let mut recovery = Recovery::default();
         let mut groups: BTreeMap<String, Vec<TaskKey>> = BTreeMap::new();
         // What each cgroup's fence holds: its tasks' resources together.
-        let mut fenced: BTreeMap<String, (Resources, bool, Option<Assignment>)> = BTreeMap::new();
+        let mut fenced: BTreeMap<String, (Resources, FenceAsks, Option<Assignment>)> =
+            BTreeMap::new();
         let mut adopted = Vec::new();
         let mut killing = Vec::new();
         for Recovered { framework, task } in self.checkpoint.recover() {
@@ -59,7 +60,9 @@ impl Agent {
             }
             let fence = fenced.entry(record.cgroup_id.clone()).or_default();
             fence.0.add(&record.resources);
-            fence.1 |= polices_ingress(&record.info);
+            fence.1 = fence
+                .1
+                .or(FenceAsks::of(&record.info, self.config.runqueue_histogram));
             fence.2 = fence.2.take().or_else(|| record.gpus.clone());
             if let Some(group) = &record.group {
                 groups.entry(group.clone()).or_default().push(key.clone());
@@ -72,8 +75,8 @@ impl Agent {
             }
             self.lock().tasks.restore(key, record);
         }
-        for (cgroup_id, (resources, police_ingress, gpus)) in &fenced {
-            self.refence(cgroup_id, resources, *police_ingress, gpus.as_ref());
+        for (cgroup_id, (resources, asks, gpus)) in &fenced {
+            self.refence(cgroup_id, resources, *asks, gpus.as_ref());
         }
         {
             let mut state = self.lock();
@@ -135,7 +138,7 @@ impl Agent {
         &self,
         cgroup_id: &str,
         resources: &Resources,
-        police_ingress: bool,
+        asks: FenceAsks,
         gpus: Option<&Assignment>,
     ) {
         if let Some(gpus) = gpus
@@ -143,7 +146,7 @@ impl Agent {
         {
             books.restore(cgroup_id, gpus);
         }
-        let written = task_fence(resources, police_ingress, gpus)
+        let written = task_fence(resources, asks, gpus)
             .map_err(|e| e.to_string())
             .and_then(|fence| {
                 let dir = self.isolator.v2_dir(cgroup_id);

@@ -1,0 +1,584 @@
+//! The kernel's own per-cgroup books (CPU from rstat, memory from the memcg
+//! page counter, PSI totals), read for every cgroup under the agent's
+//! subtree in one pass of a cgroup iterator (books.bpf.c) into an array
+//! this process has mapped: a sample is the walk's few syscalls and a read
+//! of memory, its cost no longer grows with how often tasks wake, and a
+//! figure the kernel keeps per cgroup carries on across agent restarts.
+//!
+//! aya does not resolve kfunc calls; the one call the program makes (the
+//! rstat flush) is patched here with the running kernel's BTF id of
+//! `css_rstat_flush` (6.16 on) or `cgroup_rstat_flush` (6.1 to 6.15).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use aya::maps::MapData;
+use aya::programs::Iter;
+use aya::{Btf, Ebpf};
+use aya_obj::btf::BtfKind;
+
+use crate::network::NetStats;
+use crate::{FenceError, failed};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/books.bpf.o"));
+
+/// The placeholder kfunc call in the object: BPF_JMP|BPF_CALL, src_reg
+/// BPF_PSEUDO_KFUNC_CALL, imm 0x7ff0b001.
+const FLUSH_CALL: [u8; 8] = [0x85, 0x20, 0x00, 0x00, 0x01, 0xb0, 0xf0, 0x7f];
+/// What replaces it where the kernel has no flush kfunc: `r0 = 0`.
+const NO_CALL: [u8; 8] = [0xb7, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+/// The rstat flush kfuncs, newest first.
+const FLUSH_KFUNCS: &[&str] = &["css_rstat_flush", "cgroup_rstat_flush"];
+
+/// `struct record` of the C side: one cgroup's books.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Record {
+    /// The walk that wrote it (in slot 0, the last walk's number).
+    walk: u64,
+    cgroup: u64,
+    cpu_ns: u64,
+    user_ns: u64,
+    system_ns: u64,
+    memory_bytes: u64,
+    cpu_some_ns: u64,
+    cpu_full_ns: u64,
+    memory_some_ns: u64,
+    memory_full_ns: u64,
+    io_some_ns: u64,
+    io_full_ns: u64,
+    net: NetStats,
+    denied_binds: u64,
+    denied_opens: u64,
+    flags: u32,
+    level: u32,
+}
+
+const HAS_MEMORY: u32 = 1;
+const HAS_PSI: u32 = 2;
+
+/// One hierarchy's records, the kernel's array mapped read-only here.
+struct Slots {
+    /// Keeps the array alive.
+    _map: MapData,
+    base: std::ptr::NonNull<Record>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only read, through `&self`, and lives as long as
+// the value; the kernel writes it only while a walk runs, inside read().
+#[allow(unsafe_code)]
+unsafe impl Send for Slots {}
+
+impl Slots {
+    fn map(bpf: &mut Ebpf, name: &'static str) -> Result<Self, FenceError> {
+        let failure = |detail: String| FenceError::Map {
+            map: name,
+            step: "map into memory",
+            detail,
+        };
+        let map = match bpf.take_map(name) {
+            Some(aya::maps::Map::Array(data)) => data,
+            _ => return Err(failure("not an array in the object".into())),
+        };
+        // The header, then a slot per cgroup.
+        let len = crate::MAX_TASKS + 1;
+        let size = len * std::mem::size_of::<Record>();
+        // SAFETY: a shared read-only mapping of the array map's fd (an
+        // mmapable array of MAX_TASKS records); checked for failure below.
+        #[allow(unsafe_code)]
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(failure(std::io::Error::last_os_error().to_string()));
+        }
+        let base = std::ptr::NonNull::new(base.cast::<Record>())
+            .ok_or_else(|| failure("mmap gave a null pointer".into()))?;
+        Ok(Self {
+            _map: map,
+            base,
+            len,
+        })
+    }
+
+    fn slot(&self, slot: usize) -> Record {
+        debug_assert!(slot < self.len);
+        // SAFETY: slot < len, inside the mapping; records are plain old
+        // data, read whole with a volatile read (the kernel wrote them).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::read_volatile(self.base.as_ptr().add(slot.min(self.len - 1)))
+        }
+    }
+
+    /// The records the last walk wrote: the slots after its header (slot
+    /// 0, with its number), while they carry the same number.
+    fn fresh(&self) -> HashMap<u64, CgroupBooks> {
+        let walk = self.slot(0).walk;
+        let mut books = HashMap::new();
+        if walk == 0 {
+            return books;
+        }
+        for slot in 1..self.len {
+            let record = self.slot(slot);
+            if record.walk != walk {
+                break;
+            }
+            books.insert(record.cgroup, CgroupBooks::from(&record));
+        }
+        books
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, of this size, unmapped once.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.len * std::mem::size_of::<Record>(),
+            );
+        }
+    }
+}
+
+/// Pressure stall totals (PSI), nanoseconds: time some (or all, `full`)
+/// of the cgroup's runnable tasks waited for CPU, memory or I/O.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pressure {
+    pub cpu_some_ns: u64,
+    pub cpu_full_ns: u64,
+    pub memory_some_ns: u64,
+    pub memory_full_ns: u64,
+    pub io_some_ns: u64,
+    pub io_full_ns: u64,
+}
+
+/// One cgroup's books.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupBooks {
+    /// CPU time (rstat base stats), nanoseconds: zero unless the books are
+    /// flushed (`Books::flushes`).
+    pub cpu_ns: u64,
+    /// The tick-sampled user/system split, nanoseconds.
+    pub user_ns: u64,
+    pub system_ns: u64,
+    /// The memcg page counter in bytes, where the memory controller is on
+    /// for this cgroup in this hierarchy.
+    pub memory_bytes: Option<u64>,
+    /// Where PSI is on.
+    pub pressure: Option<Pressure>,
+    /// Our programs' counters for the cgroup (zero where it has none):
+    /// read in the same pass where their maps were shared at load
+    /// (`Books::shares_counters`).
+    pub net: NetStats,
+    pub denied_binds: u64,
+    pub denied_opens: u64,
+}
+
+impl From<&Record> for CgroupBooks {
+    fn from(record: &Record) -> Self {
+        Self {
+            cpu_ns: record.cpu_ns,
+            user_ns: record.user_ns,
+            system_ns: record.system_ns,
+            memory_bytes: (record.flags & HAS_MEMORY != 0).then_some(record.memory_bytes),
+            pressure: (record.flags & HAS_PSI != 0).then_some(Pressure {
+                cpu_some_ns: record.cpu_some_ns,
+                cpu_full_ns: record.cpu_full_ns,
+                memory_some_ns: record.memory_some_ns,
+                memory_full_ns: record.memory_full_ns,
+                io_some_ns: record.io_some_ns,
+                io_full_ns: record.io_full_ns,
+            }),
+            net: record.net,
+            denied_binds: record.denied_binds,
+            denied_opens: record.denied_opens,
+        }
+    }
+}
+
+/// The loaded iterator and its walks: the v2 subtree, and on a hybrid host
+/// the v1 memory subtree; the maps the walks fill.
+pub struct Books {
+    /// Keeps the program loaded.
+    _bpf: Ebpf,
+    v2: OwnedFd,
+    v1_memory: Option<OwnedFd>,
+    v2_books: Slots,
+    v1_books: Slots,
+    /// Why the v1 memory subtree is not walked, when it is not.
+    v1_missing: Option<String>,
+    /// Which flush kfunc was patched in; None: CPU figures are not current.
+    flush: Option<&'static str>,
+    /// Why the flush could not be used, when it could not.
+    flush_missing: Option<String>,
+    /// Whether the network and denial counters were shared at load.
+    shares_counters: bool,
+}
+
+/// Our own programs' per-task counter maps, read in the books' pass.
+pub struct Counters<'a> {
+    pub net: &'a MapData,
+    pub denied_binds: &'a MapData,
+    pub denied_opens: &'a MapData,
+}
+
+impl Books {
+    /// Loads the iterator and attaches a walk of `v2_subtree` (and of
+    /// `v1_memory_subtree`, where the memory controller is on v1); with
+    /// `counters`, over those maps, so that a walk reads them too.
+    pub fn load(
+        v2_subtree: &Path,
+        v1_memory_subtree: Option<&Path>,
+        counters: Option<Counters<'_>>,
+    ) -> Result<Self, FenceError> {
+        let btf = Btf::from_sys_fs().map_err(|e| failed("read_books", "read kernel BTF", &e))?;
+        let kfunc = FLUSH_KFUNCS
+            .iter()
+            .find_map(|&name| Some((name, btf.id_by_type_name_kind(name, BtfKind::Func).ok()?)));
+        // The maps are handed over through bpffs: aya reuses a map pinned
+        // at the path given for it. The pins go once the object is loaded.
+        let shared = counters.and_then(|counters| {
+            SharedPins::make(counters)
+                .map_err(|error| tracing::warn!(%error, "the books cannot share the fences' counter maps; those are read on their own"))
+                .ok()
+        });
+        let pins = shared.as_ref().map(SharedPins::paths).unwrap_or_default();
+        let (mut bpf, flush, flush_missing) = match kfunc {
+            Some((name, id)) => match load_patched(&btf, Some(id), &pins) {
+                Ok(bpf) => (bpf, Some(name), None),
+                // Its call refused (an older verifier's rule on its
+                // argument): the books without the CPU figure.
+                Err(error) => (
+                    load_patched(&btf, None, &pins)?,
+                    None,
+                    Some(format!("{name} could not be called: {error}")),
+                ),
+            },
+            None => (
+                load_patched(&btf, None, &pins)?,
+                None,
+                Some(format!(
+                    "the kernel has neither {} (BTF)",
+                    FLUSH_KFUNCS.join(" nor ")
+                )),
+            ),
+        };
+        let shares_counters = shared.is_some();
+        drop(shared);
+        let program: &Iter = bpf
+            .program("read_books")
+            .ok_or_else(|| FenceError::Program {
+                program: "read_books",
+                step: "find",
+                detail: "it is not in the object".into(),
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| failed("read_books", "type-check", &e))?;
+        let fd = program
+            .fd()
+            .map_err(|e| failed("read_books", "get its fd", &e))?;
+        let walk = |subtree: &Path| -> Result<OwnedFd, FenceError> {
+            let cgroup = crate::open_cgroup(subtree)?;
+            attach_walk(fd.as_fd(), cgroup.as_fd())
+                .map_err(|e| failed("read_books", "attach to the subtree", &e))
+        };
+        let v2 = walk(v2_subtree)?;
+        // Without it, memory comes from each task's usage file.
+        let (v1_memory, v1_missing) = match v1_memory_subtree.map(walk) {
+            None => (None, None),
+            Some(Ok(link)) => (Some(link), None),
+            Some(Err(error)) => (None, Some(error.to_string())),
+        };
+        let v2_books = Slots::map(&mut bpf, "v2_books")?;
+        let v1_books = Slots::map(&mut bpf, "v1_books")?;
+        Ok(Self {
+            _bpf: bpf,
+            v2,
+            v1_memory,
+            v2_books,
+            v1_books,
+            v1_missing,
+            flush,
+            flush_missing,
+            shares_counters,
+        })
+    }
+
+    /// Whether the records carry the network and denial counters.
+    pub fn shares_counters(&self) -> bool {
+        self.shares_counters
+    }
+
+    /// Why memory on the v1 hierarchy is not read here, if it is not.
+    pub fn v1_memory_missing(&self) -> Option<&str> {
+        self.v1_missing.as_deref()
+    }
+
+    /// The flush kfunc in use: CPU figures are current.
+    pub fn flushes(&self) -> Option<&'static str> {
+        self.flush
+    }
+
+    /// Why CPU figures are not taken from here, if they are not.
+    pub fn flush_missing(&self) -> Option<&str> {
+        self.flush_missing.as_deref()
+    }
+
+    /// Every cgroup below the v2 subtree, by its v2 id.
+    pub fn read(&mut self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
+        run_walk(self.v2.as_fd())?;
+        Ok(self.v2_books.fresh())
+    }
+
+    /// The memory of every cgroup below the v1 memory subtree, by its v1 id
+    /// (the inode number of its directory there); empty on pure v2.
+    pub fn read_v1_memory(&mut self) -> Result<HashMap<u64, u64>, FenceError> {
+        let Some(walk) = &self.v1_memory else {
+            return Ok(HashMap::new());
+        };
+        run_walk(walk.as_fd())?;
+        Ok(self
+            .v1_books
+            .fresh()
+            .into_iter()
+            .filter_map(|(id, books)| Some((id, books.memory_bytes?)))
+            .collect())
+    }
+}
+
+/// The counter maps pinned for the books' load, in a directory of their
+/// own; removed when dropped (the loaded program holds the maps).
+struct SharedPins {
+    dir: std::path::PathBuf,
+}
+
+impl SharedPins {
+    const NAMES: [&'static str; 3] = ["task_net", "denied_binds", "denied_opens"];
+
+    fn make(counters: Counters<'_>) -> Result<Self, FenceError> {
+        crate::pins::mount_bpffs()?;
+        remove_dead_pins();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = Path::new("/sys/fs/bpf").join(format!("butte-books-{}-{n}", std::process::id()));
+        let shown = dir.display().to_string();
+        let pin_error = |detail: String| FenceError::Pin {
+            path: shown.clone(),
+            detail,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| pin_error(e.to_string()))?;
+        let pins = Self { dir };
+        let maps = [counters.net, counters.denied_binds, counters.denied_opens];
+        for (name, map) in Self::NAMES.into_iter().zip(maps) {
+            map.pin(pins.dir.join(name))
+                .map_err(|e| pin_error(format!("{name}: {e}")))?;
+        }
+        Ok(pins)
+    }
+
+    fn paths(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        Self::NAMES
+            .into_iter()
+            .map(|name| (name, self.dir.join(name)))
+            .collect()
+    }
+}
+
+/// Removes what a process killed while loading the books left pinned.
+fn remove_dead_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("butte-books-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the pid exists.
+        #[allow(unsafe_code)]
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl Drop for SharedPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The object with its flush call patched to the kfunc `id` (or to nothing),
+/// loaded, its iterator loaded into the kernel.
+fn load_patched(
+    btf: &Btf,
+    id: Option<u32>,
+    pins: &[(&'static str, std::path::PathBuf)],
+) -> Result<Ebpf, FenceError> {
+    let mut bytes = OBJECT.to_vec();
+    let at = bytes
+        .windows(FLUSH_CALL.len())
+        .position(|w| w == FLUSH_CALL)
+        .ok_or_else(|| FenceError::Program {
+            program: "read_books",
+            step: "patch its flush call",
+            detail: "the placeholder call is not in the object".into(),
+        })?;
+    let call = match id {
+        Some(id) => {
+            let mut call = FLUSH_CALL;
+            call[4..].copy_from_slice(&id.to_le_bytes());
+            call
+        }
+        None => NO_CALL,
+    };
+    bytes[at..at + call.len()].copy_from_slice(&call);
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page_size = u64::try_from(page_size).unwrap_or(4096);
+    let mut loader = aya::EbpfLoader::new();
+    loader.override_global("page_size", &page_size, true);
+    for (name, path) in pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut bpf = loader
+        .load(&bytes)
+        .map_err(|e| failed("books", "load", &e))?;
+    let iterator: &mut Iter = crate::program_mut(&mut bpf, "read_books")?;
+    iterator
+        .load("cgroup", btf)
+        .map_err(|e| failed("read_books", "load into the kernel", &e))?;
+    Ok(bpf)
+}
+
+/// A bpf(2) command that returns a new fd.
+fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> std::io::Result<OwnedFd> {
+    let fd = crate::pins::bpf(cmd, attr, size)?;
+    // SAFETY: these commands return a new fd, ours.
+    #[allow(unsafe_code)]
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_CREATE of the iterator over `cgroup` and its descendants, in
+/// pre-order (the root first: it is where the program flushes). aya's own
+/// attach passes no walk order, which the kernel refuses.
+fn attach_walk(program: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TRACE_ITER: u32 = 28;
+    const BPF_CGROUP_ITER_DESCENDANTS_PRE: u32 = 2;
+    /// `union bpf_iter_link_info`, its cgroup member.
+    #[repr(C)]
+    struct CgroupIterInfo {
+        order: u32,
+        cgroup_fd: u32,
+        cgroup_id: u64,
+    }
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        iter_info: u64,
+        iter_info_len: u32,
+        _pad: u32,
+    }
+    let mut info = CgroupIterInfo {
+        order: BPF_CGROUP_ITER_DESCENDANTS_PRE,
+        cgroup_fd: cgroup.as_raw_fd() as u32,
+        cgroup_id: 0,
+    };
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: 0,
+        attach_type: BPF_TRACE_ITER,
+        flags: 0,
+        iter_info: (&raw mut info) as u64,
+        iter_info_len: std::mem::size_of::<CgroupIterInfo>() as u32,
+        _pad: 0,
+    };
+    bpf(
+        BPF_LINK_CREATE,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<LinkCreateAttr>(),
+    )
+}
+
+/// One walk: BPF_ITER_CREATE on its link, read to the end (the program
+/// writes to its maps; it prints nothing).
+fn run_walk(link: BorrowedFd<'_>) -> Result<(), FenceError> {
+    const BPF_ITER_CREATE: libc::c_long = 33;
+    #[repr(C)]
+    struct IterCreateAttr {
+        link_fd: u32,
+        flags: u32,
+    }
+    let mut attr = IterCreateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        flags: 0,
+    };
+    let fd = bpf(
+        BPF_ITER_CREATE,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<IterCreateAttr>(),
+    )
+    .map_err(|e| failed("read_books", "create an iterator", &e))?;
+    let mut nothing = Vec::new();
+    std::fs::File::from(fd)
+        .read_to_end(&mut nothing)
+        .map_err(|e| failed("read_books", "run", &e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_keep_the_c_layout_and_their_flags() {
+        assert_eq!(
+            std::mem::size_of::<Record>(),
+            168,
+            "the C side's struct record"
+        );
+        let with = Record {
+            cpu_ns: 100,
+            memory_bytes: 4096,
+            cpu_some_ns: 5,
+            flags: HAS_MEMORY | HAS_PSI,
+            ..Record::default()
+        };
+        let books = CgroupBooks::from(&with);
+        assert_eq!(books.cpu_ns, 100);
+        assert_eq!(books.memory_bytes, Some(4096));
+        assert_eq!(books.pressure.map(|p| p.cpu_some_ns), Some(5));
+        let without = CgroupBooks::from(&Record {
+            memory_bytes: 99,
+            ..Record::default()
+        });
+        assert_eq!(without.memory_bytes, None, "no memory controller there");
+        assert_eq!(without.pressure, None);
+    }
+}
