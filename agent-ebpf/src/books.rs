@@ -43,6 +43,7 @@ struct Record {
     user_ns: u64,
     system_ns: u64,
     memory_bytes: u64,
+    memory_cgroup: u64,
     cpu_some_ns: u64,
     cpu_full_ns: u64,
     memory_some_ns: u64,
@@ -59,7 +60,7 @@ struct Record {
 const HAS_MEMORY: u32 = 1;
 const HAS_PSI: u32 = 2;
 
-/// One hierarchy's records, the kernel's array mapped read-only here.
+/// The walk's records, the kernel's array mapped read-only here.
 struct Slots {
     /// Keeps the array alive.
     _map: MapData,
@@ -174,9 +175,14 @@ pub struct CgroupBooks {
     /// The tick-sampled user/system split, nanoseconds.
     pub user_ns: u64,
     pub system_ns: u64,
-    /// The memcg page counter in bytes, where the memory controller is on
-    /// for this cgroup in this hierarchy.
+    /// The memcg page counter in bytes: the cgroup's own memcg where the
+    /// memory controller is on for it, else (hybrid host) the v1 memcg its
+    /// tasks are charged to; none for a cgroup with neither.
     pub memory_bytes: Option<u64>,
+    /// The id of that memcg's cgroup in its hierarchy (the inode number of
+    /// its directory): this cgroup's own id on pure v2, the v1 one on a
+    /// hybrid host.
+    pub memory_cgroup: u64,
     /// Where PSI is on.
     pub pressure: Option<Pressure>,
     /// Our programs' counters for the cgroup (zero where it has none):
@@ -194,6 +200,7 @@ impl From<&Record> for CgroupBooks {
             user_ns: record.user_ns,
             system_ns: record.system_ns,
             memory_bytes: (record.flags & HAS_MEMORY != 0).then_some(record.memory_bytes),
+            memory_cgroup: record.memory_cgroup,
             pressure: (record.flags & HAS_PSI != 0).then_some(Pressure {
                 cpu_some_ns: record.cpu_some_ns,
                 cpu_full_ns: record.cpu_full_ns,
@@ -209,17 +216,12 @@ impl From<&Record> for CgroupBooks {
     }
 }
 
-/// The loaded iterator and its walks: the v2 subtree, and on a hybrid host
-/// the v1 memory subtree; the maps the walks fill.
+/// The loaded iterator, its walk of the v2 subtree and the map it fills.
 pub struct Books {
     /// Keeps the program loaded.
     _bpf: Ebpf,
-    v2: OwnedFd,
-    v1_memory: Option<OwnedFd>,
-    v2_books: Slots,
-    v1_books: Slots,
-    /// Why the v1 memory subtree is not walked, when it is not.
-    v1_missing: Option<String>,
+    walk: OwnedFd,
+    books: Slots,
     /// Which flush kfunc was patched in; None: CPU figures are not current.
     flush: Option<&'static str>,
     /// Why the flush could not be used, when it could not.
@@ -236,14 +238,9 @@ pub struct Counters<'a> {
 }
 
 impl Books {
-    /// Loads the iterator and attaches a walk of `v2_subtree` (and of
-    /// `v1_memory_subtree`, where the memory controller is on v1); with
+    /// Loads the iterator and attaches a walk of `v2_subtree`; with
     /// `counters`, over those maps, so that a walk reads them too.
-    pub fn load(
-        v2_subtree: &Path,
-        v1_memory_subtree: Option<&Path>,
-        counters: Option<Counters<'_>>,
-    ) -> Result<Self, FenceError> {
+    pub fn load(v2_subtree: &Path, counters: Option<Counters<'_>>) -> Result<Self, FenceError> {
         let btf = Btf::from_sys_fs().map_err(|e| failed("read_books", "read kernel BTF", &e))?;
         let kfunc = FLUSH_KFUNCS
             .iter()
@@ -290,27 +287,14 @@ impl Books {
         let fd = program
             .fd()
             .map_err(|e| failed("read_books", "get its fd", &e))?;
-        let walk = |subtree: &Path| -> Result<OwnedFd, FenceError> {
-            let cgroup = crate::open_cgroup(subtree)?;
-            attach_walk(fd.as_fd(), cgroup.as_fd())
-                .map_err(|e| failed("read_books", "attach to the subtree", &e))
-        };
-        let v2 = walk(v2_subtree)?;
-        // Without it, memory comes from each task's usage file.
-        let (v1_memory, v1_missing) = match v1_memory_subtree.map(walk) {
-            None => (None, None),
-            Some(Ok(link)) => (Some(link), None),
-            Some(Err(error)) => (None, Some(error.to_string())),
-        };
-        let v2_books = Slots::map(&mut bpf, "v2_books")?;
-        let v1_books = Slots::map(&mut bpf, "v1_books")?;
+        let cgroup = crate::open_cgroup(v2_subtree)?;
+        let walk = attach_walk(fd.as_fd(), cgroup.as_fd())
+            .map_err(|e| failed("read_books", "attach to the subtree", &e))?;
+        let books = Slots::map(&mut bpf, "books")?;
         Ok(Self {
             _bpf: bpf,
-            v2,
-            v1_memory,
-            v2_books,
-            v1_books,
-            v1_missing,
+            walk,
+            books,
             flush,
             flush_missing,
             shares_counters,
@@ -320,11 +304,6 @@ impl Books {
     /// Whether the records carry the network and denial counters.
     pub fn shares_counters(&self) -> bool {
         self.shares_counters
-    }
-
-    /// Why memory on the v1 hierarchy is not read here, if it is not.
-    pub fn v1_memory_missing(&self) -> Option<&str> {
-        self.v1_missing.as_deref()
     }
 
     /// The flush kfunc in use: CPU figures are current.
@@ -339,23 +318,8 @@ impl Books {
 
     /// Every cgroup below the v2 subtree, by its v2 id.
     pub fn read(&mut self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
-        run_walk(self.v2.as_fd())?;
-        Ok(self.v2_books.fresh())
-    }
-
-    /// The memory of every cgroup below the v1 memory subtree, by its v1 id
-    /// (the inode number of its directory there); empty on pure v2.
-    pub fn read_v1_memory(&mut self) -> Result<HashMap<u64, u64>, FenceError> {
-        let Some(walk) = &self.v1_memory else {
-            return Ok(HashMap::new());
-        };
-        run_walk(walk.as_fd())?;
-        Ok(self
-            .v1_books
-            .fresh()
-            .into_iter()
-            .filter_map(|(id, books)| Some((id, books.memory_bytes?)))
-            .collect())
+        run_walk(self.walk.as_fd())?;
+        Ok(self.books.fresh())
     }
 }
 
@@ -560,7 +524,7 @@ mod tests {
     fn records_keep_the_c_layout_and_their_flags() {
         assert_eq!(
             std::mem::size_of::<Record>(),
-            168,
+            176,
             "the C side's struct record"
         );
         let with = Record {

@@ -57,13 +57,7 @@ fn main() -> anyhow::Result<()> {
             None
         }
     };
-    let memory_v1 = isolator.memory_v1_subtree();
-    let mut fences = attach_fences(
-        &isolator.v2_subtree(),
-        memory_v1.as_deref(),
-        pins,
-        &mut total,
-    );
+    let mut fences = attach_fences(&isolator.v2_subtree(), pins, &mut total);
     let events = fences.take_events();
     if !(0.1..=60.0).contains(&config.telemetry_interval) {
         anyhow::bail!(
@@ -239,11 +233,10 @@ fn project_quotas(config: &AgentConfig) -> Option<ProjectQuotas> {
 /// is enforced: what a fence would hold is not offered without it.
 fn attach_fences(
     subtree: &std::path::Path,
-    memory_v1_subtree: Option<&std::path::Path>,
     pins: Option<Pins>,
     total: &mut butte_api::resources::Resources,
 ) -> Fences {
-    let (fences, unenforced) = Fences::attach(subtree, memory_v1_subtree, pins);
+    let (fences, unenforced) = Fences::attach(subtree, pins);
     for Unenforced { fence, error } in unenforced {
         match fence {
             Fence::Ports => {
@@ -265,9 +258,6 @@ fn attach_fences(
                 "the kernel's per-cgroup books cannot be read in one pass here: CPU comes from the scheduler's tracepoint and a walk of every thread, memory from each task's cgroup files, and pressure (PSI) is not reported"
             ),
         }
-    }
-    if let Some(reason) = fences.books().and_then(|b| b.v1_memory_missing()) {
-        tracing::warn!(%reason, "telemetry: the v1 memory hierarchy cannot be walked; memory comes from each task's usage file");
     }
     if let Some(books) = fences.books() {
         match (books.flushes(), books.flush_missing()) {

@@ -204,25 +204,23 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
     };
     let events = agent.lock().event_counts.clone();
     let mut counted: HashMap<u64, Counted> = HashMap::new();
-    let mut memory_books: HashMap<u64, u64>;
+    let memory_books: HashMap<u64, u64>;
     {
         let mut fences = agent.fences();
         fences.flush();
         let cpu_from_books = fences.cpu_from_books();
         let Counts {
             books,
-            v1_memory,
             mut cpu,
             mut net,
             denied_binds: binds,
             denied_opens: opens,
         } = fences.counts();
-        memory_books = v1_memory;
-        memory_books.extend(
-            books
-                .iter()
-                .filter_map(|(id, b)| Some((*id, b.memory_bytes?))),
-        );
+        // By the id of the cgroup whose memcg it is (v1 on a hybrid host).
+        memory_books = books
+            .values()
+            .filter_map(|b| Some((b.memory_cgroup, b.memory_bytes?)))
+            .collect();
         for view in &views {
             let key = view.cgroup_key;
             let book = books.get(&key);

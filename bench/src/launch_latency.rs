@@ -100,9 +100,7 @@ fn one_launch(isolator: &dyn Isolator, id: &str) -> (Duration, Duration) {
 /// every program is attached and each task gets its map entries,
 /// interleaved so that both meet the same machine state.
 fn butte_launches(plain: &dyn Isolator, fenced: &dyn Isolator, n: usize) -> [Duration; 4] {
-    let mut fences =
-        Fences::attach_all(&fenced.v2_subtree(), fenced.memory_v1_subtree().as_deref())
-            .unwrap_or_else(|e| panic!("{e}"));
+    let mut fences = Fences::attach_all(&fenced.v2_subtree()).unwrap_or_else(|e| panic!("{e}"));
     let mut samples: [Vec<Duration>; 4] = Default::default();
     for i in 0..n {
         let (to_exec, cycle) = one_launch(plain, &format!("bench-{i}"));

@@ -136,13 +136,11 @@ fn sample_ours(
         counts.cpu.len()
     };
     assert!(read >= tasks.len(), "every task's counts were read");
-    let mut kernel_memory = counts.v1_memory.clone();
-    kernel_memory.extend(
-        counts
-            .books
-            .iter()
-            .filter_map(|(id, b)| Some((*id, b.memory_bytes?))),
-    );
+    let kernel_memory: std::collections::HashMap<u64, u64> = counts
+        .books
+        .values()
+        .filter_map(|b| Some((b.memory_cgroup, b.memory_bytes?)))
+        .collect();
     for task in tasks {
         sum += counts.books.get(&task.key).map_or(0, |b| b.cpu_ns);
         sum += counts.cpu.get(&task.key).map_or(0, |s| s.cpu_ns);
@@ -273,8 +271,7 @@ fn main() {
     );
     let _stats = butte_agent_ebpf::enable_run_time_stats().unwrap_or_else(|e| panic!("{e}"));
     let subtree = isolator.v2_subtree();
-    let mut fences = Fences::attach_all(&subtree, isolator.memory_v1_subtree().as_deref())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut fences = Fences::attach_all(&subtree).unwrap_or_else(|e| panic!("{e}"));
     let tasks = start_tasks(&*isolator, n, wakes_per_second, histogram, &mut fences);
     std::thread::sleep(Duration::from_secs(2));
 
@@ -297,25 +294,16 @@ fn main() {
     ));
     std::hint::black_box(sample_poller(&tasks));
     // The books' share, timed apart on a second reader of the same subtree.
-    if let Ok(mut books) = butte_agent_ebpf::books::Books::load(
-        &subtree,
-        isolator.memory_v1_subtree().as_deref(),
-        None,
-    ) {
-        let (mut v2, mut v1) = (Duration::ZERO, Duration::ZERO);
+    if let Ok(mut books) = butte_agent_ebpf::books::Books::load(&subtree, None) {
+        let mut walks = Duration::ZERO;
         for _ in 0..10 {
             let started = process_cpu();
-            let read = books.read().map(|b| b.len()).unwrap_or(0);
-            let middle = process_cpu();
-            let memory = books.read_v1_memory().map(|m| m.len()).unwrap_or(0);
-            v1 += process_cpu() - middle;
-            v2 += middle - started;
-            std::hint::black_box((read, memory));
+            std::hint::black_box(books.read().map(|b| b.len()).unwrap_or(0));
+            walks += process_cpu() - started;
         }
         println!(
-            "books alone: v2 walk + read {:.3} ms, v1 memory walk + read {:.3} ms (mean of 10)",
-            v2.as_secs_f64() * 1e2,
-            v1.as_secs_f64() * 1e2
+            "books alone: walk + read {:.3} ms (mean of 10)",
+            walks.as_secs_f64() * 1e2
         );
     }
     let (bpf_before, runs_before) = fences.run_time();

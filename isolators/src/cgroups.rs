@@ -126,11 +126,6 @@ pub trait Isolator: Send + Sync {
     fn list(&self) -> Result<Vec<String>, CgroupError>;
     /// The v2 directory of the whole subtree (where eBPF programs attach).
     fn v2_subtree(&self) -> PathBuf;
-    /// The subtree in the v1 memory hierarchy, where memory is on v1 (a
-    /// hybrid host): the kernel's books of memory are kept there.
-    fn memory_v1_subtree(&self) -> Option<PathBuf> {
-        None
-    }
     /// The v2 directory of `id` (its inode is the id eBPF sees).
     fn v2_dir(&self, id: &str) -> PathBuf;
     /// Removes the (empty) subtree itself; best effort, on the way out.
@@ -468,12 +463,6 @@ impl Isolator for Hybrid {
 
     fn v2_subtree(&self) -> PathBuf {
         self.root.join("unified").join(&self.subtree)
-    }
-
-    fn memory_v1_subtree(&self) -> Option<PathBuf> {
-        self.controllers()
-            .any(|c| c == "memory")
-            .then(|| self.root.join("memory").join(&self.subtree))
     }
 
     fn v2_dir(&self, id: &str) -> PathBuf {

@@ -67,8 +67,6 @@ pub enum Fence {
 pub struct Counts {
     /// The kernel's own books (rstat CPU, memcg usage, PSI), by v2 cgroup id.
     pub books: HashMap<u64, CgroupBooks>,
-    /// Memory from the v1 memory hierarchy (a hybrid host), by v1 cgroup id.
-    pub v1_memory: HashMap<u64, u64>,
     pub cpu: HashMap<u64, TaskStats>,
     pub net: HashMap<u64, NetStats>,
     pub denied_binds: HashMap<u64, u64>,
@@ -98,11 +96,7 @@ impl Fences {
     /// while no agent runs, and a later agent takes them over). A fence
     /// that cannot load is left out and named in the second value: the
     /// caller must not offer what it would enforce.
-    pub fn attach(
-        subtree: &Path,
-        memory_v1_subtree: Option<&Path>,
-        pins: Option<Pins>,
-    ) -> (Self, Vec<Unenforced>) {
+    pub fn attach(subtree: &Path, pins: Option<Pins>) -> (Self, Vec<Unenforced>) {
         let mut unenforced = Vec::new();
         let mut keep =
             |fence: Fence, error: FenceError| unenforced.push(Unenforced { fence, error });
@@ -125,7 +119,7 @@ impl Fences {
             }),
             _ => None,
         };
-        let books = Books::load(subtree, memory_v1_subtree, counters)
+        let books = Books::load(subtree, counters)
             .map_err(|e| keep(Fence::Books, e))
             .ok();
         // Without the books' CPU, the scheduler's tracepoint counts it.
@@ -170,11 +164,8 @@ impl Fences {
 
     /// Every fence, or the first that cannot load (benchmarks and tests,
     /// which measure all of them). Not pinned.
-    pub fn attach_all(
-        subtree: &Path,
-        memory_v1_subtree: Option<&Path>,
-    ) -> Result<Self, FenceError> {
-        let (fences, unenforced) = Self::attach(subtree, memory_v1_subtree, None);
+    pub fn attach_all(subtree: &Path) -> Result<Self, FenceError> {
+        let (fences, unenforced) = Self::attach(subtree, None);
         match unenforced.into_iter().next() {
             Some(missing) => Err(missing.error),
             None => Ok(fences),
@@ -323,12 +314,9 @@ impl Fences {
     /// syscalls rather than one lookup per task; a map that cannot be read
     /// this round is empty (and logged).
     pub fn counts(&mut self) -> Counts {
-        let read = self
-            .books
-            .as_mut()
-            .map(|b| b.read().and_then(|v2| Ok((v2, b.read_v1_memory()?))));
+        let read = self.books.as_mut().map(Books::read);
         let mut counted = false;
-        let (books, v1_memory) = match read {
+        let books = match read {
             Some(Ok(read)) => {
                 if std::mem::take(&mut self.books_failing) {
                     tracing::info!("the kernel's books are readable again");
@@ -365,7 +353,6 @@ impl Fences {
         };
         Counts {
             books,
-            v1_memory,
             cpu: whole(self.accounting.as_mut().map(|a| a.all_stats())),
             net,
             denied_binds,

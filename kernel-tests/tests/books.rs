@@ -40,13 +40,13 @@ fn read_number(file: &Path) -> u64 {
         .unwrap()
 }
 
-/// The task's books: its v2 record, with the memory from the v1 walk
-/// where memory is on v1.
+/// The task's books, whose memory must be that of the memcg at
+/// `memory_dir` (the task's own v2 cgroup, or its v1 memcg on a hybrid host).
 fn books_of(books: &mut Books, key: u64, memory_dir: &Path) -> CgroupBooks {
-    let mut mine = books.read().unwrap()[&key];
-    if mine.memory_bytes.is_none() {
-        let v1 = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(memory_dir).unwrap());
-        mine.memory_bytes = books.read_v1_memory().unwrap().get(&v1).copied();
+    let mine = books.read().unwrap()[&key];
+    if mine.memory_bytes.is_some() {
+        let memcg = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(memory_dir).unwrap());
+        assert_eq!(mine.memory_cgroup, memcg, "the memcg at {memory_dir:?}");
     }
     mine
 }
@@ -59,12 +59,7 @@ fn the_kernels_books_agree_with_its_files_for_cpu_memory_and_pressure() {
     let id = unique("books");
     let placement = isolator.create(&id, &limits(2.0, 256.0, 512)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
-    let mut books = Books::load(
-        &isolator.v2_subtree(),
-        isolator.memory_v1_subtree().as_deref(),
-        None,
-    )
-    .unwrap();
+    let mut books = Books::load(&isolator.v2_subtree(), None).unwrap();
     assert!(
         books.flushes().is_some(),
         "an rstat flush kfunc on every kernel we run: {:?}",
@@ -159,14 +154,8 @@ fn every_cgroup_is_read_at_hundreds_of_tasks_and_removed_ones_drop_out() {
         let placement = isolator.create(id, &limits(0.1, 16.0, 16)).unwrap();
         keys.push(cgroup_id(&placement.unified).unwrap());
     }
-    let mut books = Books::load(
-        &isolator.v2_subtree(),
-        isolator.memory_v1_subtree().as_deref(),
-        None,
-    )
-    .unwrap();
+    let mut books = Books::load(&isolator.v2_subtree(), None).unwrap();
     let all = books.read().unwrap();
-    let v1_memory = books.read_v1_memory().unwrap();
     for id in &ids[300..] {
         isolator.destroy(id).unwrap();
     }
@@ -178,13 +167,6 @@ fn every_cgroup_is_read_at_hundreds_of_tasks_and_removed_ones_drop_out() {
 
     let missing = keys.iter().filter(|k| !all.contains_key(k)).count();
     assert_eq!(missing, 0, "every one of 600 cgroups read");
-    if isolator.memory_v1_subtree().is_some() {
-        assert!(
-            v1_memory.len() >= 600,
-            "the v1 memory walk too: {}",
-            v1_memory.len()
-        );
-    }
     let kept = keys[..300].iter().filter(|k| fewer.contains_key(k)).count();
     let gone = keys[300..].iter().filter(|k| fewer.contains_key(k)).count();
     assert_eq!((kept, gone), (300, 0), "the removed ones drop out");
@@ -201,7 +183,7 @@ fn a_removed_cgroup_the_kernel_still_holds_hides_none_after_it() {
     // it stays in its parent's list as a dead cgroup (as a dying memcg
     // does), which the kernel's walk passes over without running the
     // program.
-    let holder = Books::load(&placement.unified, None, None).unwrap();
+    let holder = Books::load(&placement.unified, None).unwrap();
     let ids: Vec<String> = (0..20)
         .map(|i| unique(&format!("books-after-{i}")))
         .collect();
@@ -211,7 +193,7 @@ fn a_removed_cgroup_the_kernel_still_holds_hides_none_after_it() {
         keys.push(cgroup_id(&placement.unified).unwrap());
     }
     isolator.destroy(&dying).unwrap();
-    let mut books = Books::load(&isolator.v2_subtree(), None, None).unwrap();
+    let mut books = Books::load(&isolator.v2_subtree(), None).unwrap();
     let read = books.read().unwrap();
     drop(holder);
     for id in &ids {

@@ -282,11 +282,7 @@ fn the_hosts_device_controller_alone_denies_devices_not_allowed() {
             .unwrap();
         Some("/dev/zero")
     } else {
-        let mut attached = Fences::attach_all(
-            &isolator.v2_subtree(),
-            isolator.memory_v1_subtree().as_deref(),
-        )
-        .unwrap();
+        let mut attached = Fences::attach_all(&isolator.v2_subtree()).unwrap();
         attached
             .fence(&id, &placement.unified, &TaskFence::default())
             .unwrap();

@@ -64,11 +64,7 @@ fn one_port(port: u16) -> TaskFence {
 fn a_fenced_container_binds_only_its_ports_and_unfencing_forgets_it_everywhere() {
     let subtree = format!("butte/kt-fences-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut fences = Fences::attach_all(
-        &isolator.v2_subtree(),
-        isolator.memory_v1_subtree().as_deref(),
-    )
-    .unwrap();
+    let mut fences = Fences::attach_all(&isolator.v2_subtree()).unwrap();
     let id = unique("fenced");
     let placement = isolator.create(&id, &limits(1.0, 128.0, 64)).unwrap();
     let key = fences
@@ -126,11 +122,7 @@ fn a_fenced_container_binds_only_its_ports_and_unfencing_forgets_it_everywhere()
 fn a_fence_that_fails_halfway_leaves_no_entry_behind() {
     let subtree = format!("butte/kt-fences-fail-{}", std::process::id());
     let isolator = isolator_at(&subtree);
-    let mut fences = Fences::attach_all(
-        &isolator.v2_subtree(),
-        isolator.memory_v1_subtree().as_deref(),
-    )
-    .unwrap();
+    let mut fences = Fences::attach_all(&isolator.v2_subtree()).unwrap();
     let id = unique("half-fenced");
     let placement = isolator.create(&id, &limits(1.0, 128.0, 64)).unwrap();
     // The port entry is written first; the device rules are too many.

@@ -16,9 +16,10 @@
 // the agent loads this object over those programs' maps (same definitions
 // as in network.bpf.c, ports.bpf.c and devices.bpf.c).
 //
-// On a hybrid host the memory controller is on v1: the agent runs the same
-// program over its v1 memory subtree too, and takes the memory figure from
-// those records (the CPU and PSI figures there are zero).
+// On a hybrid host the memory controller is on v1: a v2 cgroup has no memcg
+// of its own there, so the walk takes the one its tasks are charged to,
+// from the css_set of its first task set (every task of a container is in
+// the same v1 memcg), and names it by that cgroup's id: one walk still.
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -52,6 +53,22 @@ struct cgroup_subsys_state {
     struct cgroup *cgroup;
 } __attribute__((preserve_access_index));
 
+struct list_head {
+    struct list_head *next;
+    struct list_head *prev;
+};
+
+// A task set's css per controller (whatever hierarchy it is on).
+struct css_set {
+    struct cgroup_subsys_state *subsys[12];
+} __attribute__((preserve_access_index));
+
+// Links a cgroup to the task sets with tasks in it (cgroup->cset_links).
+struct cgrp_cset_link {
+    struct css_set *cset;
+    struct list_head cset_link;
+} __attribute__((preserve_access_index));
+
 // Its css is its first member: a css pointer is the mem_cgroup's.
 struct mem_cgroup {
     struct cgroup_subsys_state css;
@@ -73,6 +90,7 @@ struct cgroup {
     int level;
     struct kernfs_node *kn;
     struct cgroup_subsys_state *subsys[12];
+    struct list_head cset_links;
     struct cgroup_base_stat bstat;
     struct psi_group *psi;
 } __attribute__((preserve_access_index));
@@ -130,6 +148,7 @@ struct record {
     __u64 user_ns;
     __u64 system_ns;
     __u64 memory_bytes;
+    __u64 memory_cgroup; // the id of the memcg's cgroup (v1 on a hybrid host)
     __u64 cpu_some_ns;
     __u64 cpu_full_ns;
     __u64 memory_some_ns;
@@ -154,27 +173,45 @@ __u64 walks = 0;
 // running the program for them, which would leave holes in the slots.
 __u32 next_slot = 1;
 
-// Records in walk order: the default (v2) hierarchy's, and the v1 memory
-// hierarchy's on a hybrid host (its ids are another kernfs's inodes).
-// Slot 0 is the walk's header (its number, written at the subtree's root);
-// the agent reads the slots after it while they carry the same number.
-// (Not a clock: a sleepable walk may move between CPUs, whose clocks an
-// emulated machine does not keep in step.)
+// The records in walk order. Slot 0 is the walk's header (its number,
+// written at the subtree's root); the agent reads the slots after it while
+// they carry the same number. (Not a clock: a sleepable walk may move
+// between CPUs, whose clocks an emulated machine does not keep in step.)
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
     __uint(map_flags, BPF_F_MMAPABLE);
     __uint(max_entries, MAX_TASKS + 1);
     __type(key, __u32);
     __type(value, struct record);
-} v2_books SEC(".maps");
+} books SEC(".maps");
 
-struct {
-    __uint(type, BPF_MAP_TYPE_ARRAY);
-    __uint(map_flags, BPF_F_MMAPABLE);
-    __uint(max_entries, MAX_TASKS + 1);
-    __type(key, __u32);
-    __type(value, struct record);
-} v1_books SEC(".maps");
+// The memcg a cgroup's memory is charged to: its own where the controller
+// is on for it in the default hierarchy; else, on a hybrid host, the v1
+// memcg of its tasks (through its first task set); 0 where neither.
+static __always_inline struct mem_cgroup *memcg_of(struct cgroup *cgrp)
+{
+    int memory = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) & 15;
+    if (memory >= 12)
+        return 0;
+    struct cgroup_subsys_state *css = cgrp->subsys[memory];
+    // A css is this cgroup's own only where the controller is enabled here.
+    if (css && BPF_CORE_READ(css, cgroup) == cgrp)
+        return (struct mem_cgroup *)css;
+    struct list_head *head = &cgrp->cset_links;
+    struct list_head *first = BPF_CORE_READ(head, next);
+    if (!first || first == head)
+        return 0; // no tasks
+    struct cgrp_cset_link *link =
+        (void *)first - bpf_core_field_offset(struct cgrp_cset_link, cset_link);
+    css = BPF_CORE_READ(link, cset, subsys[memory]);
+    if (!css)
+        return 0;
+    // Only a memcg on a v1 hierarchy: on the default one, a memcg that is
+    // not the cgroup's own is an ancestor's, whose figure is not the task's.
+    if (BPF_CORE_READ(css, cgroup, root, hierarchy_id) == 0)
+        return 0;
+    return (struct mem_cgroup *)css;
+}
 
 // total[PSI_AVGS][state]: PSI_AVGS is the first row, so a state's flat
 // index is its value on this kernel, whatever the row's length (6 or 7
@@ -187,18 +224,14 @@ int read_books(struct bpf_iter__cgroup *ctx)
     struct cgroup *cgrp = ctx->cgroup;
     if (!cgrp)
         return 0;
-    // The default hierarchy is hierarchy 0 (as in /proc/PID/cgroup's "0::").
-    bool v2 = BPF_CORE_READ(cgrp, root, hierarchy_id) == 0;
     // The first cgroup of a pre-order walk is the subtree's root: one flush
-    // there brings every cgroup below it up to date. (The v1 memory walk
-    // reads the page counter, which needs none.)
+    // there brings every cgroup below it up to date.
     if (ctx->meta->seq_num == 0) {
-        if (v2)
-            RSTAT_FLUSH(cgrp);
+        RSTAT_FLUSH(cgrp);
         struct record header = {};
         __u32 zero = 0;
         header.walk = __sync_add_and_fetch(&walks, 1);
-        bpf_map_update_elem(v2 ? (void *)&v2_books : (void *)&v1_books, &zero, &header, BPF_ANY);
+        bpf_map_update_elem(&books, &zero, &header, BPF_ANY);
         next_slot = 1;
         return 0;
     }
@@ -212,20 +245,13 @@ int read_books(struct bpf_iter__cgroup *ctx)
     record.walk = walks;
     record.level = cgrp->level;
 
-    struct cgroup_subsys_state *css =
-        cgrp->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
-    // A css is this cgroup's own only where the controller is enabled here.
-    if (css && BPF_CORE_READ(css, cgroup) == cgrp) {
-        struct mem_cgroup *memcg = (struct mem_cgroup *)css;
+    struct mem_cgroup *memcg = memcg_of(cgrp);
+    if (memcg) {
         record.memory_bytes = (__u64)BPF_CORE_READ(memcg, memory.usage.counter) * page_size;
+        record.memory_cgroup = BPF_CORE_READ(memcg, css.cgroup, kn, id);
         record.flags |= HAS_MEMORY;
     }
 
-    // CPU and pressure are kept on the default hierarchy only.
-    if (!v2) {
-        bpf_map_update_elem(&v1_books, &slot, &record, BPF_ANY);
-        return 0;
-    }
     record.cpu_ns = cgrp->bstat.cputime.sum_exec_runtime;
     record.user_ns = cgrp->bstat.cputime.utime;
     record.system_ns = cgrp->bstat.cputime.stime;
@@ -259,7 +285,7 @@ int read_books(struct bpf_iter__cgroup *ctx)
     denied = bpf_map_lookup_elem(&denied_opens, &id);
     if (denied)
         record.denied_opens = *denied;
-    bpf_map_update_elem(&v2_books, &slot, &record, BPF_ANY);
+    bpf_map_update_elem(&books, &slot, &record, BPF_ANY);
     return 0;
 }
 
