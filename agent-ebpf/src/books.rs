@@ -43,7 +43,6 @@ struct Record {
     user_ns: u64,
     system_ns: u64,
     memory_bytes: u64,
-    memory_cgroup: u64,
     cpu_some_ns: u64,
     cpu_full_ns: u64,
     memory_some_ns: u64,
@@ -179,10 +178,6 @@ pub struct CgroupBooks {
     /// memory controller is on for it, else (hybrid host) the v1 memcg its
     /// tasks are charged to; none for a cgroup with neither.
     pub memory_bytes: Option<u64>,
-    /// The id of that memcg's cgroup in its hierarchy (the inode number of
-    /// its directory): this cgroup's own id on pure v2, the v1 one on a
-    /// hybrid host.
-    pub memory_cgroup: u64,
     /// Where PSI is on.
     pub pressure: Option<Pressure>,
     /// Our programs' counters for the cgroup (zero where it has none):
@@ -200,7 +195,6 @@ impl From<&Record> for CgroupBooks {
             user_ns: record.user_ns,
             system_ns: record.system_ns,
             memory_bytes: (record.flags & HAS_MEMORY != 0).then_some(record.memory_bytes),
-            memory_cgroup: record.memory_cgroup,
             pressure: (record.flags & HAS_PSI != 0).then_some(Pressure {
                 cpu_some_ns: record.cpu_some_ns,
                 cpu_full_ns: record.cpu_full_ns,
@@ -424,6 +418,8 @@ fn load_patched(
     let page_size = u64::try_from(page_size).unwrap_or(4096);
     let mut loader = aya::EbpfLoader::new();
     loader.override_global("page_size", &page_size, true);
+    let on_v1 = u8::from(memory_on_v1());
+    loader.override_global("memory_on_v1", &on_v1, true);
     for (name, path) in pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -435,6 +431,17 @@ fn load_patched(
         .load("cgroup", btf)
         .map_err(|e| failed("read_books", "load into the kernel", &e))?;
     Ok(bpf)
+}
+
+/// Whether the memory controller is on a v1 hierarchy (a hybrid host):
+/// its line in /proc/cgroups names a hierarchy other than 0.
+fn memory_on_v1() -> bool {
+    std::fs::read_to_string("/proc/cgroups").is_ok_and(|table| {
+        table.lines().any(|line| {
+            let mut fields = line.split_whitespace();
+            fields.next() == Some("memory") && fields.next().is_some_and(|h| h != "0")
+        })
+    })
 }
 
 /// A bpf(2) command that returns a new fd.
@@ -524,7 +531,7 @@ mod tests {
     fn records_keep_the_c_layout_and_their_flags() {
         assert_eq!(
             std::mem::size_of::<Record>(),
-            176,
+            168,
             "the C side's struct record"
         );
         let with = Record {

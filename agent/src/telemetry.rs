@@ -36,8 +36,8 @@ pub struct Memory {
 
 struct OpenMemory {
     files: MemoryFiles,
-    /// The inode of the directory its files are in: the cgroup's id in the
-    /// hierarchy that holds its memory, as the kernel's books name it.
+    /// Its v2 cgroup's id (the directory's inode), by which the kernel's
+    /// books name it.
     cgroup: u64,
     usage: File,
     stat: File,
@@ -86,8 +86,8 @@ impl MemorySampler {
     }
 
     /// The memory of each container (those whose figures cannot be had are
-    /// left out): its usage from the kernel's books (`books`: bytes by
-    /// cgroup id in the hierarchy that holds memory), else every usage
+    /// left out): its usage from the kernel's books (`books`: bytes by v2
+    /// cgroup id), else every usage
     /// file in one go; then the stat files that are due in a second.
     pub fn read<'a>(
         &mut self,
@@ -101,11 +101,8 @@ impl MemorySampler {
             if !self.open.contains_key(id) {
                 let files = isolator.memory_files(id);
                 if let (Ok(usage), Ok(stat)) = (File::open(&files.usage), File::open(&files.stat)) {
-                    let cgroup = files
-                        .usage
-                        .parent()
-                        .and_then(|dir| std::fs::metadata(dir).ok())
-                        .map_or(0, |meta| meta.ino());
+                    let cgroup =
+                        std::fs::metadata(isolator.v2_dir(id)).map_or(0, |meta| meta.ino());
                     let open = OpenMemory {
                         files,
                         cgroup,
@@ -216,10 +213,9 @@ pub fn sample(agent: &Agent, memory_sampler: &mut MemorySampler) -> TelemetryBat
             denied_binds: binds,
             denied_opens: opens,
         } = fences.counts();
-        // By the id of the cgroup whose memcg it is (v1 on a hybrid host).
         memory_books = books
-            .values()
-            .filter_map(|b| Some((b.memory_cgroup, b.memory_bytes?)))
+            .iter()
+            .filter_map(|(id, b)| Some((*id, b.memory_bytes?)))
             .collect();
         for view in &views {
             let key = view.cgroup_key;

@@ -138,8 +138,8 @@ fn sample_ours(
     assert!(read >= tasks.len(), "every task's counts were read");
     let kernel_memory: std::collections::HashMap<u64, u64> = counts
         .books
-        .values()
-        .filter_map(|b| Some((b.memory_cgroup, b.memory_bytes?)))
+        .iter()
+        .filter_map(|(id, b)| Some((*id, b.memory_bytes?)))
         .collect();
     for task in tasks {
         sum += counts.books.get(&task.key).map_or(0, |b| b.cpu_ns);

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use butte_agent_ebpf::books::{Books, CgroupBooks};
+use butte_agent_ebpf::books::Books;
 use butte_agent_ebpf::ports::cgroup_id;
 use butte_isolators::container::{Exit, spawn, wait};
 
@@ -38,17 +38,6 @@ fn read_number(file: &Path) -> u64 {
         .trim()
         .parse()
         .unwrap()
-}
-
-/// The task's books, whose memory must be that of the memcg at
-/// `memory_dir` (the task's own v2 cgroup, or its v1 memcg on a hybrid host).
-fn books_of(books: &mut Books, key: u64, memory_dir: &Path) -> CgroupBooks {
-    let mine = books.read().unwrap()[&key];
-    if mine.memory_bytes.is_some() {
-        let memcg = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(memory_dir).unwrap());
-        assert_eq!(mine.memory_cgroup, memcg, "the memcg at {memory_dir:?}");
-    }
-    mine
 }
 
 #[test]
@@ -80,7 +69,7 @@ fn the_kernels_books_agree_with_its_files_for_cpu_memory_and_pressure() {
     // (a read aggregates too).
     std::thread::sleep(Duration::from_millis(3000));
     let memory_files = isolator.memory_files(&id);
-    let running = books_of(&mut books, key, memory_files.usage.parent().unwrap());
+    let running = books.read().unwrap()[&key];
     let running_cpuacct = cpu_seconds(&subtree, &id);
     let usage_file = read_number(&memory_files.usage);
     let pressure_file = pressure_some_seconds(&placement.unified.join("cpu.pressure"));

@@ -19,7 +19,11 @@
 // On a hybrid host the memory controller is on v1: a v2 cgroup has no memcg
 // of its own there, so the walk takes the one its tasks are charged to,
 // from the css_set of its first task set (every task of a container is in
-// the same v1 memcg), and names it by that cgroup's id: one walk still.
+// the same v1 memcg): one walk still.
+//
+// Fields are read with plain loads where the verifier can follow the
+// pointer (BTF), a probe read only past a container_of or a cast: in this
+// VM a probe read costs about as much as the rest of a cgroup's record.
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -77,7 +81,7 @@ struct mem_cgroup {
 
 struct psi_group {
     bool enabled;
-    __u64 total[2];
+    __u64 total[8];
 } __attribute__((preserve_access_index));
 
 struct cgroup_root {
@@ -134,6 +138,9 @@ struct bpf_iter__cgroup {
 
 // Set by the agent at load (sysconf(_SC_PAGESIZE)): the page counter counts pages.
 const volatile __u64 page_size = 4096;
+// Set by the agent at load where the memory controller is on a v1
+// hierarchy (/proc/cgroups).
+const volatile bool memory_on_v1 = false;
 
 // The other programs' per-task counters, shared at load.
 TASK_COUNTER_MAP(task_net, struct net_stats);
@@ -148,7 +155,6 @@ struct record {
     __u64 user_ns;
     __u64 system_ns;
     __u64 memory_bytes;
-    __u64 memory_cgroup; // the id of the memcg's cgroup (v1 on a hybrid host)
     __u64 cpu_some_ns;
     __u64 cpu_full_ns;
     __u64 memory_some_ns;
@@ -186,30 +192,31 @@ struct {
 } books SEC(".maps");
 
 // The memcg a cgroup's memory is charged to: its own where the controller
-// is on for it in the default hierarchy; else, on a hybrid host, the v1
-// memcg of its tasks (through its first task set); 0 where neither.
+// is on for it (pure v2); on a hybrid host the v1 memcg of its tasks,
+// through its first task set; 0 where neither (no tasks, or no controller).
 static __always_inline struct mem_cgroup *memcg_of(struct cgroup *cgrp)
 {
     int memory = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id) & 15;
     if (memory >= 12)
         return 0;
-    struct cgroup_subsys_state *css = cgrp->subsys[memory];
-    // A css is this cgroup's own only where the controller is enabled here.
-    if (css && BPF_CORE_READ(css, cgroup) == cgrp)
-        return (struct mem_cgroup *)css;
+    if (!memory_on_v1) {
+        struct cgroup_subsys_state *css = cgrp->subsys[memory];
+        // A css is this cgroup's own only where the controller is enabled here.
+        if (css && css->cgroup == cgrp)
+            return (struct mem_cgroup *)css;
+        return 0;
+    }
     struct list_head *head = &cgrp->cset_links;
-    struct list_head *first = BPF_CORE_READ(head, next);
+    struct list_head *first = head->next;
     if (!first || first == head)
         return 0; // no tasks
-    struct cgrp_cset_link *link =
-        (void *)first - bpf_core_field_offset(struct cgrp_cset_link, cset_link);
-    css = BPF_CORE_READ(link, cset, subsys[memory]);
-    if (!css)
-        return 0;
-    // Only a memcg on a v1 hierarchy: on the default one, a memcg that is
-    // not the cgroup's own is an ancestor's, whose figure is not the task's.
-    if (BPF_CORE_READ(css, cgroup, root, hierarchy_id) == 0)
-        return 0;
+    __u64 link = (__u64)first - bpf_core_field_offset(struct cgrp_cset_link, cset_link);
+    struct css_set *cset = 0;
+    bpf_probe_read_kernel(&cset, sizeof(cset),
+                          (void *)(link + bpf_core_field_offset(struct cgrp_cset_link, cset)));
+    struct cgroup_subsys_state *css = 0;
+    if (cset)
+        bpf_probe_read_kernel(&css, sizeof(css), &cset->subsys[memory]);
     return (struct mem_cgroup *)css;
 }
 
@@ -235,57 +242,65 @@ int read_books(struct bpf_iter__cgroup *ctx)
         next_slot = 1;
         return 0;
     }
-    // Slot 1 for the first cgroup below the root.
+    // Slot 1 for the first cgroup below the root. The record is written
+    // in place (an array's lookup is a pointer into it): every field, as
+    // the slot holds an older walk's.
     __u32 slot = next_slot;
     if (slot > MAX_TASKS)
         return 0;
+    struct record *record = bpf_map_lookup_elem(&books, &slot);
+    if (!record)
+        return 0;
     next_slot = slot + 1;
-    struct record record = {};
-    record.cgroup = cgrp->kn->id;
-    record.walk = walks;
-    record.level = cgrp->level;
+    __u64 id = cgrp->kn->id;
+    record->cgroup = id;
+    record->level = cgrp->level;
+    __u32 flags = 0;
 
     struct mem_cgroup *memcg = memcg_of(cgrp);
+    long pages = 0;
     if (memcg) {
-        record.memory_bytes = (__u64)BPF_CORE_READ(memcg, memory.usage.counter) * page_size;
-        record.memory_cgroup = BPF_CORE_READ(memcg, css.cgroup, kn, id);
-        record.flags |= HAS_MEMORY;
+        bpf_probe_read_kernel(&pages, sizeof(pages), &memcg->memory.usage.counter);
+        flags |= HAS_MEMORY;
     }
+    record->memory_bytes = (__u64)pages * page_size;
 
-    record.cpu_ns = cgrp->bstat.cputime.sum_exec_runtime;
-    record.user_ns = cgrp->bstat.cputime.utime;
-    record.system_ns = cgrp->bstat.cputime.stime;
+    record->cpu_ns = cgrp->bstat.cputime.sum_exec_runtime;
+    record->user_ns = cgrp->bstat.cputime.utime;
+    record->system_ns = cgrp->bstat.cputime.stime;
 
     struct psi_group *psi = 0;
     if (bpf_core_field_exists(cgrp->psi))
         psi = cgrp->psi;
     bool enabled = psi != 0;
     if (psi && bpf_core_field_exists(psi->enabled))
-        enabled = BPF_CORE_READ(psi, enabled);
+        enabled = psi->enabled;
     if (enabled) {
-        // One read for all six totals.
-        __u64 totals[8] = {};
-        bpf_probe_read_kernel(totals, sizeof(totals), psi->total);
-        record.cpu_some_ns = PSI_TOTAL(totals, PSI_CPU_SOME);
-        if (bpf_core_enum_value_exists(enum psi_states, PSI_CPU_FULL))
-            record.cpu_full_ns = PSI_TOTAL(totals, PSI_CPU_FULL);
-        record.memory_some_ns = PSI_TOTAL(totals, PSI_MEM_SOME);
-        record.memory_full_ns = PSI_TOTAL(totals, PSI_MEM_FULL);
-        record.io_some_ns = PSI_TOTAL(totals, PSI_IO_SOME);
-        record.io_full_ns = PSI_TOTAL(totals, PSI_IO_FULL);
-        record.flags |= HAS_PSI;
+        __u64 *totals = psi->total;
+        record->cpu_some_ns = PSI_TOTAL(totals, PSI_CPU_SOME);
+        record->cpu_full_ns = bpf_core_enum_value_exists(enum psi_states, PSI_CPU_FULL)
+                                  ? PSI_TOTAL(totals, PSI_CPU_FULL)
+                                  : 0;
+        record->memory_some_ns = PSI_TOTAL(totals, PSI_MEM_SOME);
+        record->memory_full_ns = PSI_TOTAL(totals, PSI_MEM_FULL);
+        record->io_some_ns = PSI_TOTAL(totals, PSI_IO_SOME);
+        record->io_full_ns = PSI_TOTAL(totals, PSI_IO_FULL);
+        flags |= HAS_PSI;
     }
-    __u64 id = record.cgroup;
     struct net_stats *net = bpf_map_lookup_elem(&task_net, &id);
-    if (net)
-        record.net = *net;
+    if (net) {
+        record->net = *net;
+    } else {
+        struct net_stats none = {};
+        record->net = none;
+    }
     __u64 *denied = bpf_map_lookup_elem(&denied_binds, &id);
-    if (denied)
-        record.denied_binds = *denied;
+    record->denied_binds = denied ? *denied : 0;
     denied = bpf_map_lookup_elem(&denied_opens, &id);
-    if (denied)
-        record.denied_opens = *denied;
-    bpf_map_update_elem(&books, &slot, &record, BPF_ANY);
+    record->denied_opens = denied ? *denied : 0;
+    record->flags = flags;
+    // Last: the agent takes a record as this walk's by its number.
+    record->walk = walks;
     return 0;
 }
 
