@@ -3,8 +3,18 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The programs under src/bpf, by file stem.
-const PROGRAMS: &[&str] = &["ports", "devices", "accounting", "network", "books"];
+/// The objects built from src/bpf: (source stem, object stem, clang flags).
+const PROGRAMS: &[(&str, &str, &[&str])] = &[
+    ("ports", "ports", &[]),
+    ("devices", "devices", &[]),
+    ("accounting", "accounting", &[]),
+    ("network", "network", &[]),
+    ("books", "books", &[]),
+    // The books' walk that also reads the run-queue histograms in cgroup
+    // storage (6.2 on; the map type does not exist before).
+    ("books", "books_runq", &["-DWITH_RUNQ"]),
+    ("runq", "runq", &[]),
+];
 
 /// The most tasks (cgroups) one agent tracks at once. Every per-task hash map
 /// is sized to it (clang gets it as MAX_TASKS) and the crate says the same
@@ -24,15 +34,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("max_tasks.rs"),
         format!("pub const MAX_TASKS: usize = {MAX_TASKS};\n"),
     )?;
-    for program in PROGRAMS {
+    for (program, object, flags) in PROGRAMS {
         let source = format!("src/bpf/{program}.bpf.c");
         println!("cargo:rerun-if-changed={source}");
         println!("cargo:rerun-if-changed=src/bpf/counters.h");
-        let object = out.join(format!("{program}.bpf.o"));
+        println!("cargo:rerun-if-changed=src/bpf/runq.h");
+        let object = out.join(format!("{object}.bpf.o"));
         let status = Command::new("clang")
             .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86", "-Wall", "-Werror", "-c"])
             .arg(&multiarch)
             .arg(&max_tasks)
+            .args(*flags)
             .arg(&source)
             .arg("-o")
             .arg(&object)

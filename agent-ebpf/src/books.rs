@@ -20,9 +20,14 @@ use aya::{Btf, Ebpf};
 use aya_obj::btf::BtfKind;
 
 use crate::network::NetStats;
+use crate::runq::Histogram;
 use crate::{FenceError, failed};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/books.bpf.o"));
+/// The same walk that also reads the run-queue histograms in cgroup
+/// storage (a map type from 6.2 on: this object loads only there).
+static OBJECT_RUNQ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/books_runq.bpf.o"));
 
 /// The placeholder kfunc call in the object: BPF_JMP|BPF_CALL, src_reg
 /// BPF_PSEUDO_KFUNC_CALL, imm 0x7ff0b001.
@@ -58,21 +63,23 @@ struct Record {
 
 const HAS_MEMORY: u32 = 1;
 const HAS_PSI: u32 = 2;
+const HAS_RUNQ: u32 = 4;
 
-/// The walk's records, the kernel's array mapped read-only here.
-struct Slots {
+/// One value per slot of the walk (its records, or the histograms beside
+/// them), the kernel's array mapped read-only here.
+struct Slots<T> {
     /// Keeps the array alive.
     _map: MapData,
-    base: std::ptr::NonNull<Record>,
+    base: std::ptr::NonNull<T>,
     len: usize,
 }
 
 // SAFETY: the mapping is only read, through `&self`, and lives as long as
 // the value; the kernel writes it only while a walk runs, inside read().
 #[allow(unsafe_code)]
-unsafe impl Send for Slots {}
+unsafe impl<T> Send for Slots<T> {}
 
-impl Slots {
+impl<T: Copy> Slots<T> {
     fn map(bpf: &mut Ebpf, name: &'static str) -> Result<Self, FenceError> {
         let failure = |detail: String| FenceError::Map {
             map: name,
@@ -85,9 +92,10 @@ impl Slots {
         };
         // The header, then a slot per cgroup.
         let len = crate::MAX_TASKS + 1;
-        let size = len * std::mem::size_of::<Record>();
+        let size = len * std::mem::size_of::<T>();
         // SAFETY: a shared read-only mapping of the array map's fd (an
-        // mmapable array of MAX_TASKS records); checked for failure below.
+        // mmapable array of MAX_TASKS + 1 values of T, the C side's layout);
+        // checked for failure below.
         #[allow(unsafe_code)]
         let base = unsafe {
             libc::mmap(
@@ -102,7 +110,7 @@ impl Slots {
         if base == libc::MAP_FAILED {
             return Err(failure(std::io::Error::last_os_error().to_string()));
         }
-        let base = std::ptr::NonNull::new(base.cast::<Record>())
+        let base = std::ptr::NonNull::new(base.cast::<T>())
             .ok_or_else(|| failure("mmap gave a null pointer".into()))?;
         Ok(Self {
             _map: map,
@@ -111,19 +119,22 @@ impl Slots {
         })
     }
 
-    fn slot(&self, slot: usize) -> Record {
+    fn slot(&self, slot: usize) -> T {
         debug_assert!(slot < self.len);
-        // SAFETY: slot < len, inside the mapping; records are plain old
+        // SAFETY: slot < len, inside the mapping; values are plain old
         // data, read whole with a volatile read (the kernel wrote them).
         #[allow(unsafe_code)]
         unsafe {
             std::ptr::read_volatile(self.base.as_ptr().add(slot.min(self.len - 1)))
         }
     }
+}
 
+impl Slots<Record> {
     /// The records the last walk wrote: the slots after its header (slot
-    /// 0, with its number), while they carry the same number.
-    fn fresh(&self) -> HashMap<u64, CgroupBooks> {
+    /// 0, with its number), while they carry the same number; with the
+    /// histograms of those that keep one.
+    fn fresh(&self, histograms: Option<&Slots<Histogram>>) -> HashMap<u64, CgroupBooks> {
         let walk = self.slot(0).walk;
         let mut books = HashMap::new();
         if walk == 0 {
@@ -134,20 +145,24 @@ impl Slots {
             if record.walk != walk {
                 break;
             }
-            books.insert(record.cgroup, CgroupBooks::from(&record));
+            let mut book = CgroupBooks::from(&record);
+            if record.flags & HAS_RUNQ != 0 {
+                book.runq = histograms.map(|h| h.slot(slot));
+            }
+            books.insert(record.cgroup, book);
         }
         books
     }
 }
 
-impl Drop for Slots {
+impl<T> Drop for Slots<T> {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, of this size, unmapped once.
         #[allow(unsafe_code)]
         unsafe {
             libc::munmap(
                 self.base.as_ptr().cast(),
-                self.len * std::mem::size_of::<Record>(),
+                self.len * std::mem::size_of::<T>(),
             );
         }
     }
@@ -186,6 +201,9 @@ pub struct CgroupBooks {
     pub net: NetStats,
     pub denied_binds: u64,
     pub denied_opens: u64,
+    /// The run-queue histogram, where the cgroup keeps one in cgroup
+    /// storage and the walk shares that map (`Books::shares_runq`).
+    pub runq: Option<Histogram>,
 }
 
 impl From<&Record> for CgroupBooks {
@@ -206,6 +224,7 @@ impl From<&Record> for CgroupBooks {
             net: record.net,
             denied_binds: record.denied_binds,
             denied_opens: record.denied_opens,
+            runq: None,
         }
     }
 }
@@ -215,7 +234,9 @@ pub struct Books {
     /// Keeps the program loaded.
     _bpf: Ebpf,
     walk: OwnedFd,
-    books: Slots,
+    books: Slots<Record>,
+    /// Beside the records, where the walk reads the run-queue histograms.
+    histograms: Option<Slots<Histogram>>,
     /// Which flush kfunc was patched in; None: CPU figures are not current.
     flush: Option<&'static str>,
     /// Why the flush could not be used, when it could not.
@@ -233,33 +254,54 @@ pub struct Counters<'a> {
 
 impl Books {
     /// Loads the iterator and attaches a walk of `v2_subtree`; with
-    /// `counters`, over those maps, so that a walk reads them too.
-    pub fn load(v2_subtree: &Path, counters: Option<Counters<'_>>) -> Result<Self, FenceError> {
+    /// `counters` (and `runq`, the run-queue histograms' cgroup storage),
+    /// over those maps, so that a walk reads them too.
+    pub fn load(
+        v2_subtree: &Path,
+        counters: Option<Counters<'_>>,
+        runq: Option<&MapData>,
+    ) -> Result<Self, FenceError> {
         let btf = Btf::from_sys_fs().map_err(|e| failed("read_books", "read kernel BTF", &e))?;
         let kfunc = FLUSH_KFUNCS
             .iter()
             .find_map(|&name| Some((name, btf.id_by_type_name_kind(name, BtfKind::Func).ok()?)));
         // The maps are handed over through bpffs: aya reuses a map pinned
         // at the path given for it. The pins go once the object is loaded.
-        let shared = counters.and_then(|counters| {
-            SharedPins::make(counters)
-                .map_err(|error| tracing::warn!(%error, "the books cannot share the fences' counter maps; those are read on their own"))
-                .ok()
-        });
+        let counters_given = counters.is_some();
+        let mut maps = Vec::new();
+        if let Some(counters) = counters {
+            maps.extend([
+                ("task_net", counters.net),
+                ("denied_binds", counters.denied_binds),
+                ("denied_opens", counters.denied_opens),
+            ]);
+        }
+        if let Some(runq) = runq {
+            maps.push(("runq", runq));
+        }
+        let shared = (!maps.is_empty())
+            .then(|| {
+                SharedPins::make(&maps)
+                    .map_err(|error| tracing::warn!(%error, "the books cannot share the fences' counter maps or the run-queue histograms; those are read on their own"))
+                    .ok()
+            })
+            .flatten();
         let pins = shared.as_ref().map(SharedPins::paths).unwrap_or_default();
+        let shares_runq = shared.is_some() && runq.is_some();
+        let object = if shares_runq { OBJECT_RUNQ } else { OBJECT };
         let (mut bpf, flush, flush_missing) = match kfunc {
-            Some((name, id)) => match load_patched(&btf, Some(id), &pins) {
+            Some((name, id)) => match load_patched(object, &btf, Some(id), &pins) {
                 Ok(bpf) => (bpf, Some(name), None),
                 // Its call refused (an older verifier's rule on its
                 // argument): the books without the CPU figure.
                 Err(error) => (
-                    load_patched(&btf, None, &pins)?,
+                    load_patched(object, &btf, None, &pins)?,
                     None,
                     Some(format!("{name} could not be called: {error}")),
                 ),
             },
             None => (
-                load_patched(&btf, None, &pins)?,
+                load_patched(object, &btf, None, &pins)?,
                 None,
                 Some(format!(
                     "the kernel has neither {} (BTF)",
@@ -267,7 +309,7 @@ impl Books {
                 )),
             ),
         };
-        let shares_counters = shared.is_some();
+        let shares_counters = shared.is_some() && counters_given;
         drop(shared);
         let program: &Iter = bpf
             .program("read_books")
@@ -285,14 +327,26 @@ impl Books {
         let walk = attach_walk(fd.as_fd(), cgroup.as_fd())
             .map_err(|e| failed("read_books", "attach to the subtree", &e))?;
         let books = Slots::map(&mut bpf, "books")?;
+        let histograms = if shares_runq {
+            Some(Slots::map(&mut bpf, "histograms")?)
+        } else {
+            None
+        };
         Ok(Self {
             _bpf: bpf,
             walk,
             books,
+            histograms,
             flush,
             flush_missing,
             shares_counters,
         })
+    }
+
+    /// Whether the records carry the run-queue histograms kept in cgroup
+    /// storage.
+    pub fn shares_runq(&self) -> bool {
+        self.histograms.is_some()
     }
 
     /// Whether the records carry the network and denial counters.
@@ -313,20 +367,19 @@ impl Books {
     /// Every cgroup below the v2 subtree, by its v2 id.
     pub fn read(&mut self) -> Result<HashMap<u64, CgroupBooks>, FenceError> {
         run_walk(self.walk.as_fd())?;
-        Ok(self.books.fresh())
+        Ok(self.books.fresh(self.histograms.as_ref()))
     }
 }
 
-/// The counter maps pinned for the books' load, in a directory of their
-/// own; removed when dropped (the loaded program holds the maps).
+/// The other programs' maps pinned for the books' load, in a directory of
+/// their own; removed when dropped (the loaded program holds the maps).
 struct SharedPins {
     dir: std::path::PathBuf,
+    names: Vec<&'static str>,
 }
 
 impl SharedPins {
-    const NAMES: [&'static str; 3] = ["task_net", "denied_binds", "denied_opens"];
-
-    fn make(counters: Counters<'_>) -> Result<Self, FenceError> {
+    fn make(maps: &[(&'static str, &MapData)]) -> Result<Self, FenceError> {
         crate::pins::mount_bpffs()?;
         remove_dead_pins();
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -339,9 +392,11 @@ impl SharedPins {
         };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| pin_error(e.to_string()))?;
-        let pins = Self { dir };
-        let maps = [counters.net, counters.denied_binds, counters.denied_opens];
-        for (name, map) in Self::NAMES.into_iter().zip(maps) {
+        let pins = Self {
+            dir,
+            names: maps.iter().map(|(name, _)| *name).collect(),
+        };
+        for (name, map) in maps {
             map.pin(pins.dir.join(name))
                 .map_err(|e| pin_error(format!("{name}: {e}")))?;
         }
@@ -349,9 +404,9 @@ impl SharedPins {
     }
 
     fn paths(&self) -> Vec<(&'static str, std::path::PathBuf)> {
-        Self::NAMES
-            .into_iter()
-            .map(|name| (name, self.dir.join(name)))
+        self.names
+            .iter()
+            .map(|&name| (name, self.dir.join(name)))
             .collect()
     }
 }
@@ -390,11 +445,12 @@ impl Drop for SharedPins {
 /// The object with its flush call patched to the kfunc `id` (or to nothing),
 /// loaded, its iterator loaded into the kernel.
 fn load_patched(
+    object: &[u8],
     btf: &Btf,
     id: Option<u32>,
     pins: &[(&'static str, std::path::PathBuf)],
 ) -> Result<Ebpf, FenceError> {
-    let mut bytes = OBJECT.to_vec();
+    let mut bytes = object.to_vec();
     let at = bytes
         .windows(FLUSH_CALL.len())
         .position(|w| w == FLUSH_CALL)

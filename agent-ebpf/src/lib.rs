@@ -9,6 +9,7 @@ pub mod devices;
 pub mod network;
 pub mod pins;
 pub mod ports;
+pub mod runq;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FenceError {
@@ -64,18 +65,25 @@ include!(concat!(env!("OUT_DIR"), "/max_tasks.rs"));
 pub(crate) fn insert_failed(map: &'static str, error: &aya::maps::MapError) -> FenceError {
     let full = matches!(error, aya::maps::MapError::SyscallError(e)
         if e.io_error.raw_os_error() == Some(libc::E2BIG));
-    let detail = if full {
-        format!(
-            "it is full: this agent tracks at most {MAX_TASKS} tasks at once \
-             (MAX_TASKS in agent-ebpf/build.rs); wait for tasks to end"
-        )
-    } else {
-        Chain(error).to_string()
-    };
+    if full {
+        return map_full(map);
+    }
     FenceError::Map {
         map,
         step: "insert",
-        detail,
+        detail: Chain(error).to_string(),
+    }
+}
+
+/// A per-task map that holds MAX_TASKS entries already.
+pub(crate) fn map_full(map: &'static str) -> FenceError {
+    FenceError::Map {
+        map,
+        step: "insert",
+        detail: format!(
+            "it is full: this agent tracks at most {MAX_TASKS} tasks at once \
+             (MAX_TASKS in agent-ebpf/build.rs); wait for tasks to end"
+        ),
     }
 }
 

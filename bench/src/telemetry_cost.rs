@@ -294,7 +294,7 @@ fn main() {
     ));
     std::hint::black_box(sample_poller(&tasks));
     // The books' share, timed apart on a second reader of the same subtree.
-    if let Ok(mut books) = butte_agent_ebpf::books::Books::load(&subtree, None) {
+    if let Ok(mut books) = butte_agent_ebpf::books::Books::load(&subtree, None, None) {
         let mut walks = Duration::ZERO;
         for _ in 0..10 {
             let started = process_cpu();

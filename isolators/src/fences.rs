@@ -14,6 +14,7 @@ use butte_agent_ebpf::devices::{DeviceFence, DeviceRule, default_rules};
 use butte_agent_ebpf::network::{self, NetStats, Network};
 use butte_agent_ebpf::pins::Pins;
 use butte_agent_ebpf::ports::{PortFence, cgroup_id};
+use butte_agent_ebpf::runq::{Histogram, RunqHistograms};
 
 /// What one task's container is fenced to.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -80,6 +81,9 @@ pub struct Fences {
     devices: Option<DeviceFence>,
     network: Option<Network>,
     accounting: Option<Accounting>,
+    /// Run-queue histograms in cgroup storage, where CPU comes from the
+    /// books and the kernel has cgroup storage (else `accounting` keeps them).
+    runq: Option<RunqHistograms>,
     /// The kernel's per-cgroup books, read by a cgroup iterator.
     books: Option<Books>,
     /// Whether the last read of the books failed (logged once per spell).
@@ -119,11 +123,21 @@ impl Fences {
             }),
             _ => None,
         };
-        let books = Books::load(subtree, counters)
-            .map_err(|e| keep(Fence::Books, e))
+        // Run-queue histograms in cgroup storage, read by the books' walk.
+        let runq = RunqHistograms::load()
+            .map_err(|error| tracing::info!(%error, "run-queue histograms are kept by the accounting program's hash map: no cgroup storage here (6.2 on)"))
             .ok();
-        // Without the books' CPU, the scheduler's tracepoint counts it.
+        let books = Books::load(
+            subtree,
+            counters,
+            runq.as_ref().and_then(RunqHistograms::map),
+        )
+        .map_err(|e| keep(Fence::Books, e))
+        .ok();
+        // Without the books' CPU, the scheduler's tracepoint counts it, and
+        // keeps the histograms too (one program on sched_switch, not two).
         let cpu_from_books = books.as_ref().is_some_and(|b| b.flushes().is_some());
+        let runq = runq.filter(|_| cpu_from_books);
         let fences = Self {
             ports,
             devices,
@@ -131,6 +145,7 @@ impl Fences {
             accounting: Accounting::attach(!cpu_from_books)
                 .map_err(|e| keep(Fence::Accounting, e))
                 .ok(),
+            runq,
             books,
             books_failing: false,
             keys: HashMap::new(),
@@ -221,14 +236,20 @@ impl Fences {
         // Recorded before any entry is written, so that a failure below
         // removes whatever was written.
         self.keys.insert(container_id.to_owned(), key);
-        let written = self.write(key, fence, keep_counts);
+        let written = self.write(key, cgroup, fence, keep_counts);
         if written.is_err() {
             self.unfence(container_id);
         }
         written.map(|()| key)
     }
 
-    fn write(&mut self, key: u64, fence: &TaskFence, keep_counts: bool) -> Result<(), FenceError> {
+    fn write(
+        &mut self,
+        key: u64,
+        cgroup: &Path,
+        fence: &TaskFence,
+        keep_counts: bool,
+    ) -> Result<(), FenceError> {
         if let Some(ports) = self.ports.as_mut() {
             ports.allow(key, &fence.ports)?;
         }
@@ -242,8 +263,13 @@ impl Fences {
             };
             network.track(key, limits, keep_counts)?;
         }
+        let histogram = fence.runqueue_histogram;
+        let in_storage = histogram && self.runq.is_some();
         if let Some(accounting) = self.accounting.as_mut() {
-            accounting.track(key, fence.runqueue_histogram)?;
+            accounting.track(key, histogram && !in_storage)?;
+        }
+        if let Some(runq) = self.runq.as_mut().filter(|_| in_storage) {
+            runq.track(key, cgroup)?;
         }
         Ok(())
     }
@@ -269,6 +295,9 @@ impl Fences {
         }
         if let Some(accounting) = self.accounting.as_mut() {
             accounting.forget(key);
+        }
+        if let Some(runq) = self.runq.as_mut() {
+            runq.forget(key);
         }
     }
 
@@ -351,9 +380,27 @@ impl Fences {
                 whole(self.devices.as_ref().map(DeviceFence::all_denied)),
             )
         };
+        let mut cpu = whole(self.accounting.as_mut().map(|a| a.all_stats()));
+        // Histograms kept in cgroup storage join the accounting's figures:
+        // from the walk where it shares their map, else one lookup each.
+        let histograms: HashMap<u64, Histogram> = match self.runq.as_ref() {
+            Some(_) if self.books.as_ref().is_some_and(Books::shares_runq) => books
+                .iter()
+                .filter_map(|(key, book)| Some((*key, book.runq?)))
+                .collect(),
+            Some(runq) => runq.all(),
+            None => HashMap::new(),
+        };
+        for (key, histogram) in histograms {
+            let stats = cpu.entry(key).or_default();
+            stats.runq_count = histogram.count;
+            stats.runq_total_ns = histogram.total_ns;
+            stats.runq_slots = histogram.slots;
+            stats.runq_wanted = true;
+        }
         Counts {
             books,
-            cpu: whole(self.accounting.as_mut().map(|a| a.all_stats())),
+            cpu,
             net,
             denied_binds,
             denied_opens,
@@ -370,7 +417,14 @@ impl Fences {
             .network
             .as_ref()
             .map_or((Duration::ZERO, 0), |n| (n.run_time(), n.run_count()));
-        (accounting.0 + network.0, accounting.1 + network.1)
+        let runq = self
+            .runq
+            .as_ref()
+            .map_or((Duration::ZERO, 0), |r| (r.run_time(), r.run_count()));
+        (
+            accounting.0 + network.0 + runq.0,
+            accounting.1 + network.1 + runq.1,
+        )
     }
 }
 

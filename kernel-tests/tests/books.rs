@@ -48,7 +48,7 @@ fn the_kernels_books_agree_with_its_files_for_cpu_memory_and_pressure() {
     let id = unique("books");
     let placement = isolator.create(&id, &limits(2.0, 256.0, 512)).unwrap();
     let key = cgroup_id(&placement.unified).unwrap();
-    let mut books = Books::load(&isolator.v2_subtree(), None).unwrap();
+    let mut books = Books::load(&isolator.v2_subtree(), None, None).unwrap();
     assert!(
         books.flushes().is_some(),
         "an rstat flush kfunc on every kernel we run: {:?}",
@@ -143,7 +143,7 @@ fn every_cgroup_is_read_at_hundreds_of_tasks_and_removed_ones_drop_out() {
         let placement = isolator.create(id, &limits(0.1, 16.0, 16)).unwrap();
         keys.push(cgroup_id(&placement.unified).unwrap());
     }
-    let mut books = Books::load(&isolator.v2_subtree(), None).unwrap();
+    let mut books = Books::load(&isolator.v2_subtree(), None, None).unwrap();
     let all = books.read().unwrap();
     for id in &ids[300..] {
         isolator.destroy(id).unwrap();
@@ -172,7 +172,7 @@ fn a_removed_cgroup_the_kernel_still_holds_hides_none_after_it() {
     // it stays in its parent's list as a dead cgroup (as a dying memcg
     // does), which the kernel's walk passes over without running the
     // program.
-    let holder = Books::load(&placement.unified, None).unwrap();
+    let holder = Books::load(&placement.unified, None, None).unwrap();
     let ids: Vec<String> = (0..20)
         .map(|i| unique(&format!("books-after-{i}")))
         .collect();
@@ -182,7 +182,7 @@ fn a_removed_cgroup_the_kernel_still_holds_hides_none_after_it() {
         keys.push(cgroup_id(&placement.unified).unwrap());
     }
     isolator.destroy(&dying).unwrap();
-    let mut books = Books::load(&isolator.v2_subtree(), None).unwrap();
+    let mut books = Books::load(&isolator.v2_subtree(), None, None).unwrap();
     let read = books.read().unwrap();
     drop(holder);
     for id in &ids {

@@ -326,3 +326,79 @@ fn sched_switch_runs_only_while_a_task_keeps_a_run_queue_histogram() {
     let always = Accounting::attach(true).unwrap();
     assert!(always.switch_attached(), "CPU time is counted there");
 }
+
+/// Whether this kernel has cgroup local storage (6.2 on).
+fn has_cgroup_storage() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 2)
+}
+
+#[test]
+fn run_queue_histograms_in_cgroup_storage_count_waits_and_run_only_while_kept() {
+    use butte_agent_ebpf::books::Books;
+    use butte_agent_ebpf::runq::RunqHistograms;
+    let mut runq = match RunqHistograms::load() {
+        Ok(runq) => runq,
+        Err(error) if !has_cgroup_storage() => {
+            println!("skipped: no cgroup storage before 6.2 ({error})");
+            return;
+        }
+        Err(error) => panic!("cgroup storage on this kernel: {error}"),
+    };
+    assert!(!runq.attached(), "nobody asked");
+    let subtree = format!("butte/kt-runq-{}", std::process::id());
+    let isolator = isolator_at(&subtree);
+    let id = unique("runq");
+    let placement = isolator.create(&id, &limits(2.0, 64.0, 64)).unwrap();
+    let key = cgroup_id(&placement.unified).unwrap();
+    // A neighbour that keeps none: its waits are not counted anywhere.
+    let other = unique("runq-other");
+    let other_placement = isolator.create(&other, &limits(2.0, 64.0, 64)).unwrap();
+    let other_key = cgroup_id(&other_placement.unified).unwrap();
+    runq.track(key, &placement.unified).unwrap();
+    assert!(runq.attached(), "a task keeps one");
+    let sandbox = sandbox(&id);
+    let other_sandbox = common::sandbox(&other);
+    // 60 short sleeps: 60 wakeups, each a wait in the run queue.
+    let script = "i=0; while [ $i -lt 60 ]; do sleep 0.01; i=$((i+1)); done";
+    let child = spawn(&shell_spec(&id, &placement, &sandbox, script)).unwrap();
+    let neighbour = spawn(&shell_spec(
+        &other,
+        &other_placement,
+        &other_sandbox,
+        script,
+    ))
+    .unwrap();
+    assert_eq!(wait(&child.pidfd).unwrap(), Exit::Code(0));
+    assert_eq!(wait(&neighbour.pidfd).unwrap(), Exit::Code(0));
+    let all = runq.all();
+    // The books' walk reads the same histograms, all in one pass.
+    let mut books = Books::load(&isolator.v2_subtree(), None, runq.map()).unwrap();
+    let read = books.read().unwrap();
+    drop(books);
+    runq.forget(key);
+    let detached = !runq.attached();
+    isolator.destroy(&id).unwrap();
+    isolator.destroy(&other).unwrap();
+    isolator.remove_subtree();
+    std::fs::remove_dir_all(sandbox).unwrap();
+    std::fs::remove_dir_all(other_sandbox).unwrap();
+
+    let mine = all.get(&key).expect("the task's histogram");
+    assert!(mine.count >= 60, "60 sleeps give 60 wakeups: {mine:?}");
+    assert_eq!(mine.slots.iter().sum::<u64>(), mine.count);
+    assert!(mine.total_ns > 0);
+    assert!(!all.contains_key(&other_key), "the neighbour kept none");
+    assert_eq!(
+        read[&key].runq.as_ref(),
+        Some(mine),
+        "the walk reads it too"
+    );
+    assert_eq!(read[&other_key].runq, None, "and none for the neighbour");
+    assert!(detached, "the last one ended: sched_switch runs no more");
+}

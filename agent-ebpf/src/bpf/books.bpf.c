@@ -30,6 +30,9 @@
 #include <bpf/bpf_core_read.h>
 
 #include "counters.h"
+#ifdef WITH_RUNQ
+#include "runq.h"
+#endif
 
 struct kernfs_node {
     __u64 id;
@@ -170,6 +173,7 @@ struct record {
 
 #define HAS_MEMORY 1
 #define HAS_PSI 2
+#define HAS_RUNQ 4
 
 // Walks so far; the agent runs one at a time.
 __u64 walks = 0;
@@ -190,6 +194,18 @@ struct {
     __type(key, __u32);
     __type(value, struct record);
 } books SEC(".maps");
+
+#ifdef WITH_RUNQ
+// The run-queue histograms of the cgroups that keep one (HAS_RUNQ), in the
+// slots of their records; the others' slots are not written.
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(map_flags, BPF_F_MMAPABLE);
+    __uint(max_entries, MAX_TASKS + 1);
+    __type(key, __u32);
+    __type(value, struct histogram);
+} histograms SEC(".maps");
+#endif
 
 // The memcg a cgroup's memory is charged to: its own where the controller
 // is on for it (pure v2); on a hybrid host the v1 memcg of its tasks,
@@ -298,6 +314,14 @@ int read_books(struct bpf_iter__cgroup *ctx)
     record->denied_binds = denied ? *denied : 0;
     denied = bpf_map_lookup_elem(&denied_opens, &id);
     record->denied_opens = denied ? *denied : 0;
+#ifdef WITH_RUNQ
+    struct histogram *kept = bpf_cgrp_storage_get(&runq, cgrp, 0, 0);
+    struct histogram *copy = bpf_map_lookup_elem(&histograms, &slot);
+    if (kept && copy) {
+        *copy = *kept;
+        flags |= HAS_RUNQ;
+    }
+#endif
     record->flags = flags;
     // Last: the agent takes a record as this walk's by its number.
     record->walk = walks;

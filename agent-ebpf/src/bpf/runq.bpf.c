@@ -1,0 +1,85 @@
+// The run-queue latency histogram of the tasks that ask for one, kept in
+// each task's cgroup (cgroup local storage, 6.2 on): at switch-in, the
+// scheduler's enqueue stamp (sched_info.last_queued, rq clock) against the
+// run queue's clock, as a log2 histogram; the wait /proc/PID/schedstat sums
+// as run_delay. A cgroup has storage only while the agent gave it some, so
+// a thread of any other cgroup costs a pointer chase and one short list
+// walk, not a hash lookup; and the storage goes with the cgroup.
+//
+// Where CPU time comes from the kernel's books this is the only program on
+// sched_switch, attached while some task keeps a histogram. Elsewhere
+// (older kernels, no books) accounting.bpf.c keeps the histogram.
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+struct cgroup;
+
+struct css_set {
+    struct cgroup *dfl_cgrp;
+} __attribute__((preserve_access_index));
+
+struct rq {
+    __u64 clock;
+} __attribute__((preserve_access_index));
+
+struct cfs_rq {
+    struct rq *rq;
+} __attribute__((preserve_access_index));
+
+struct sched_entity {
+    struct cfs_rq *cfs_rq;
+} __attribute__((preserve_access_index));
+
+struct sched_info {
+    __u64 last_queued;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+    int pid;
+    struct sched_entity se;
+    struct sched_info sched_info;
+    struct css_set *cgroups;
+} __attribute__((preserve_access_index));
+
+#include "runq.h"
+
+static __always_inline __u32 log2_slot(__u64 micros)
+{
+    __u32 slot = 0;
+    for (int i = 0; i < RUNQ_SLOTS - 1; i++) {
+        if (micros < 2)
+            break;
+        micros >>= 1;
+        slot++;
+    }
+    return slot;
+}
+
+// sched_switch(bool preempt, prev, next, ...): it runs before next's
+// arrival is booked (sched_info.last_queued still set).
+SEC("tp_btf/sched_switch")
+int runq_latency(__u64 *ctx)
+{
+    struct task_struct *next = (struct task_struct *)ctx[2];
+    // pid 0: the idle thread of a CPU.
+    if (!next->pid)
+        return 0;
+    __u64 queued = next->sched_info.last_queued;
+    if (!queued)
+        return 0;
+    struct histogram *histogram = bpf_cgrp_storage_get(&runq, next->cgroups->dfl_cgrp, 0, 0);
+    if (!histogram)
+        return 0;
+    __u64 now = next->se.cfs_rq->rq->clock;
+    if (now <= queued)
+        return 0;
+    __u64 waited = now - queued;
+    __u32 slot = log2_slot(waited / 1000);
+    if (slot < RUNQ_SLOTS)
+        __sync_fetch_and_add(&histogram->slots[slot], 1);
+    __sync_fetch_and_add(&histogram->count, 1);
+    __sync_fetch_and_add(&histogram->total_ns, waited);
+    return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
