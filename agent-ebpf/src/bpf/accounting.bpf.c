@@ -28,6 +28,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
+#include "runq.h"
+
 // The few kernel fields we read, relocated against the running kernel's BTF
 // (CO-RE), so no kernel headers or vmlinux.h are needed. In tp_btf and iter
 // programs these are plain loads, not helper calls.
@@ -83,15 +85,12 @@ struct bpf_iter__task {
     struct task_struct *task;
 } __attribute__((preserve_access_index));
 
-#define RUNQ_SLOTS 32
 
 struct task_stats {
     __u64 cpu_ns;    // exited threads' runtime, up to the last flush
     __u64 user_ns;   // exited threads' utime
     __u64 system_ns; // exited threads' stime
-    __u64 runq_count;
-    __u64 runq_total_ns;
-    __u64 runq_slots[RUNQ_SLOTS]; // slot i: latency in [2^i, 2^(i+1)) microseconds
+    struct histogram runq; // run-queue waits, where runq_wanted
     // Snapshot of the live threads, replaced by each flush:
     __u64 live_cpu_ns;    // runtime of live threads
     __u64 live_user_ns;   // utime of live threads
@@ -144,18 +143,6 @@ static __always_inline struct task_stats *stats_of(struct task_struct *thread)
     return bpf_map_lookup_elem(&task_stats, &key);
 }
 
-static __always_inline __u32 log2_slot(__u64 micros)
-{
-    __u32 slot = 0;
-    for (int i = 0; i < RUNQ_SLOTS - 1; i++) {
-        if (micros < 2)
-            break;
-        micros >>= 1;
-        slot++;
-    }
-    return slot;
-}
-
 // sched_switch(bool preempt, prev, next, ...); it runs after the scheduler
 // updated prev's runtime and its run queue's clock, and before next's
 // arrival is booked (sched_info.last_queued still set). prev's state is read
@@ -186,12 +173,7 @@ int switch_task(__u64 *ctx)
     __u64 now = next->se.cfs_rq->rq->clock;
     if (now <= queued)
         return 0;
-    __u64 waited = now - queued;
-    __u32 slot = log2_slot(waited / 1000);
-    if (slot < RUNQ_SLOTS)
-        __sync_fetch_and_add(&stats->runq_slots[slot], 1);
-    __sync_fetch_and_add(&stats->runq_count, 1);
-    __sync_fetch_and_add(&stats->runq_total_ns, waited);
+    count_wait(&stats->runq, now - queued);
     return 0;
 }
 

@@ -32,6 +32,7 @@
 #include "counters.h"
 #ifdef WITH_RUNQ
 #include "runq.h"
+RUNQ_STORAGE(runq);
 #endif
 
 struct kernfs_node {

@@ -43,17 +43,7 @@ struct task_struct {
 
 #include "runq.h"
 
-static __always_inline __u32 log2_slot(__u64 micros)
-{
-    __u32 slot = 0;
-    for (int i = 0; i < RUNQ_SLOTS - 1; i++) {
-        if (micros < 2)
-            break;
-        micros >>= 1;
-        slot++;
-    }
-    return slot;
-}
+RUNQ_STORAGE(runq);
 
 // sched_switch(bool preempt, prev, next, ...): it runs before next's
 // arrival is booked (sched_info.last_queued still set).
@@ -73,12 +63,7 @@ int runq_latency(__u64 *ctx)
     __u64 now = next->se.cfs_rq->rq->clock;
     if (now <= queued)
         return 0;
-    __u64 waited = now - queued;
-    __u32 slot = log2_slot(waited / 1000);
-    if (slot < RUNQ_SLOTS)
-        __sync_fetch_and_add(&histogram->slots[slot], 1);
-    __sync_fetch_and_add(&histogram->count, 1);
-    __sync_fetch_and_add(&histogram->total_ns, waited);
+    count_wait(histogram, now - queued);
     return 0;
 }
 
