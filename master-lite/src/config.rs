@@ -75,6 +75,22 @@ pub struct MasterConfig {
     /// Role weights, e.g. `web=2,batch=0.5`.
     #[arg(long, env = "BUTTE_WEIGHTS", default_value = "")]
     pub weights: String,
+    /// Principals and secrets (Mesos's JSON `{"credentials": [{"principal":
+    /// ..., "secret": ...}]}`, or "principal secret" lines); readable by
+    /// the master's user only.
+    #[arg(long, env = "BUTTE_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Frameworks must authenticate (HTTP Basic on /api/v1/scheduler); their
+    /// principal is the framework's.
+    #[arg(long, env = "BUTTE_AUTHENTICATE_FRAMEWORKS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub authenticate_frameworks: bool,
+    /// Endpoints that change state (the operator API) need HTTP Basic credentials.
+    #[arg(long, env = "BUTTE_AUTHENTICATE_HTTP_READWRITE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub authenticate_http_readwrite: bool,
+    /// Endpoints that show state (/state, /frameworks, /metrics/snapshot,
+    /// the telemetry endpoints...) need HTTP Basic credentials.
+    #[arg(long, env = "BUTTE_AUTHENTICATE_HTTP_READONLY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub authenticate_http_readonly: bool,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -129,6 +145,10 @@ impl MasterConfig {
             max_request_bytes: 8 << 20,
             status_update_retry: Duration::from_secs(10),
             weights: String::new(),
+            credentials: None,
+            authenticate_frameworks: false,
+            authenticate_http_readwrite: false,
+            authenticate_http_readonly: false,
         }
     }
 }

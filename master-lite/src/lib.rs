@@ -4,6 +4,7 @@
 
 pub mod agent_link;
 pub mod allocator;
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod master;
@@ -15,8 +16,11 @@ pub mod telemetry;
 pub mod views;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use auth::{Authenticator, Realm};
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::serve::ListenerExt;
@@ -71,6 +75,9 @@ pub enum StartError {
     /// the embedded registry could not be opened
     #[error(transparent)]
     Open(#[from] registry::RegistryError),
+    /// authentication is asked for and the credentials cannot be used
+    #[error(transparent)]
+    Credentials(#[from] auth::CredentialsError),
 }
 
 /// Binds, opens the registry and starts serving.
@@ -78,6 +85,27 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
     if let Some(registry) = &config.registry {
         return Err(StartError::Registry(registry.clone()));
     }
+    let authenticator = Authenticator::from_flags(
+        config.credentials.as_deref(),
+        &[
+            (
+                Realm::Scheduler,
+                config.authenticate_frameworks,
+                "--authenticate-frameworks",
+            ),
+            (
+                Realm::ReadWrite,
+                config.authenticate_http_readwrite,
+                "--authenticate-http-readwrite",
+            ),
+            (
+                Realm::ReadOnly,
+                config.authenticate_http_readonly,
+                "--authenticate-http-readonly",
+            ),
+        ],
+    )?
+    .map(Arc::new);
     let address = SocketAddr::new(config.ip, config.port);
     let listen_failed = |source| StartError::Listen { address, source };
     let listener = tokio::net::TcpListener::bind(address)
@@ -93,8 +121,11 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
     ))
     .into_axum_router();
     let dispatch_state = shared.clone();
-    let app =
-        grpc.fallback(move |request: Request<Body>| dispatch(dispatch_state.clone(), request));
+    let app = grpc.fallback(
+        move |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request<Body>| {
+            dispatch(dispatch_state.clone(), authenticator.clone(), peer, request)
+        },
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         // Small event records and acknowledgements must not wait for Nagle's
@@ -104,6 +135,7 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
                 tracing::warn!(%error, "cannot set TCP_NODELAY");
             }
         });
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stopped.await;
@@ -144,10 +176,37 @@ async fn allocation_loop(shared: Shared) {
     }
 }
 
-async fn dispatch(shared: Shared, request: Request<Body>) -> Response {
+/// Which authentication realm guards a route (None: open to all, as in Mesos).
+fn realm(route: &str) -> Option<Realm> {
+    match route {
+        "/health" | "/version" | "/redirect" => None,
+        "/api/v1/scheduler" => Some(Realm::Scheduler),
+        "/api/v1" => Some(Realm::ReadWrite),
+        _ => Some(Realm::ReadOnly),
+    }
+}
+
+async fn dispatch(
+    shared: Shared,
+    authenticator: Option<Arc<Authenticator>>,
+    peer: SocketAddr,
+    request: Request<Body>,
+) -> Response {
     let path = request.uri().path().to_owned();
-    match http::route(&path) {
-        Some("/api/v1/scheduler") => scheduler_api::handle(shared, request).await.into_response(),
+    let route = http::route(&path);
+    let principal = match (&authenticator, route.and_then(realm)) {
+        (Some(authenticator), Some(realm)) => {
+            match authenticator.authenticate(realm, request.headers(), peer.ip()) {
+                Ok(principal) => principal,
+                Err(refused) => return *refused,
+            }
+        }
+        _ => None,
+    };
+    match route {
+        Some("/api/v1/scheduler") => scheduler_api::handle(shared, principal, request)
+            .await
+            .into_response(),
         Some("/api/v1") => operator_api::handle_api(shared, request)
             .await
             .into_response(),

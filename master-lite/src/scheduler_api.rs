@@ -20,7 +20,12 @@ use butte_api::ids::{IdError, check_id};
 
 use crate::master::{Master, Shared, check_launch_resources};
 
-pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
+/// One call; `principal`: who authenticated, where frameworks must.
+pub async fn handle(
+    shared: Shared,
+    principal: Option<String>,
+    request: Request<Body>,
+) -> Result<Response, HttpError> {
     let limit = shared.lock().config.max_request_bytes;
     let Posted {
         headers,
@@ -42,9 +47,11 @@ pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, 
     if call.r#type() != call::Type::Subscribe
         && let Some(framework_id) = framework_id.filter(|id| !id.is_empty())
     {
-        shared
-            .lock()
-            .check_stream(framework_id, stream_id.as_deref())?;
+        let master = shared.lock();
+        if let Some(principal) = &principal {
+            master.check_principal(framework_id, principal)?;
+        }
+        master.check_stream(framework_id, stream_id.as_deref())?;
     }
     validate(&call)?;
 
@@ -56,9 +63,11 @@ pub async fn handle(shared: Shared, request: Request<Body>) -> Result<Response, 
         }
         let accept = response_format(&headers)?;
         let subscribe = call.subscribe.unwrap_or_default();
-        let subscription = shared
-            .lock()
-            .subscribe(call.framework_id.map(|f| f.value), subscribe)?;
+        let subscription = shared.lock().subscribe(
+            call.framework_id.map(|f| f.value),
+            subscribe,
+            principal.as_deref(),
+        )?;
         return Ok(event_stream(shared, accept, subscription));
     }
 

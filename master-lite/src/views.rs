@@ -69,6 +69,7 @@ fn frameworks_json(master: &Master) -> (Vec<Value>, Vec<Value>) {
                 "id": f.id(),
                 "name": f.info.name,
                 "user": f.info.user,
+                "principal": f.info.principal,
                 "hostname": f.info.hostname,
                 "failover_timeout": f.info.failover_timeout.unwrap_or(0.0),
                 "role": roles_of(&f.info).first().cloned().unwrap_or_default(),

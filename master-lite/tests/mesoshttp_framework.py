@@ -22,6 +22,10 @@ from mesoshttp.client import MesosClient
 
 URL = sys.argv[1]
 TIMEOUT = float(sys.argv[2]) if len(sys.argv) > 2 else 60.0
+# With a principal and secret: HTTP Basic on every call, as mesoshttp sends
+# it (requests_auth), and the principal in framework_info.
+PRINCIPAL = sys.argv[3] if len(sys.argv) > 4 else None
+AUTH = requests.auth.HTTPBasicAuth(PRINCIPAL, sys.argv[4]) if PRINCIPAL else None
 DEADLINE = time.monotonic() + TIMEOUT
 events = queue.Queue()
 
@@ -86,6 +90,7 @@ def raw_call(driver, body):
         driver.mesos_url + "/api/v1/scheduler",
         json=body,
         headers={"Accept": "application/json", "Mesos-Stream-Id": driver.streamId},
+        auth=AUTH,
     )
     if answer.status_code != 202:
         fail("%s answered %d: %s" % (body["type"], answer.status_code, answer.text))
@@ -95,6 +100,9 @@ def main():
     logging.basicConfig(level=logging.WARNING)
     client = MesosClient(mesos_urls=[URL], frameworkName="mesoshttp-test", max_reconnect=1)
     client.set_failover_timeout(60)
+    if PRINCIPAL:
+        client.principal = PRINCIPAL
+        client.requests_auth = AUTH
     client.on(MesosClient.SUBSCRIBED, lambda driver: events.put(("SUBSCRIBED", driver)))
     client.on(MesosClient.OFFERS, lambda offers: events.put(("OFFERS", offers)))
     client.on(MesosClient.UPDATE, lambda update: events.put(("UPDATE", update)))

@@ -179,10 +179,16 @@ pub struct Subscription {
 
 impl Master {
     /// SUBSCRIBE: a new framework, or a known one re-subscribing (failover).
+    /// Subscribes a framework, new or known by its id. `principal`: who
+    /// authenticated (None where frameworks do not authenticate); it
+    /// becomes the framework's principal, and a known framework keeps the
+    /// principal it registered with (as Mesos: it cannot change, so nobody
+    /// else takes the framework over).
     pub fn subscribe(
         &mut self,
         call_framework_id: Option<String>,
         subscribe: call::Subscribe,
+        principal: Option<&str>,
     ) -> Result<Subscription, Refusal> {
         let mut info = subscribe.framework_info;
         let info_id = info.id.as_ref().map(|f| f.value.clone());
@@ -190,6 +196,30 @@ impl Master {
             return Err(Refusal::bad_request(
                 "'framework_id' differs from 'subscribe.framework_info.id'; send the same id in both",
             ));
+        }
+        if let Some(principal) = principal {
+            match info.principal.as_deref() {
+                Some(given) if given != principal => {
+                    return Err(Refusal::forbidden(format!(
+                        "'framework_info.principal' is '{given}' but the request authenticated as '{principal}'; leave it out or send '{principal}'"
+                    )));
+                }
+                _ => info.principal = Some(principal.to_owned()),
+            }
+        }
+        if let Some(id) = &info_id
+            && let Some(known) = self.frameworks.get(id)
+            && known.info.principal != info.principal
+        {
+            let shown = |p: &Option<String>| {
+                p.as_deref()
+                    .map_or("no principal".to_owned(), |p| format!("principal '{p}'"))
+            };
+            return Err(Refusal::forbidden(format!(
+                "framework {id} was registered with {} and cannot be subscribed with {}; a framework's principal cannot change",
+                shown(&known.info.principal),
+                shown(&info.principal)
+            )));
         }
         validate_roles(&info)?;
         let (sender, receiver) = mpsc::channel(EVENT_QUEUE);
@@ -312,6 +342,21 @@ impl Master {
     }
 
     /// Checks that a call comes from the framework's current stream.
+    /// Where frameworks authenticate: a call about a framework must come
+    /// from its principal.
+    pub fn check_principal(&self, framework_id: &str, principal: &str) -> Result<(), Refusal> {
+        let registered = self
+            .frameworks
+            .get(framework_id)
+            .and_then(|f| f.info.principal.as_deref());
+        if registered == Some(principal) {
+            return Ok(());
+        }
+        Err(Refusal::forbidden(format!(
+            "the request authenticated as '{principal}', which is not framework {framework_id}'s principal"
+        )))
+    }
+
     pub fn check_stream(&self, framework_id: &str, stream_id: Option<&str>) -> Result<(), Refusal> {
         let stream = self
             .frameworks
@@ -556,7 +601,7 @@ mod tests {
             ..Default::default()
         };
         let second = master
-            .subscribe(Some(id.clone()), subscribe)
+            .subscribe(Some(id.clone()), subscribe, None)
             .expect("the framework subscribes again");
         assert!(master.frameworks[&id].connected());
         assert!(master.frameworks[&id].reregistered_time.is_some());

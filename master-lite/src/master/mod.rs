@@ -500,7 +500,7 @@ mod fixture {
             ..Default::default()
         };
         master
-            .subscribe(None, subscribe)
+            .subscribe(None, subscribe, None)
             .expect("the framework subscribes")
     }
 }

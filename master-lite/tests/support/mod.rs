@@ -243,6 +243,21 @@ fn handle(
     }
 }
 
+/// A client that sends HTTP Basic credentials with every request.
+pub fn basic_client(principal: &str, secret: &str) -> reqwest::Client {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{principal}:{secret}"));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Basic {encoded}")).unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 /// A scheduler speaking JSON to `/api/v1/scheduler`, as Mesos frameworks do.
 pub struct Scheduler {
     http: reqwest::Client,
@@ -264,7 +279,30 @@ impl Scheduler {
     }
 
     pub async fn subscribe_raw(master: &RunningMaster, call: Value) -> Scheduler {
-        let http = reqwest::Client::new();
+        Self::subscribe_with(master, call, reqwest::Client::new()).await
+    }
+
+    /// As `subscribe`, authenticated as `principal` with `secret` (HTTP
+    /// Basic on every call).
+    pub async fn subscribe_as(
+        master: &RunningMaster,
+        framework_info: Value,
+        principal: &str,
+        secret: &str,
+    ) -> Scheduler {
+        let mut call =
+            json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": framework_info}});
+        if let Some(id) = framework_info.get("id") {
+            call["framework_id"] = id.clone();
+        }
+        Self::subscribe_with(master, call, basic_client(principal, secret)).await
+    }
+
+    async fn subscribe_with(
+        master: &RunningMaster,
+        call: Value,
+        http: reqwest::Client,
+    ) -> Scheduler {
         let url = format!("http://{}/api/v1/scheduler", master.addr);
         let response = http
             .post(&url)
