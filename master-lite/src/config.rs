@@ -80,6 +80,11 @@ pub struct MasterConfig {
     /// the master's user only.
     #[arg(long, env = "BUTTE_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// Mesos's ACL JSON: who may register in which roles, run tasks as which
+    /// users, see which frameworks and tasks, tear down, mark agents gone,
+    /// get guarded endpoints; `permissive` decides where no rule matches.
+    #[arg(long, env = "BUTTE_ACLS")]
+    pub acls: Option<PathBuf>,
     /// Frameworks must authenticate (HTTP Basic on /api/v1/scheduler); their
     /// principal is the framework's.
     #[arg(long, env = "BUTTE_AUTHENTICATE_FRAMEWORKS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -146,6 +151,7 @@ impl MasterConfig {
             status_update_retry: Duration::from_secs(10),
             weights: String::new(),
             credentials: None,
+            acls: None,
             authenticate_frameworks: false,
             authenticate_http_readwrite: false,
             authenticate_http_readonly: false,

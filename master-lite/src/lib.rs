@@ -2,6 +2,7 @@
 //! get resource offers chosen by DRF; agents register over a gRPC link; the
 //! registry keeps what a restart must not lose.
 
+pub mod acls;
 pub mod agent_link;
 pub mod allocator;
 pub mod auth;
@@ -78,6 +79,9 @@ pub enum StartError {
     /// authentication is asked for and the credentials cannot be used
     #[error(transparent)]
     Credentials(#[from] auth::CredentialsError),
+    /// the ACL file cannot be used
+    #[error(transparent)]
+    Acls(#[from] acls::AclError),
 }
 
 /// Binds, opens the registry and starts serving.
@@ -106,13 +110,18 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
         ],
     )?
     .map(Arc::new);
+    let acls = match &config.acls {
+        Some(path) => acls::Acls::load(path)?,
+        None => acls::Acls::default(),
+    };
     let address = SocketAddr::new(config.ip, config.port);
     let listen_failed = |source| StartError::Listen { address, source };
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(listen_failed)?;
     let addr = listener.local_addr().map_err(listen_failed)?;
-    let master = Master::open(config, addr)?;
+    let mut master = Master::open(config, addr)?;
+    master.acls = acls;
     let shared = Shared::new(master);
 
     let ticker = tokio::spawn(allocation_loop(shared.clone()));
@@ -207,7 +216,7 @@ async fn dispatch(
         Some("/api/v1/scheduler") => scheduler_api::handle(shared, principal, request)
             .await
             .into_response(),
-        Some("/api/v1") => operator_api::handle_api(shared, request)
+        Some("/api/v1") => operator_api::handle_api(shared, principal, request)
             .await
             .into_response(),
         Some("/version") => http::json_response(&serde_json::json!({
@@ -233,7 +242,7 @@ async fn dispatch(
             }
             response
         }
-        Some(route) => views::view(&shared.lock(), route),
+        Some(route) => views::view(&shared.lock(), route, principal.as_deref()),
         None => http::HttpError::new(StatusCode::NOT_FOUND, format!("no endpoint at {path}"))
             .into_response(),
     }

@@ -9,17 +9,25 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use butte_api::mesos::v1::master::{Call, Response as ApiResponse, call, response};
-use butte_api::mesos::v1::{Metric, Resource, Role, Task, TaskState, VersionInfo};
+use butte_api::mesos::v1::{Metric, Resource, Role, TaskState, VersionInfo};
 use butte_api::resources::Resources;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
+use crate::acls::Action;
 use crate::http::{HttpError, encoded, json_response, read_post, response_format};
-use crate::master::{Master, Shared, roles_of};
+use crate::master::{Master, Shared, Viewer, roles_of};
 use crate::metrics::{IN_FLIGHT, TASK_STATES};
 use butte_api::task_state::is_terminal;
 
-pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Response, HttpError> {
+/// One operator call from `principal` (None: unauthenticated), as the ACLs
+/// allow it.
+pub async fn handle_api(
+    shared: Shared,
+    principal: Option<String>,
+    request: Request<Body>,
+) -> Result<Response, HttpError> {
+    let principal = principal.as_deref();
     let limit = shared.lock().config.max_request_bytes;
     let posted = read_post(request, limit).await?;
     let accept = response_format(&posted.headers)?;
@@ -46,7 +54,7 @@ pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Respon
         }
         call::Type::GetState => {
             answer.r#type = Some(response::Type::GetState as i32);
-            answer.get_state = Some(get_state(&master));
+            answer.get_state = Some(get_state(&master, master.viewer(principal)));
         }
         call::Type::GetAgents => {
             answer.r#type = Some(response::Type::GetAgents as i32);
@@ -54,13 +62,18 @@ pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Respon
         }
         call::Type::GetFrameworks => {
             answer.r#type = Some(response::Type::GetFrameworks as i32);
-            answer.get_frameworks = Some(get_frameworks(&master));
+            answer.get_frameworks = Some(get_frameworks(&master, master.viewer(principal)));
         }
         call::Type::GetTasks => {
             answer.r#type = Some(response::Type::GetTasks as i32);
-            answer.get_tasks = Some(get_tasks(&master));
+            answer.get_tasks = Some(get_tasks(&master, master.viewer(principal)));
         }
         call::Type::GetMetrics => {
+            forbid(
+                master
+                    .acls
+                    .check(Action::GetEndpoints, principal, Some("/metrics/snapshot")),
+            )?;
             answer.r#type = Some(response::Type::GetMetrics as i32);
             let metrics = metrics_snapshot(&master)
                 .into_iter()
@@ -79,6 +92,7 @@ pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Respon
             });
         }
         call::Type::MarkAgentGone => {
+            forbid(master.acls.check(Action::MarkAgentsGone, principal, None))?;
             let Some(agent_id) = call
                 .mark_agent_gone
                 .as_ref()
@@ -99,6 +113,28 @@ pub async fn handle_api(shared: Shared, request: Request<Body>) -> Result<Respon
                     format!("the master could not persist the change: {error}"),
                 )),
             };
+        }
+        call::Type::Teardown => {
+            let Some(framework_id) = call.teardown.as_ref().map(|t| t.framework_id.value.clone())
+            else {
+                return Err(HttpError::bad_request(
+                    "TEARDOWN needs 'teardown.framework_id'",
+                ));
+            };
+            let Some(framework) = master.frameworks.get(&framework_id) else {
+                return Err(HttpError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no framework {framework_id} is active on this master"),
+                ));
+            };
+            let owner = framework.info.principal.clone();
+            forbid(
+                master
+                    .acls
+                    .check(Action::TeardownFrameworks, principal, owner.as_deref()),
+            )?;
+            master.remove_framework(&framework_id, "the operator sent TEARDOWN");
+            return Ok(StatusCode::OK.into_response());
         }
         call::Type::Unknown => {
             return Err(HttpError::bad_request(
@@ -127,16 +163,20 @@ fn version_info() -> VersionInfo {
     }
 }
 
-fn active_tasks(master: &Master) -> impl Iterator<Item = &Task> {
-    master
-        .frameworks
-        .values()
-        .flat_map(|f| f.tasks.values().map(|e| &e.task))
+/// An ACL's refusal as 403.
+fn forbid(checked: Result<(), String>) -> Result<(), HttpError> {
+    checked.map_err(|refusal| HttpError::new(StatusCode::FORBIDDEN, refusal))
 }
 
-fn get_tasks(master: &Master) -> response::GetTasks {
+fn get_tasks(master: &Master, viewer: Viewer<'_>) -> response::GetTasks {
     let mut tasks = response::GetTasks::default();
-    for task in active_tasks(master) {
+    let active = master.frameworks.values().flat_map(|f| {
+        f.tasks
+            .values()
+            .map(|e| &e.task)
+            .filter(move |t| viewer.task(t, &f.info))
+    });
+    for task in active {
         match task.state() {
             TaskState::TaskUnreachable => tasks.unreachable_tasks.push(task.clone()),
             state if is_terminal(state) => tasks.completed_tasks.push(task.clone()),
@@ -144,9 +184,13 @@ fn get_tasks(master: &Master) -> response::GetTasks {
         }
     }
     for framework in master.frameworks.values() {
-        tasks
-            .completed_tasks
-            .extend(framework.completed_tasks.iter().cloned());
+        tasks.completed_tasks.extend(
+            framework
+                .completed_tasks
+                .iter()
+                .filter(|t| viewer.task(t, &framework.info))
+                .cloned(),
+        );
     }
     tasks
 }
@@ -216,10 +260,11 @@ fn allocated_to(master: &Master, framework_id: &str) -> Vec<Resource> {
         .unwrap_or_default()
 }
 
-fn get_frameworks(master: &Master) -> response::GetFrameworks {
+fn get_frameworks(master: &Master, viewer: Viewer<'_>) -> response::GetFrameworks {
     let frameworks = master
         .frameworks
         .values()
+        .filter(|f| viewer.framework(&f.info))
         .map(|f| response::get_frameworks::Framework {
             framework_info: f.info.clone(),
             active: f.connected(),
@@ -241,6 +286,7 @@ fn get_frameworks(master: &Master) -> response::GetFrameworks {
     let completed_frameworks = master
         .completed_frameworks
         .iter()
+        .filter(|info| viewer.framework(info))
         .map(|info| response::get_frameworks::Framework {
             framework_info: info.clone(),
             ..Default::default()
@@ -277,11 +323,11 @@ fn offer_proto(
     }
 }
 
-fn get_state(master: &Master) -> response::GetState {
+fn get_state(master: &Master, viewer: Viewer<'_>) -> response::GetState {
     response::GetState {
-        get_tasks: Some(get_tasks(master)),
+        get_tasks: Some(get_tasks(master, viewer)),
         get_executors: Some(response::GetExecutors::default()),
-        get_frameworks: Some(get_frameworks(master)),
+        get_frameworks: Some(get_frameworks(master, viewer)),
         get_agents: Some(get_agents(master)),
     }
 }

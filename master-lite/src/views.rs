@@ -9,7 +9,7 @@ use butte_api::resources::Resources;
 use serde_json::{Value, json};
 
 use crate::http::json_response;
-use crate::master::{Master, roles_of};
+use crate::master::{Master, Viewer, roles_of};
 use crate::operator_api::{metrics_snapshot, offered_on, roles, used_on};
 
 fn resources_json(resources: &Resources) -> Value {
@@ -56,10 +56,11 @@ fn task_json(task: &Task) -> Value {
     })
 }
 
-fn frameworks_json(master: &Master) -> (Vec<Value>, Vec<Value>) {
+fn frameworks_json(master: &Master, viewer: Viewer<'_>) -> (Vec<Value>, Vec<Value>) {
     let frameworks = master
         .frameworks
         .values()
+        .filter(|f| viewer.framework(&f.info))
         .map(|f| {
             let mut used = Resources::new();
             for r in master.allocator.allocated(f.id()).into_iter().flat_map(|m| m.values()) {
@@ -81,8 +82,8 @@ fn frameworks_json(master: &Master) -> (Vec<Value>, Vec<Value>) {
                 "reregistered_time": f.reregistered_time,
                 "used_resources": resources_json(&used),
                 "offered_resources": resources_json(&offered_on(master, |o| o.framework_id == f.id())),
-                "tasks": f.tasks.values().map(|e| task_json(&e.task)).collect::<Vec<_>>(),
-                "completed_tasks": f.completed_tasks.iter().map(task_json).collect::<Vec<_>>(),
+                "tasks": f.tasks.values().map(|e| &e.task).filter(|t| viewer.task(t, &f.info)).map(task_json).collect::<Vec<_>>(),
+                "completed_tasks": f.completed_tasks.iter().filter(|t| viewer.task(t, &f.info)).map(task_json).collect::<Vec<_>>(),
                 "offers": master.offers.values().filter(|o| o.framework_id == f.id()).map(|o| json!({"id": o.id, "slave_id": o.agent_id, "resources": resources_json(&o.resources)})).collect::<Vec<_>>(),
             })
         })
@@ -90,6 +91,7 @@ fn frameworks_json(master: &Master) -> (Vec<Value>, Vec<Value>) {
     let completed = master
         .completed_frameworks
         .iter()
+        .filter(|info| viewer.framework(info))
         .map(|info| json!({"id": info.id.as_ref().map_or("", |f| f.value.as_str()), "name": info.name, "active": false}))
         .collect();
     (frameworks, completed)
@@ -118,9 +120,19 @@ fn slaves_json(master: &Master) -> Vec<Value> {
         .collect()
 }
 
-/// GET views in Mesos's v0 JSON shapes.
-pub fn view(master: &Master, route: &str) -> Response {
-    let (frameworks, completed) = frameworks_json(master);
+/// GET views in Mesos's v0 JSON shapes, as `principal` may see them (the
+/// view ACLs; get_endpoints for the metrics).
+pub fn view(master: &Master, route: &str, principal: Option<&str>) -> Response {
+    if matches!(route, "/metrics/snapshot" | "/metrics")
+        && let Err(refusal) =
+            master
+                .acls
+                .check(crate::acls::Action::GetEndpoints, principal, Some(route))
+    {
+        return (StatusCode::FORBIDDEN, format!("{refusal}\n")).into_response();
+    }
+    let viewer = master.viewer(principal);
+    let (frameworks, completed) = frameworks_json(master, viewer);
     match route {
         "/state" | "/state.json" | "/state-summary" => json_response(&json!({
             "version": butte_api::MESOS_VERSION,
@@ -149,8 +161,10 @@ pub fn view(master: &Master, route: &str) -> Response {
                 .flat_map(|f| {
                     f.tasks
                         .values()
-                        .map(|e| task_json(&e.task))
-                        .chain(f.completed_tasks.iter().map(task_json))
+                        .map(|e| &e.task)
+                        .chain(&f.completed_tasks)
+                        .filter(move |t| viewer.task(t, &f.info))
+                        .map(task_json)
                 })
                 .collect();
             json_response(&json!({"tasks": tasks}))

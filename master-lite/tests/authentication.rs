@@ -270,3 +270,187 @@ async fn ten_thousand_wrong_secrets_from_one_address_lock_it_out_and_slow_nobody
     );
     master.shutdown().await;
 }
+
+const ACLS: &str = r#"{
+  "permissive": true,
+  "register_frameworks": [
+    {"principals": {"values": ["alice"]}, "roles": {"values": ["a"]}},
+    {"principals": {"values": ["alice"]}, "roles": {"type": "NONE"}}
+  ],
+  "run_tasks": [
+    {"principals": {"values": ["alice"]}, "users": {"values": ["nobody"]}},
+    {"principals": {"values": ["alice"]}, "users": {"type": "NONE"}}
+  ],
+  "view_frameworks": [
+    {"principals": {"values": ["bob"]}, "users": {"values": ["bob-user"]}},
+    {"principals": {"values": ["bob"]}, "users": {"type": "NONE"}}
+  ],
+  "view_tasks": [
+    {"principals": {"values": ["bob"]}, "users": {"values": ["bob-user"]}},
+    {"principals": {"values": ["bob"]}, "users": {"type": "NONE"}}
+  ],
+  "mark_agents_gone": [
+    {"principals": {"values": ["ops"]}, "agents": {"type": "ANY"}},
+    {"principals": {"type": "ANY"}, "agents": {"type": "NONE"}}
+  ],
+  "teardown_frameworks": [
+    {"principals": {"values": ["ops"]}, "framework_principals": {"type": "ANY"}},
+    {"principals": {"type": "ANY"}, "framework_principals": {"type": "NONE"}}
+  ]
+}"#;
+
+async fn operator_call(
+    master: &RunningMaster,
+    principal: &str,
+    call: serde_json::Value,
+) -> reqwest::Response {
+    basic_client(principal, &format!("{principal}-secret"))
+        .post(format!("http://{}/api/v1", master.addr))
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json")
+        .body(call.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acls_hold_roles_users_views_and_operator_calls_to_their_principals() {
+    let dir = support::work_dir("auth-acls");
+    let mut config = MasterConfig::for_work_dir(dir.clone());
+    let credentials = dir.join("credentials");
+    std::fs::write(
+        &credentials,
+        "alice alice-secret\nbob bob-secret\nops ops-secret\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let acls = dir.join("acls.json");
+    std::fs::write(&acls, ACLS).unwrap();
+    config.credentials = Some(credentials);
+    config.acls = Some(acls);
+    config.authenticate_frameworks = true;
+    config.authenticate_http_readwrite = true;
+    config.authenticate_http_readonly = true;
+    let master = support::master_with(config).await;
+    let agent = TestAgent::connect(&master, "cpus:4;mem:4096").await;
+
+    // Alice may register in role a only.
+    let in_b = basic_client("alice", "alice-secret")
+        .post(format!("http://{}/api/v1/scheduler", master.addr))
+        .header("Content-Type", "application/json")
+        .body(json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": {"user": "nobody", "name": "x", "roles": ["b"], "capabilities": [{"type": "MULTI_ROLE"}]}}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(in_b.status(), 403);
+    let why = in_b.text().await.unwrap();
+    assert!(
+        why.contains("register_frameworks") && why.contains("'b'"),
+        "{why}"
+    );
+    let mut alice = Scheduler::subscribe_as(
+        &master,
+        json!({"user": "nobody", "name": "alice's", "roles": ["a"], "capabilities": [{"type": "MULTI_ROLE"}]}),
+        "alice",
+        "alice-secret",
+    )
+    .await;
+
+    // Alice's tasks run as nobody, not as root.
+    let offers = alice.next("OFFERS", 5).await;
+    let offer = &offers["offers"]["offers"][0];
+    let mut call = support::launch(
+        offer,
+        &[
+            ("as-root", "sleep 600", 1.0, 64.0),
+            ("as-nobody", "sleep 600", 1.0, 64.0),
+        ],
+    );
+    call["accept"]["operations"][0]["launch"]["task_infos"][0]["command"]["user"] = json!("root");
+    assert_eq!(alice.call(call).await, 202);
+    let refused = alice.await_state("as-root", "TASK_ERROR", 5).await;
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("run_tasks") && message.contains("'root'"),
+        "{refused}"
+    );
+    alice.await_state("as-nobody", "TASK_RUNNING", 5).await;
+
+    // Bob sees only frameworks and tasks of bob-user: none of alice's.
+    let state = |principal: &'static str| {
+        let master = &master;
+        async move {
+            basic_client(principal, &format!("{principal}-secret"))
+                .get(format!("http://{}/state", master.addr))
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        state("alice").await["frameworks"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(
+        state("bob").await["frameworks"].as_array().unwrap().len(),
+        0
+    );
+    let tasks: serde_json::Value = basic_client("bob", "bob-secret")
+        .get(format!("http://{}/tasks", master.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 0, "{tasks}");
+    let get_state: serde_json::Value = operator_call(&master, "bob", json!({"type": "GET_STATE"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        get_state["get_state"]["get_frameworks"]["frameworks"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{get_state}"
+    );
+    assert!(
+        get_state["get_state"]["get_tasks"]["tasks"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{get_state}"
+    );
+
+    // Only ops marks agents gone and tears frameworks down.
+    let gone = operator_call(&master, "bob", json!({"type": "MARK_AGENT_GONE", "mark_agent_gone": {"agent_id": {"value": agent.agent_id}}})).await;
+    assert_eq!(gone.status(), 403);
+    assert!(gone.text().await.unwrap().contains("mark_agents_gone"));
+    let teardown =
+        json!({"type": "TEARDOWN", "teardown": {"framework_id": {"value": alice.framework_id}}});
+    let refused = operator_call(&master, "bob", teardown.clone()).await;
+    assert_eq!(refused.status(), 403);
+    assert!(
+        refused
+            .text()
+            .await
+            .unwrap()
+            .contains("teardown_frameworks")
+    );
+    assert_eq!(
+        state("alice").await["frameworks"].as_array().unwrap().len(),
+        1,
+        "still there"
+    );
+    assert_eq!(operator_call(&master, "ops", teardown).await.status(), 200);
+    assert_eq!(
+        state("ops").await["frameworks"].as_array().unwrap().len(),
+        0,
+        "torn down"
+    );
+    master.shutdown().await;
+}

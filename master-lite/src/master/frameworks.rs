@@ -222,6 +222,15 @@ impl Master {
             )));
         }
         validate_roles(&info)?;
+        for role in roles_of(&info) {
+            self.acls
+                .check(
+                    crate::acls::Action::RegisterFrameworks,
+                    info.principal.as_deref(),
+                    Some(&role),
+                )
+                .map_err(Refusal::forbidden)?;
+        }
         let (sender, receiver) = mpsc::channel(EVENT_QUEUE);
         let overflowed = Arc::new(AtomicBool::new(false));
         let stream_id = uuid::Uuid::new_v4().to_string();

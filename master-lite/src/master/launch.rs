@@ -237,6 +237,18 @@ impl Master {
             ));
         }
         validate_task_body(task, in_group)?;
+        // The user it runs as: its command's, else its framework's.
+        let framework = self.frameworks.get(at.framework_id).map(|f| &f.info);
+        let user = task
+            .command
+            .as_ref()
+            .and_then(|c| c.user.as_deref())
+            .or(framework.map(|f| f.user.as_str()));
+        self.acls.check(
+            crate::acls::Action::RunTasks,
+            framework.and_then(|f| f.principal.as_deref()),
+            user,
+        )?;
         let resources = task_resources(task, !in_group)?;
         // A task alone always gets a CPU share and a memory limit (a group's
         // tasks are sized together with their executor: see validate_group).

@@ -199,6 +199,42 @@ pub struct Master {
     allocation_wanted: Arc<Notify>,
     /// Per-task telemetry the agents stream.
     pub telemetry: crate::telemetry::TelemetryStore,
+    /// Who may do what (`--acls`); all is allowed without.
+    pub acls: crate::acls::Acls,
+}
+
+/// What one requester may see in the state views (the view_frameworks and
+/// view_tasks ACLs, by the framework's and the task's user).
+#[derive(Clone, Copy)]
+pub struct Viewer<'a> {
+    acls: &'a crate::acls::Acls,
+    principal: Option<&'a str>,
+}
+
+impl Viewer<'_> {
+    pub fn framework(&self, info: &FrameworkInfo) -> bool {
+        self.acls.allows(
+            crate::acls::Action::ViewFrameworks,
+            self.principal,
+            Some(&info.user),
+        )
+    }
+
+    pub fn task(&self, task: &butte_api::mesos::v1::Task, framework: &FrameworkInfo) -> bool {
+        let user = task.user.as_deref().unwrap_or(&framework.user);
+        self.acls
+            .allows(crate::acls::Action::ViewTasks, self.principal, Some(user))
+    }
+}
+
+impl Master {
+    /// What `principal` (None: unauthenticated) may see.
+    pub fn viewer<'a>(&'a self, principal: Option<&'a str>) -> Viewer<'a> {
+        Viewer {
+            acls: &self.acls,
+            principal,
+        }
+    }
 }
 
 impl Master {
@@ -251,6 +287,7 @@ impl Master {
             counters: Counters::default(),
             allocation_wanted: Arc::new(Notify::new()),
             telemetry: crate::telemetry::TelemetryStore::default(),
+            acls: crate::acls::Acls::default(),
         };
         master.restore(recovered);
         Ok(master)
