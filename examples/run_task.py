@@ -21,11 +21,20 @@ def main():
     parser.add_argument("--master", default="http://127.0.0.1:5050")
     parser.add_argument("--cpus", type=float, default=0.5)
     parser.add_argument("--mem", type=float, default=128)
+    parser.add_argument("--principal", help="authenticate as this principal (HTTP Basic)")
+    parser.add_argument("--secret", help="the principal's secret")
+    parser.add_argument("--ca", help="the CA that signed the master's certificate (https)")
     parser.add_argument("command", nargs="+")
     args = parser.parse_args()
 
     events = queue.Queue()
     client = MesosClient(mesos_urls=[args.master], frameworkName="butte-run", max_reconnect=1)
+    if args.principal:
+        import requests.auth
+        client.principal = args.principal
+        client.requests_auth = requests.auth.HTTPBasicAuth(args.principal, args.secret or "")
+    if args.ca:
+        client.verify = args.ca
     for kind in (MesosClient.SUBSCRIBED, MesosClient.OFFERS, MesosClient.UPDATE, MesosClient.ERROR):
         client.on(kind, lambda payload, kind=kind: events.put((kind, payload)))
     threading.Thread(target=client.register, daemon=True).start()

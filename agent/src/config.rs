@@ -114,6 +114,22 @@ pub struct AgentConfig {
     /// machine, attached only while some task has one.
     #[arg(long, env = "BUTTE_RUNQUEUE_HISTOGRAM", value_enum, default_value_t = RunqueueHistogram::Labelled)]
     pub runqueue_histogram: RunqueueHistogram,
+    /// The CA (PEM) that signed the master's certificate: the link to the
+    /// master goes over TLS and checks the master against it.
+    #[arg(long, env = "BUTTE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM), presented to the master as its
+    /// identity (signed by the master's --agent-ca). Read at each connect.
+    #[arg(
+        long,
+        env = "BUTTE_TLS_CERT",
+        requires = "tls_key",
+        requires = "tls_ca"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// This agent's private key (PEM).
+    #[arg(long, env = "BUTTE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `--runqueue-histogram`.

@@ -87,6 +87,40 @@ pub enum LinkError {
     /// the link's outbound queue is gone (the session is over)
     #[error("the link's outbound queue is closed")]
     Closed,
+    /// a TLS file (--tls-ca, --tls-cert, --tls-key) cannot be read
+    #[error("cannot read {flag} {path}: {source}")]
+    TlsFile {
+        flag: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The link's TLS settings, read from the files at each connect (a renewed
+/// certificate is used from the next link on); None without --tls-ca.
+fn client_tls(
+    config: &crate::config::AgentConfig,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, LinkError> {
+    let Some(ca) = &config.tls_ca else {
+        return Ok(None);
+    };
+    let read = |flag: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| LinkError::TlsFile {
+            flag,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(read("--tls-ca", ca)?),
+    );
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
+        ));
+    }
+    Ok(Some(tls))
 }
 
 /// The first wait before reconnecting; it doubles with each failed attempt
@@ -136,14 +170,24 @@ const SILENT_INTERVALS: u32 = 3;
 /// `admitted` is set once the master took the registration.
 async fn session(agent: &Agent, admitted: &mut bool) -> Result<(), LinkError> {
     // HTTP/2 pings find a dead peer or path even while no message flows.
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", agent.config.master))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
+    let config = &agent.config;
+    let scheme = if config.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", config.master))?;
+    if let Some(tls) = client_tls(config)? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await?;
     let mut client = AgentLinkClient::new(channel);
     let (outbound, receiver) = Outbound::new(OUTBOUND_BOUND);
     if !agent.connect(outbound.clone()) {

@@ -32,6 +32,11 @@ impl AgentLink for AgentLinkService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<MasterStream>, Status> {
+        // Set by the accept loop: what the client certificate names.
+        let identity = request
+            .extensions()
+            .get::<crate::tls::PeerIdentity>()
+            .and_then(|identity| identity.0.clone());
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the link closed before the agent registered")
@@ -45,12 +50,22 @@ impl AgentLink for AgentLinkService {
         let (agent_id, epoch) = self
             .shared
             .lock()
-            .register_agent(register, sender)
+            .register_agent(register, sender, identity.as_deref())
             .map_err(|error| {
                 let message = format!("registration refused: {error}");
                 match error {
                     // For good: the agent gives up its tasks and its id.
                     crate::master::RegisterError::Gone(_) => Status::permission_denied(message),
+                    crate::master::RegisterError::Unauthenticated => {
+                        Status::unauthenticated(message)
+                    }
+                    // Not PERMISSION_DENIED, which tells an agent it is gone
+                    // for good: a real agent whose certificate changed keeps
+                    // its tasks and retries while the operator sorts it out.
+                    crate::master::RegisterError::Impostor { .. } => {
+                        tracing::warn!(%message, "an agent presented another agent's id");
+                        Status::unauthenticated(message)
+                    }
                     _ => Status::invalid_argument(message),
                 }
             })?;

@@ -80,6 +80,30 @@ pub struct MasterConfig {
     /// the master's user only.
     #[arg(long, env = "BUTTE_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// The master's certificate (PEM, chain first); with --tls-key, its port
+    /// speaks HTTPS only (and the agent link TLS). Reloaded on SIGHUP.
+    #[arg(long, env = "BUTTE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The master's private key (PEM).
+    #[arg(long, env = "BUTTE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// What plain HTTP on the TLS port gets: `refuse` (400) or `redirect`
+    /// (308 to https).
+    #[arg(
+        long,
+        env = "BUTTE_TLS_PLAIN_HTTP",
+        value_enum,
+        default_value = "refuse"
+    )]
+    pub tls_plain_http: crate::serve::PlainHttp,
+    /// The CA (PEM) that agents' client certificates must chain to.
+    #[arg(long, env = "BUTTE_AGENT_CA")]
+    pub agent_ca: Option<PathBuf>,
+    /// Agents must present a client certificate signed by --agent-ca (needs
+    /// TLS); an agent id is bound to the identity (the certificate's DNS
+    /// names) that first registered it.
+    #[arg(long, env = "BUTTE_AUTHENTICATE_AGENTS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub authenticate_agents: bool,
     /// Mesos's ACL JSON: who may register in which roles, run tasks as which
     /// users, see which frameworks and tasks, tear down, mark agents gone,
     /// get guarded endpoints; `permissive` decides where no rule matches.
@@ -151,6 +175,11 @@ impl MasterConfig {
             status_update_retry: Duration::from_secs(10),
             weights: String::new(),
             credentials: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_plain_http: crate::serve::PlainHttp::Refuse,
+            agent_ca: None,
+            authenticate_agents: false,
             acls: None,
             authenticate_frameworks: false,
             authenticate_http_readwrite: false,

@@ -13,7 +13,9 @@ pub mod metrics;
 pub mod operator_api;
 pub mod registry;
 pub mod scheduler_api;
+pub mod serve;
 pub mod telemetry;
+pub mod tls;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -24,7 +26,6 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::serve::ListenerExt;
 use butte_api::agent_link::v1::agent_link_server::AgentLinkServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -39,9 +40,19 @@ pub struct RunningMaster {
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
     ticker: JoinHandle<()>,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 impl RunningMaster {
+    /// Reads the TLS certificate and key again (SIGHUP): new connections
+    /// get them; open ones, event streams included, go on.
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+
     /// Stops serving: ends every event stream and agent link, then waits up
     /// to 2 s for connections to drain before closing the rest.
     pub async fn shutdown(mut self) {
@@ -82,6 +93,14 @@ pub enum StartError {
     /// the ACL file cannot be used
     #[error(transparent)]
     Acls(#[from] acls::AclError),
+    /// the certificates cannot be used
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// agents are to authenticate without what they need for it
+    #[error(
+        "--authenticate-agents needs --agent-ca (the CA agents' certificates chain to) and --tls-cert with --tls-key"
+    )]
+    AgentsUnauthenticatable,
 }
 
 /// Binds, opens the registry and starts serving.
@@ -110,6 +129,18 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
         ],
     )?
     .map(Arc::new);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.agent_ca.clone(),
+        })?)),
+        _ => None,
+    };
+    if config.authenticate_agents && (tls.is_none() || config.agent_ca.is_none()) {
+        return Err(StartError::AgentsUnauthenticatable);
+    }
+    let plain_http = config.tls_plain_http;
     let acls = match &config.acls {
         Some(path) => acls::Acls::load(path)?,
         None => acls::Acls::default(),
@@ -136,31 +167,21 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
         },
     );
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        // Small event records and acknowledgements must not wait for Nagle's
-        // algorithm and delayed ACKs (40 ms a round trip otherwise).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::warn!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "the master's server failed");
-        }
-    });
-    tracing::info!(%addr, "butte master serving");
+    let server = tokio::spawn(serve::serve(
+        listener,
+        app,
+        tls.clone(),
+        plain_http,
+        stopped,
+    ));
+    tracing::info!(%addr, tls = tls.is_some(), "butte master serving");
     Ok(RunningMaster {
         addr,
         shared,
         stop: Some(stop),
         server,
         ticker,
+        tls,
     })
 }
 

@@ -25,6 +25,9 @@ const LAUNCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("launches");
 /// When each unreachable agent became so (Unix seconds), by agent id, so
 /// that a restarted master knows them as unreachable and when to forget them.
 const UNREACHABLE: TableDefinition<&str, f64> = TableDefinition::new("unreachable");
+/// The identity (client certificate's DNS names) each agent id is bound
+/// to: the one that first registered it.
+const AGENT_IDENTITIES: TableDefinition<&str, &str> = TableDefinition::new("agent_identities");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -59,6 +62,8 @@ pub struct Recovered {
     pub agents: Vec<AgentInfo>,
     /// Unreachable agents with the Unix time they became so.
     pub unreachable: Vec<(String, f64)>,
+    /// Agent ids with the identity bound to each.
+    pub agent_identities: Vec<(String, String)>,
     pub tasks: Vec<Task>,
     /// Launch messages of tasks that were staging.
     pub launches: Vec<butte_api::agent_link::v1::LaunchTasks>,
@@ -130,6 +135,13 @@ impl Registry {
                 .unreachable
                 .push((id.value().to_owned(), since.value()));
         }
+        let identities = txn.open_table(AGENT_IDENTITIES).map_err(|e| err(&e))?;
+        for item in identities.iter().map_err(|e| err(&e))? {
+            let (id, identity) = item.map_err(|e| err(&e))?;
+            recovered
+                .agent_identities
+                .push((id.value().to_owned(), identity.value().to_owned()));
+        }
         recovered.tasks = read_all(&txn, TASKS, "tasks")?;
         recovered.launches = read_all(&txn, LAUNCHES, "launches")?;
         Ok(recovered)
@@ -166,14 +178,19 @@ impl Registry {
         })
     }
 
-    /// A (re-)registered agent: known, and reachable.
-    pub fn put_agent(&self, info: &AgentInfo) -> Result<(), RegistryError> {
+    /// A (re-)registered agent: known, and reachable; bound to `identity`
+    /// where it has one.
+    pub fn put_agent(&self, info: &AgentInfo, identity: Option<&str>) -> Result<(), RegistryError> {
         let key = info.id.as_ref().map_or("", |a| a.value.as_str()).to_owned();
         let value = info.encode_to_vec();
         self.write(|txn| {
             txn.open_table(AGENTS)?
                 .insert(key.as_str(), value.as_slice())?;
             txn.open_table(UNREACHABLE)?.remove(key.as_str())?;
+            if let Some(identity) = identity {
+                txn.open_table(AGENT_IDENTITIES)?
+                    .insert(key.as_str(), identity)?;
+            }
             Ok(())
         })
     }
@@ -192,6 +209,7 @@ impl Registry {
         self.write(|txn| {
             txn.open_table(AGENTS)?.remove(agent_id)?;
             txn.open_table(UNREACHABLE)?.remove(agent_id)?;
+            txn.open_table(AGENT_IDENTITIES)?.remove(agent_id)?;
             let mut table = txn.open_table(TASKS)?;
             let mut launches = txn.open_table(LAUNCHES)?;
             for key in &keys {
@@ -291,6 +309,8 @@ fn open_database(path: &Path) -> Result<Database, RegistryError> {
         txn.open_table(TASKS).map_err(|e| store("open")(&e))?;
         txn.open_table(LAUNCHES).map_err(|e| store("open")(&e))?;
         txn.open_table(UNREACHABLE).map_err(|e| store("open")(&e))?;
+        txn.open_table(AGENT_IDENTITIES)
+            .map_err(|e| store("open")(&e))?;
     }
     txn.commit().map_err(|e| store("open")(&e))?;
     Ok(db)

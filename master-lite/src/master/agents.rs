@@ -183,6 +183,20 @@ pub enum RegisterError {
         "the operator marked agent {0} gone (MARK_AGENT_GONE); start the agent on a new --work-dir to join as a new agent"
     )]
     Gone(String),
+    /// Agents authenticate and this one presented no client certificate.
+    #[error(
+        "this master authenticates agents: connect over TLS with a client certificate signed by its --agent-ca (the agent's --tls-cert and --tls-key)"
+    )]
+    Unauthenticated,
+    /// The id is bound to another identity.
+    #[error(
+        "agent id {agent_id} belongs to the agent whose certificate names {bound}, not {presented}"
+    )]
+    Impostor {
+        agent_id: String,
+        bound: String,
+        presented: String,
+    },
 }
 
 /// Why MARK_AGENT_GONE was refused.
@@ -196,11 +210,19 @@ pub enum MarkGoneError {
 
 impl Master {
     /// An agent opened its link and registered (or re-registered with its id).
+    /// Registers an agent on a new link; `identity`: what its client
+    /// certificate names, where it presented one (required where agents
+    /// authenticate). An agent id stays bound to the identity that first
+    /// registered it.
     pub fn register_agent(
         &mut self,
         register: link::Register,
         messages: mpsc::Sender<link::MasterMessage>,
+        identity: Option<&str>,
     ) -> Result<(String, u64), RegisterError> {
+        if self.config.authenticate_agents && identity.is_none() {
+            return Err(RegisterError::Unauthenticated);
+        }
         let total = Resources::from_proto(&register.total_resources)?;
         if register.agent_info.hostname.is_empty() {
             return Err(RegisterError::NoHostname);
@@ -215,11 +237,25 @@ impl Master {
         }
         let now = Instant::now();
         let (agent_id, reregister) = self.agent_id_of(&info);
+        if let (Some(presented), Some(bound)) = (identity, self.agent_identities.get(&agent_id))
+            && presented != bound
+        {
+            return Err(RegisterError::Impostor {
+                agent_id,
+                bound: bound.clone(),
+                presented: presented.to_owned(),
+            });
+        }
         info.id = Some(AgentId {
             value: agent_id.clone(),
         });
         info.resources = total.to_proto(None);
-        self.registry.put_agent(&info)?;
+        self.registry.put_agent(&info, identity)?;
+        if let Some(identity) = identity {
+            self.agent_identities
+                .entry(agent_id.clone())
+                .or_insert_with(|| identity.to_owned());
+        }
 
         // A previous link of this agent is replaced; its offers are void.
         self.rescind_agent_offers(&agent_id);
@@ -475,7 +511,7 @@ impl Master {
         agent.total = total.clone();
         agent.info.resources = total.to_proto(None);
         let info = agent.info.clone();
-        let result = self.registry.put_agent(&info);
+        let result = self.registry.put_agent(&info, None);
         self.persist(result);
         self.rescind_agent_offers(agent_id);
         self.allocator.set_agent_total(agent_id, total.clone());
@@ -576,6 +612,7 @@ impl Master {
             }
         }
         self.agents.remove(agent_id);
+        self.agent_identities.remove(agent_id);
         let result = self.registry.remove_agent(agent_id, &forgotten);
         self.persist(result);
         tracing::warn!(

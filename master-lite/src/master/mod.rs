@@ -192,6 +192,9 @@ pub struct Master {
     next_agent: u64,
     /// Agents the operator marked gone: their registrations are refused.
     pub gone_agents: std::collections::BTreeSet<String>,
+    /// The identity each agent id is bound to (its first registration's
+    /// client certificate), where agents present one.
+    agent_identities: HashMap<String, String>,
     next_epoch: u64,
     pub started: Instant,
     pub start_time: f64,
@@ -281,6 +284,9 @@ impl Master {
             next_framework: recovered.next_framework,
             next_agent: recovered.next_agent,
             gone_agents: recovered.gone_agents.iter().cloned().collect(),
+            agent_identities: std::mem::take(&mut recovered.agent_identities)
+                .into_iter()
+                .collect(),
             next_epoch: 0,
             started: Instant::now(),
             start_time: unix_now(),
@@ -505,7 +511,7 @@ mod fixture {
             ..Default::default()
         };
         let (agent_id, epoch) = master
-            .register_agent(register, messages)
+            .register_agent(register, messages, None)
             .expect("the agent registers");
         (agent_id, epoch, receiver)
     }

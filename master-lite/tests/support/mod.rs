@@ -65,9 +65,24 @@ impl TestAgent {
         agent_id: Option<String>,
         running_tasks: Vec<butte_api::mesos::v1::Task>,
     ) -> TestAgent {
-        let mut client = AgentLinkClient::connect(format!("http://{}", master.addr))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", master.addr))
+            .unwrap()
+            .connect()
             .await
             .expect("grpc connects");
+        Self::register_over(channel, resources, agent_id, running_tasks)
+            .await
+            .expect("registered")
+    }
+
+    /// Registers on `channel` (plain or TLS); the master's refusal as its status.
+    pub async fn register_over(
+        channel: tonic::transport::Channel,
+        resources: &str,
+        agent_id: Option<String>,
+        running_tasks: Vec<butte_api::mesos::v1::Task>,
+    ) -> Result<TestAgent, tonic::Status> {
+        let mut client = AgentLinkClient::new(channel);
         let (outbound, receiver) = mpsc::unbounded_channel();
         outbound
             .send(link::AgentMessage {
@@ -87,10 +102,12 @@ impl TestAgent {
             .unwrap();
         let mut inbound = client
             .session(UnboundedReceiverStream::new(receiver))
-            .await
-            .expect("link opens")
+            .await?
             .into_inner();
-        let first = inbound.message().await.unwrap().expect("registered");
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::unknown("the link closed before Registered"))?;
         let Some(master_message::Kind::Registered(registered)) = first.kind else {
             panic!("expected Registered, got {first:?}");
         };
@@ -122,14 +139,14 @@ impl TestAgent {
                 }
             }
         });
-        TestAgent {
+        Ok(TestAgent {
             agent_id: registered.agent_id.value,
             outbound,
             unacked,
             received,
             drop_launches,
             reader,
-        }
+        })
     }
 
     /// From now on, launches are lost on the way (never answered).
