@@ -92,7 +92,7 @@ fn frameworks_json(master: &Master, viewer: Viewer<'_>) -> (Vec<Value>, Vec<Valu
         .completed_frameworks
         .iter()
         .filter(|info| viewer.framework(info))
-        .map(|info| json!({"id": info.id.as_ref().map_or("", |f| f.value.as_str()), "name": info.name, "active": false}))
+        .map(|info| json!({"id": info.id.as_ref().map_or("", |f| f.value.as_str()), "name": info.name, "principal": info.principal, "active": false}))
         .collect();
     (frameworks, completed)
 }

@@ -90,6 +90,17 @@ pub struct Cluster {
     agent_runs: u32,
     /// The port the agent reaches the master on.
     agent_to_master: u16,
+    /// Where the master speaks HTTPS and wants credentials to read.
+    https: Option<Https>,
+}
+
+/// How to read from a master that speaks HTTPS and authenticates readers.
+#[derive(Clone)]
+pub struct Https {
+    /// The CA of the master's certificate.
+    pub ca: PathBuf,
+    /// `principal:secret`.
+    pub credentials: String,
 }
 
 /// A cluster's ports: the master's, the agent's, and the one the agent
@@ -130,13 +141,34 @@ impl Cluster {
             agent: agent_port,
             agent_to_master: master_port,
         };
-        Self::start_full(name, ports, resources, agent_args, &[], prepare)
+        Self::start_full(name, ports, resources, agent_args, &[], None, prepare)
+    }
+
+    /// A cluster whose master speaks HTTPS (`master_args` say how) and
+    /// wants credentials to read (`https`); the agent gets `agent_args`.
+    pub fn start_secure(
+        name: &str,
+        ports: Ports,
+        resources: &str,
+        agent_args: &[&str],
+        master_args: &[&str],
+        https: Https,
+    ) -> Cluster {
+        Self::start_full(
+            name,
+            ports,
+            resources,
+            agent_args,
+            master_args,
+            Some(https),
+            |_| {},
+        )
     }
 
     /// As `start_with`, the agent reaching the master through
     /// `via_port` (a proxy the test cuts), the master given `master_args`.
     pub fn start_via(name: &str, ports: Ports, resources: &str, master_args: &[&str]) -> Cluster {
-        Self::start_full(name, ports, resources, &[], master_args, |_| {})
+        Self::start_full(name, ports, resources, &[], master_args, None, |_| {})
     }
 
     fn start_full(
@@ -145,6 +177,7 @@ impl Cluster {
         resources: &str,
         agent_args: &[&str],
         master_args: &[&str],
+        https: Option<Https>,
         prepare: impl FnOnce(&Path),
     ) -> Cluster {
         let Ports {
@@ -177,13 +210,34 @@ impl Cluster {
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
             agent_runs: 0,
             agent_to_master,
+            https,
         };
         cluster.start_agent();
         wait_for("the agent to register", || {
-            http_get(master_port, "/metrics/snapshot")
+            cluster
+                .master_get("/metrics/snapshot")
                 .is_some_and(|body| body.contains("\"master/slaves_active\":1.0"))
         });
         cluster
+    }
+
+    /// A GET of the master's `path`: the body, if it answered (over HTTPS,
+    /// with credentials, where the master wants them).
+    pub fn master_get(&self, path: &str) -> Option<String> {
+        let Some(https) = &self.https else {
+            return http_get(self.master_port, path);
+        };
+        let output = Command::new("curl")
+            .args(["-sf", "--max-time", "5", "--cacert"])
+            .arg(&https.ca)
+            .args(["-u", &https.credentials])
+            .arg(format!("https://127.0.0.1:{}{path}", self.master_port))
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Starts the agent (again, after `kill_agent`: same flags, same work

@@ -1,0 +1,171 @@
+//! The real master and agent with authentication and TLS on: the agent's
+//! link goes over TLS with its client certificate, an agent without one is
+//! refused, and the example framework runs a task through HTTPS as an
+//! authenticated principal (the README's worked example, end to end).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+use common::cluster::{Cluster, Https, Ports, binary, python, wait_for};
+
+/// The CA, the master's certificate (127.0.0.1) and the agent's
+/// (agent-1.test), made by openssl as the README shows.
+fn pki(dir: &Path) {
+    let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=kt-ca -keyout ca.key -out ca.pem
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > master.ext
+printf 'subjectAltName=DNS:agent-1.test\nextendedKeyUsage=clientAuth\n' > agent.ext
+for who in master agent; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=$who -keyout $who.key -out $who.csr
+  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $who.ext -out $who.pem
+done
+printf 'ops ops-secret\n' > credentials
+chmod 600 credentials *.key
+"#;
+    let output = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("sh and openssl run (scripts/install-deps installs openssl)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn an_agent_links_over_tls_with_its_certificate_and_a_principal_runs_a_task_over_https() {
+    let pki_dir =
+        Path::new("/var/lib/butte-kernel-tests").join(format!("tls-pki-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pki_dir);
+    std::fs::create_dir_all(&pki_dir).unwrap();
+    pki(&pki_dir);
+    let file = |name: &str| pki_dir.join(name).to_str().unwrap().to_owned();
+    let master_args = [
+        "--tls-cert",
+        &file("master.pem"),
+        "--tls-key",
+        &file("master.key"),
+        "--agent-ca",
+        &file("ca.pem"),
+        "--authenticate-agents",
+        "--credentials",
+        &file("credentials"),
+        "--authenticate-frameworks",
+        "--authenticate-http-readwrite",
+        "--authenticate-http-readonly",
+    ];
+    let agent_args = [
+        "--tls-ca",
+        &file("ca.pem"),
+        "--tls-cert",
+        &file("agent.pem"),
+        "--tls-key",
+        &file("agent.key"),
+    ];
+    let cluster = Cluster::start_secure(
+        "agent-tls",
+        Ports {
+            master: 15234,
+            agent: 15235,
+            agent_to_master: 15234,
+        },
+        "cpus:2;mem:1024",
+        &agent_args,
+        &master_args,
+        Https {
+            ca: pki_dir.join("ca.pem"),
+            credentials: "ops:ops-secret".into(),
+        },
+    );
+
+    // An agent that trusts the master but has no certificate is refused,
+    // and says why in its log.
+    let uncertified_dir = cluster.dir.join("uncertified");
+    let log = std::fs::File::create(cluster.dir.join("uncertified.log")).unwrap();
+    let mut uncertified = Command::new(binary("butte-agent"))
+        .args(["--master", "127.0.0.1:15234", "--port", "15236"])
+        .args(["--tls-ca", &file("ca.pem")])
+        .args([
+            "--resources",
+            "cpus:1;mem:256",
+            "--container-prefix",
+            "kt15236-",
+        ])
+        .args(["--cgroup-subtree", "butte/kt15236", "--gpu-backend", "none"])
+        .arg("--work-dir")
+        .arg(&uncertified_dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for("the uncertified agent to be refused", || {
+        std::fs::read_to_string(cluster.dir.join("uncertified.log"))
+            .is_ok_and(|log| log.contains("--agent-ca"))
+    });
+    let _ = uncertified.kill();
+    let _ = uncertified.wait();
+    common::isolator_at("butte/kt15236").remove_subtree();
+    let snapshot = cluster.master_get("/metrics/snapshot").unwrap();
+    assert!(
+        snapshot.contains("\"master/slaves_active\":1.0"),
+        "only the certified agent: {snapshot}"
+    );
+    // Without credentials, the views answer 401.
+    let plain = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            &file("ca.pem"),
+        ])
+        .arg("https://127.0.0.1:15234/state")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "401");
+
+    // The example framework, over HTTPS, as principal ops.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/run_task.py");
+    let mut run = Command::new(python());
+    run.arg(&script)
+        .args([
+            "--master",
+            "https://127.0.0.1:15234",
+            "--ca",
+            &file("ca.pem"),
+        ])
+        .args([
+            "--principal",
+            "ops",
+            "--secret",
+            "ops-secret",
+            "--cpus",
+            "0.5",
+            "--mem",
+            "64",
+        ])
+        .args(["--", "echo", "hello over tls"]);
+    // The script gives up by itself after 60 s without an event.
+    let output = run.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("TASK_FINISHED"),
+        "run_task.py: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let frameworks = cluster.master_get("/frameworks").unwrap();
+    assert!(
+        frameworks.contains("\"principal\":\"ops\""),
+        "the framework's principal is the one it authenticated as: {frameworks}"
+    );
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&pki_dir);
+    let _ = std::fs::remove_dir_all(&uncertified_dir);
+}
