@@ -3,16 +3,23 @@
 //! every update, and times each ACCEPT until the task's TASK_RUNNING arrives.
 //! This includes the agent's hop to its launcher and the status update
 //! stream's acknowledgement of TASK_STARTING before TASK_RUNNING (as in Mesos).
+//! A second cluster runs beside it with authentication and TLS on (HTTPS
+//! with HTTP Basic for the scheduler, the agent link over TLS with the
+//! agent's certificate), launches alternating between the two, so that
+//! both meet the same machine state; the difference of the medians is
+//! what authentication and TLS cost (connections are kept alive).
 //!
 //! `cargo build --release --workspace --bins && sudo target/release/accept-to-running [LAUNCHES]`
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use butte_bench::cluster::{Cluster, Scheduler, stats, task};
+use butte_bench::cluster::{Cluster, Scheduler, Secured, stats, task};
 
 const MASTER_PORT: u16 = 15250;
 const AGENT_PORT: u16 = 15251;
+const SECURED_MASTER_PORT: u16 = 15252;
+const SECURED_AGENT_PORT: u16 = 15253;
 
 /// Launches `task_id` (`/bin/true`) on the oldest offer; the time from
 /// ACCEPT to its TASK_RUNNING, or None when it ended without one.
@@ -49,24 +56,48 @@ async fn main() {
         .max(1);
     let dir = PathBuf::from("/var/lib/butte-bench/accept-to-running");
     let cluster = Cluster::start(&dir, MASTER_PORT, AGENT_PORT, "cpus:8;mem:8192").await;
+    let secured = Secured::make(&dir.with_extension("pki"));
+    let secured_cluster = Cluster::start_secured(
+        &dir.with_extension("secured"),
+        SECURED_MASTER_PORT,
+        SECURED_AGENT_PORT,
+        "cpus:8;mem:8192",
+        &secured,
+    )
+    .await;
     let mut scheduler = Scheduler::subscribe(MASTER_PORT).await;
-    let mut samples = Vec::with_capacity(launches);
+    let mut secured_scheduler = Scheduler::subscribe_secured(SECURED_MASTER_PORT, &secured).await;
+    let (mut samples, mut secured_samples) = (Vec::new(), Vec::new());
     let mut no_running = Vec::new();
     for i in 0..launches {
-        let task_id = format!("bench-{i}");
-        match launch(&mut scheduler, &task_id).await {
-            Some(took) => samples.push(took),
-            None => no_running.push(task_id),
+        for (scheduler, samples, kind) in [
+            (&mut scheduler, &mut samples, "plain"),
+            (&mut secured_scheduler, &mut secured_samples, "secured"),
+        ] {
+            let task_id = format!("bench-{kind}-{i}");
+            match launch(scheduler, &task_id).await {
+                Some(took) => samples.push(took),
+                None => no_running.push(task_id),
+            }
         }
     }
-    stats("ACCEPT -> TASK_RUNNING through master and agent", samples);
+    let plain = stats("ACCEPT -> TASK_RUNNING through master and agent", samples);
+    let with_tls = stats("the same with authentication and TLS on", secured_samples);
+    println!(
+        "authentication and TLS add {:+.3} ms to the median",
+        (with_tls.as_secs_f64() - plain.as_secs_f64()) * 1e3
+    );
     if !no_running.is_empty() {
         println!(
-            "{} of {launches} tasks ended without TASK_RUNNING: {}",
+            "{} of {} tasks ended without TASK_RUNNING: {}",
             no_running.len(),
+            2 * launches,
             no_running.join(", ")
         );
     }
     scheduler.teardown().await;
+    secured_scheduler.teardown().await;
     drop(cluster);
+    drop(secured_cluster);
+    let _ = std::fs::remove_dir_all(dir.with_extension("pki"));
 }

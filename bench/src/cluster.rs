@@ -22,17 +22,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Median and p99 of `samples`, in milliseconds, printed under `name`.
-pub fn stats(name: &str, mut samples: Vec<Duration>) {
+/// Median and p99 of `samples`, in milliseconds, printed under `name`;
+/// returns the median.
+pub fn stats(name: &str, mut samples: Vec<Duration>) -> Duration {
+    if samples.is_empty() {
+        println!("{name}: no samples");
+        return Duration::ZERO;
+    }
     samples.sort();
-    let at =
-        |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
     println!(
         "{name}: median {:.2} ms, p99 {:.2} ms (n={})",
-        at(0.5),
-        at(0.99),
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
         samples.len()
     );
+    at(0.5)
 }
 
 pub struct Cluster {
@@ -48,6 +53,83 @@ pub struct Cluster {
     agent_resources: String,
     pub dir: PathBuf,
     agent_runs: u32,
+    /// Flags beyond the usual ones (`start_secured`).
+    master_args: Vec<String>,
+    agent_args: Vec<String>,
+}
+
+/// A master that speaks HTTPS and authenticates frameworks: the files of
+/// `scripts/make-test-pki` in `pki`.
+pub struct Secured {
+    pub pki: PathBuf,
+}
+
+impl Secured {
+    /// Makes the test PKI in `pki`.
+    pub fn make(pki: &Path) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-test-pki");
+        let status = Command::new(script)
+            .arg(pki)
+            .status()
+            .unwrap_or_else(|e| panic!("scripts/make-test-pki: {e}"));
+        assert!(status.success(), "scripts/make-test-pki failed");
+        Self {
+            pki: pki.to_owned(),
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.pki.join(name).display().to_string()
+    }
+
+    /// TLS with agent certificates, credentials, frameworks authenticated.
+    fn master_args(&self) -> Vec<String> {
+        [
+            "--tls-cert",
+            &self.file("master.pem"),
+            "--tls-key",
+            &self.file("master.key"),
+            "--agent-ca",
+            &self.file("ca.pem"),
+            "--authenticate-agents",
+            "--credentials",
+            &self.file("credentials"),
+            "--authenticate-frameworks",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        [
+            "--tls-ca",
+            &self.file("ca.pem"),
+            "--tls-cert",
+            &self.file("agent.pem"),
+            "--tls-key",
+            &self.file("agent.key"),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// A client that trusts the test CA and authenticates as ops.
+    pub fn client(&self) -> reqwest::Client {
+        let ca = std::fs::read(self.pki.join("ca.pem")).unwrap_or_else(|e| panic!("ca.pem: {e}"));
+        let ca = reqwest::Certificate::from_pem(&ca).unwrap_or_else(|e| panic!("ca.pem: {e}"));
+        let mut headers = reqwest::header::HeaderMap::new();
+        // base64 of "ops:ops-secret"
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_static("Basic b3BzOm9wcy1zZWNyZXQ="),
+        );
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .default_headers(headers)
+            .build()
+            .unwrap_or_else(|e| panic!("https client: {e}"))
+    }
 }
 
 impl Cluster {
@@ -62,6 +144,26 @@ impl Cluster {
         Self::start_via(dir, master_port, agent_port, master_port, agent_resources).await
     }
 
+    /// As `start`, the master on HTTPS with agent certificates and
+    /// authenticated frameworks, the agent linking with its certificate.
+    pub async fn start_secured(
+        dir: &Path,
+        master_port: u16,
+        agent_port: u16,
+        agent_resources: &str,
+        secured: &Secured,
+    ) -> Self {
+        Self::start_with(
+            dir,
+            master_port,
+            agent_port,
+            master_port,
+            agent_resources,
+            (secured.master_args(), secured.agent_args()),
+        )
+        .await
+    }
+
     /// As `start`, the agent reaching the master on `agent_to_master` (a relay).
     pub async fn start_via(
         dir: &Path,
@@ -69,6 +171,25 @@ impl Cluster {
         agent_port: u16,
         agent_to_master: u16,
         agent_resources: &str,
+    ) -> Self {
+        Self::start_with(
+            dir,
+            master_port,
+            agent_port,
+            agent_to_master,
+            agent_resources,
+            (Vec::new(), Vec::new()),
+        )
+        .await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        master_port: u16,
+        agent_port: u16,
+        agent_to_master: u16,
+        agent_resources: &str,
+        (master_args, agent_args): (Vec<String>, Vec<String>),
     ) -> Self {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -82,6 +203,8 @@ impl Cluster {
             agent_resources: agent_resources.to_owned(),
             dir: dir.to_owned(),
             agent_runs: 0,
+            master_args,
+            agent_args,
         };
         cluster.start_master();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -98,6 +221,7 @@ impl Cluster {
                 "--allocation-interval",
                 "0.05",
             ])
+            .args(&self.master_args)
             .arg("--work-dir")
             .arg(self.dir.join("master"))
             .stdout(Stdio::null())
@@ -155,6 +279,7 @@ impl Cluster {
                 "--cgroup-subtree",
                 &format!("butte/bench-{port}"),
             ])
+            .args(&self.agent_args)
             .arg("--work-dir")
             .arg(work_dir)
             .stdout(log)
@@ -249,10 +374,26 @@ impl Scheduler {
             .unwrap_or_else(|e| panic!("subscribe: {e}"))
     }
 
+    /// Subscribes over HTTPS as the test principal (`Secured`).
+    pub async fn subscribe_secured(master_port: u16, secured: &Secured) -> Self {
+        let info = json!({"user": "root", "name": "bench"});
+        let url = format!("https://127.0.0.1:{master_port}/api/v1/scheduler");
+        Self::subscribe_at(secured.client(), url, info)
+            .await
+            .unwrap_or_else(|e| panic!("subscribe: {e}"))
+    }
+
     /// Subscribes with `framework_info` (with its `id`, to re-subscribe).
     pub async fn try_subscribe(master_port: u16, framework_info: Value) -> Result<Self, String> {
-        let http = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{master_port}/api/v1/scheduler");
+        Self::subscribe_at(reqwest::Client::new(), url, framework_info).await
+    }
+
+    async fn subscribe_at(
+        http: reqwest::Client,
+        url: String,
+        framework_info: Value,
+    ) -> Result<Self, String> {
         let mut subscribe =
             json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": framework_info}});
         if let Some(id) = framework_info.get("id") {

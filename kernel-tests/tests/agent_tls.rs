@@ -11,25 +11,14 @@ use std::process::Command;
 mod common;
 use common::cluster::{Cluster, Https, Ports, binary, python, wait_for};
 
-/// The CA, the master's certificate (127.0.0.1) and the agent's
-/// (agent-1.test), made by openssl as the README shows.
+/// The CA, the master's certificate (127.0.0.1), the agent's
+/// (agent-1.test) and the credentials, made by scripts/make-test-pki.
 fn pki(dir: &Path) {
-    let script = r#"set -e
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=kt-ca -keyout ca.key -out ca.pem
-printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > master.ext
-printf 'subjectAltName=DNS:agent-1.test\nextendedKeyUsage=clientAuth\n' > agent.ext
-for who in master agent; do
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=$who -keyout $who.key -out $who.csr
-  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $who.ext -out $who.pem
-done
-printf 'ops ops-secret\n' > credentials
-chmod 600 credentials *.key
-"#;
-    let output = Command::new("sh")
-        .args(["-c", script])
-        .current_dir(dir)
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-test-pki");
+    let output = Command::new(script)
+        .arg(dir)
         .output()
-        .expect("sh and openssl run (scripts/install-deps installs openssl)");
+        .expect("scripts/make-test-pki runs (scripts/install-deps installs openssl)");
     assert!(
         output.status.success(),
         "{}",
