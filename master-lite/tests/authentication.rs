@@ -454,3 +454,26 @@ async fn acls_hold_roles_users_views_and_operator_calls_to_their_principals() {
     );
     master.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_report_on_another_agents_tasks() {
+    let master = support::master("auth-other-agent").await;
+    let mut scheduler = Scheduler::subscribe(&master, json!({"user": "nobody", "name": "x"})).await;
+    let first = TestAgent::connect(&master, "cpus:2;mem:1024").await;
+    run_sleeper(&mut scheduler, "kept").await;
+    let second = TestAgent::connect(&master, "cpus:2;mem:1024").await;
+    // The second agent says the first one's task failed.
+    second.send_update(
+        &scheduler.framework_id,
+        "kept",
+        butte_api::mesos::v1::TaskState::TaskFailed,
+    );
+    assert!(
+        scheduler.gets_within("UPDATE", 1000).await.is_none(),
+        "no update reaches the framework"
+    );
+    let tasks = support::get_json(&master, "/tasks").await;
+    assert_eq!(tasks["tasks"][0]["state"], "TASK_RUNNING", "{tasks}");
+    assert_eq!(tasks["tasks"][0]["slave_id"], first.agent_id.as_str());
+    master.shutdown().await;
+}
