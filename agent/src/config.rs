@@ -114,12 +114,22 @@ pub struct AgentConfig {
     /// machine, attached only while some task has one.
     #[arg(long, env = "BUTTE_RUNQUEUE_HISTOGRAM", value_enum, default_value_t = RunqueueHistogram::Labelled)]
     pub runqueue_histogram: RunqueueHistogram,
+    /// Principals and secrets (Mesos's credentials JSON or "principal
+    /// secret" lines), for --authenticate-http-readonly.
+    #[arg(long, env = "BUTTE_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// This agent's read endpoints (/metrics, /api/v1: GET_CONTAINERS...)
+    /// need HTTP Basic credentials; /health stays open.
+    #[arg(long, env = "BUTTE_AUTHENTICATE_HTTP_READONLY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub authenticate_http_readonly: bool,
     /// The CA (PEM) that signed the master's certificate: the link to the
     /// master goes over TLS and checks the master against it.
     #[arg(long, env = "BUTTE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// This agent's certificate (PEM), presented to the master as its
-    /// identity (signed by the master's --agent-ca). Read at each connect.
+    /// This agent's certificate (PEM): presented to the master as its
+    /// identity (signed by the master's --agent-ca), read at each connect;
+    /// and its own HTTP port's, which then speaks HTTPS only (reloaded on
+    /// SIGHUP).
     #[arg(
         long,
         env = "BUTTE_TLS_CERT",

@@ -3,14 +3,19 @@
 //! GET_CONTAINERS with ResourceStatistics and our additions), `GET /health`.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use butte_api::mesos::v1::agent::{Call, Response as ApiResponse, call, response};
 use butte_api::mesos::v1::{ContainerStatus, VersionInfo};
+use butte_web::auth::{Authenticator, Realm};
 use prost::{Message, Name};
 
 use crate::agent::{Agent, TaskKey};
@@ -20,11 +25,31 @@ const PROTOBUF: &str = "application/x-protobuf";
 /// The largest call body taken.
 const MAX_BODY: usize = 1 << 20;
 
-pub fn router(agent: Agent) -> Router {
-    Router::new()
+/// The agent's routes; with `authenticator`, the read endpoints
+/// (`/metrics`, `/api/v1`) want HTTP Basic credentials (`/health` does not).
+pub fn router(agent: Agent, authenticator: Option<Arc<Authenticator>>) -> Router {
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
-        .route("/health", get(|| async { "OK" }))
         .route("/api/v1", post(api))
+        .route_layer(axum::middleware::from_fn(
+            move |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request, next: Next| {
+                let authenticator = authenticator.clone();
+                async move {
+                    if let Some(authenticator) = authenticator
+                        && let Err(refused) = authenticator.authenticate(
+                            Realm::ReadOnly,
+                            request.headers(),
+                            peer.ip(),
+                        )
+                    {
+                        return *refused;
+                    }
+                    next.run(request).await
+                }
+            },
+        ));
+    guarded
+        .route("/health", get(|| async { "OK" }))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
 }

@@ -145,12 +145,39 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on {address} (--ip, --port)"))?;
-        let router = http::router(agent.clone());
-        tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, router).await {
-                tracing::error!(%error, "the agent's HTTP server stopped");
-            }
-        });
+        let config = &agent.config;
+        let authenticator = butte_web::auth::Authenticator::from_flags(
+            config.credentials.as_deref(),
+            &[(
+                butte_web::auth::Realm::ReadOnly,
+                config.authenticate_http_readonly,
+                "--authenticate-http-readonly",
+            )],
+        )?
+        .map(std::sync::Arc::new);
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(std::sync::Arc::new(butte_web::tls::Tls::load(
+                butte_web::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: None,
+                },
+            )?)),
+            _ => None,
+        };
+        if let Some(tls) = tls.clone() {
+            tokio::spawn(reload_on_hangup(tls));
+        }
+        let router = http::router(agent.clone(), authenticator);
+        // Serves until the process ends: the sender is never used.
+        let (_serving, until) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(butte_web::serve::serve(
+            listener,
+            router,
+            tls,
+            butte_web::serve::PlainHttp::Refuse,
+            until,
+        ));
         match stop_signal().await {
             Stop::Leave => tracing::info!(
                 "stopping; tasks keep running, fenced, and the next agent on this work dir takes them back"
@@ -326,4 +353,24 @@ fn gpus(
     tracing::info!(backend = backend.name(), gpus = %offered, "GPUs found");
     total.add(&offered);
     Ok(Some(butte_agent::gpus::Gpus { backend, books }))
+}
+
+/// SIGHUP: the operator renewed this agent's certificate; its HTTP port
+/// serves the new one to new connections (the link reads it at reconnect).
+async fn reload_on_hangup(tls: std::sync::Arc<butte_web::tls::Tls>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!(
+            "cannot watch for SIGHUP; the HTTP port keeps its certificate until restart"
+        );
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: the new certificate cannot be used; the old one stays")
+            }
+        }
+    }
 }

@@ -55,6 +55,9 @@ fn an_agent_links_over_tls_with_its_certificate_and_a_principal_runs_a_task_over
         &file("agent.pem"),
         "--tls-key",
         &file("agent.key"),
+        "--credentials",
+        &file("credentials"),
+        "--authenticate-http-readonly",
     ];
     let cluster = Cluster::start_secure(
         "agent-tls",
@@ -119,6 +122,45 @@ fn an_agent_links_over_tls_with_its_certificate_and_a_principal_runs_a_task_over
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&plain.stdout), "401");
+
+    // The agent's own port: HTTPS with its certificate (agent-1.test),
+    // its read endpoints behind the same credentials, /health open.
+    let agent_get = |path: &str, credentials: Option<&str>| {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-w", "\n%{http_code}", "--cacert", &file("ca.pem")])
+            .args(["--resolve", "agent-1.test:15235:127.0.0.1"]);
+        if let Some(credentials) = credentials {
+            curl.args(["-u", credentials]);
+        }
+        let output = curl
+            .arg(format!("https://agent-1.test:15235{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(agent_get("/metrics", None).ends_with("401"));
+    let metrics = agent_get("/metrics", Some("ops:ops-secret"));
+    assert!(
+        metrics.ends_with("200") && metrics.contains("butte_"),
+        "{metrics}"
+    );
+    assert!(agent_get("/health", None).ends_with("200"));
+    let plain = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:15235/health",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "400",
+        "plain HTTP on the agent's TLS port"
+    );
 
     // The example framework, over HTTPS, as principal ops.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/run_task.py");

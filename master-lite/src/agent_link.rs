@@ -35,7 +35,7 @@ impl AgentLink for AgentLinkService {
         // Set by the accept loop: what the client certificate names.
         let identity = request
             .extensions()
-            .get::<crate::tls::PeerIdentity>()
+            .get::<butte_web::tls::PeerIdentity>()
             .and_then(|identity| identity.0.clone());
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {

@@ -95,7 +95,7 @@ pub struct MasterConfig {
         value_enum,
         default_value = "refuse"
     )]
-    pub tls_plain_http: crate::serve::PlainHttp,
+    pub tls_plain_http: butte_web::serve::PlainHttp,
     /// The CA (PEM) that agents' client certificates must chain to.
     #[arg(long, env = "BUTTE_AGENT_CA")]
     pub agent_ca: Option<PathBuf>,
@@ -177,7 +177,7 @@ impl MasterConfig {
             credentials: None,
             tls_cert: None,
             tls_key: None,
-            tls_plain_http: crate::serve::PlainHttp::Refuse,
+            tls_plain_http: butte_web::serve::PlainHttp::Refuse,
             agent_ca: None,
             authenticate_agents: false,
             acls: None,

@@ -5,7 +5,6 @@
 pub mod acls;
 pub mod agent_link;
 pub mod allocator;
-pub mod auth;
 pub mod config;
 pub mod http;
 pub mod master;
@@ -13,20 +12,19 @@ pub mod metrics;
 pub mod operator_api;
 pub mod registry;
 pub mod scheduler_api;
-pub mod serve;
 pub mod telemetry;
-pub mod tls;
 pub mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use auth::{Authenticator, Realm};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use butte_api::agent_link::v1::agent_link_server::AgentLinkServer;
+use butte_web::auth::{self, Authenticator, Realm};
+use butte_web::{serve, tls};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 

@@ -195,7 +195,7 @@ async fn https_verifies_against_the_ca_and_plain_http_is_refused_or_redirected()
 
     let mut config = tls_config(&dir);
     config.work_dir = dir.join("work-redirect");
-    config.tls_plain_http = butte_master_lite::serve::PlainHttp::Redirect;
+    config.tls_plain_http = butte_web::serve::PlainHttp::Redirect;
     let master = support::master_with(config).await;
     let port = master.addr.port();
     let (_, out) = curl(&[&format!("http://127.0.0.1:{port}/state?x=1")]);
