@@ -61,14 +61,12 @@ async fn frameworks_subscribe_with_their_secret_and_others_get_401() {
     )
     .await;
     // The principal it authenticated as is the framework's.
-    let frameworks: serde_json::Value = basic_client("alice", "alice-secret")
-        .get(format!("http://{}/frameworks", master.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let frameworks = support::get_json_with(
+        &basic_client("alice", "alice-secret"),
+        &master,
+        "/frameworks",
+    )
+    .await;
     assert_eq!(
         frameworks["frameworks"][0]["principal"], "alice",
         "{frameworks}"
@@ -175,14 +173,12 @@ async fn a_second_principal_cannot_take_a_framework_over() {
         alice.gets_within("UPDATE", 500).await.is_none(),
         "no update: the task was not killed"
     );
-    let frameworks: serde_json::Value = basic_client("alice", "alice-secret")
-        .get(format!("http://{}/frameworks", master.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let frameworks = support::get_json_with(
+        &basic_client("alice", "alice-secret"),
+        &master,
+        "/frameworks",
+    )
+    .await;
     assert_eq!(
         frameworks["frameworks"][0]["tasks"][0]["state"], "TASK_RUNNING",
         "{frameworks}"
@@ -381,14 +377,8 @@ async fn acls_hold_roles_users_views_and_operator_calls_to_their_principals() {
     let state = |principal: &'static str| {
         let master = &master;
         async move {
-            basic_client(principal, &format!("{principal}-secret"))
-                .get(format!("http://{}/state", master.addr))
-                .send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()
+            let client = basic_client(principal, &format!("{principal}-secret"));
+            support::get_json_with(&client, master, "/state").await
         }
     };
     assert_eq!(
@@ -399,14 +389,7 @@ async fn acls_hold_roles_users_views_and_operator_calls_to_their_principals() {
         state("bob").await["frameworks"].as_array().unwrap().len(),
         0
     );
-    let tasks: serde_json::Value = basic_client("bob", "bob-secret")
-        .get(format!("http://{}/tasks", master.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tasks = support::get_json_with(&basic_client("bob", "bob-secret"), &master, "/tasks").await;
     assert_eq!(tasks["tasks"].as_array().unwrap().len(), 0, "{tasks}");
     let get_state: serde_json::Value = operator_call(&master, "bob", json!({"type": "GET_STATE"}))
         .await

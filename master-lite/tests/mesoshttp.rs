@@ -88,28 +88,14 @@ async fn run_framework(
     );
 
     // What the client saw is what the master did: two tasks finished, the framework is gone.
-    let state: serde_json::Value = reader
-        .get(format!("http://{}/state", master.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = support::get_json_with(&reader, &master, "/state").await;
     assert_eq!(
         state["frameworks"].as_array().unwrap().len(),
         0,
         "torn down: {state}"
     );
     assert_eq!(state["completed_frameworks"][0]["name"], "mesoshttp-test");
-    let metrics: serde_json::Value = reader
-        .get(format!("http://{}/metrics/snapshot", master.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let metrics = support::get_json_with(&reader, &master, "/metrics/snapshot").await;
     assert!(
         metrics["master/tasks_launched"].as_f64().unwrap() >= 2.0,
         "{metrics}"

@@ -479,7 +479,14 @@ pub fn running_task(
 
 /// The master's JSON at `path` (a v0 view).
 pub async fn get_json(master: &RunningMaster, path: &str) -> Value {
-    reqwest::get(format!("http://{}{path}", master.addr))
+    get_json_with(&reqwest::Client::new(), master, path).await
+}
+
+/// As `get_json`, with `client` (credentials, say).
+pub async fn get_json_with(client: &reqwest::Client, master: &RunningMaster, path: &str) -> Value {
+    client
+        .get(format!("http://{}{path}", master.addr))
+        .send()
         .await
         .unwrap()
         .json()
