@@ -26,6 +26,16 @@ fn pki(dir: &Path) {
     );
 }
 
+/// The HTTP status curl gets with `args`.
+fn http_code(args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[test]
 fn an_agent_links_over_tls_with_its_certificate_and_a_principal_runs_a_task_over_https() {
     let pki_dir =
@@ -108,20 +118,10 @@ fn an_agent_links_over_tls_with_its_certificate_and_a_principal_runs_a_task_over
         "only the certified agent: {snapshot}"
     );
     // Without credentials, the views answer 401.
-    let plain = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
-            &file("ca.pem"),
-        ])
-        .arg("https://127.0.0.1:15234/state")
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&plain.stdout), "401");
+    assert_eq!(
+        http_code(&["--cacert", &file("ca.pem"), "https://127.0.0.1:15234/state"]),
+        "401"
+    );
 
     // The agent's own port: HTTPS with its certificate (agent-1.test),
     // its read endpoints behind the same credentials, /health open.
@@ -145,19 +145,8 @@ fn an_agent_links_over_tls_with_its_certificate_and_a_principal_runs_a_task_over
         "{metrics}"
     );
     assert!(agent_get("/health", None).ends_with("200"));
-    let plain = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "http://127.0.0.1:15235/health",
-        ])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&plain.stdout),
+        http_code(&["http://127.0.0.1:15235/health"]),
         "400",
         "plain HTTP on the agent's TLS port"
     );
