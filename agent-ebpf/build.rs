@@ -39,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={source}");
         println!("cargo:rerun-if-changed=src/bpf/counters.h");
         println!("cargo:rerun-if-changed=src/bpf/runq.h");
+        println!("cargo:rerun-if-changed=src/bpf/sched.h");
         let object = out.join(format!("{object}.bpf.o"));
         let status = Command::new("clang")
             .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86", "-Wall", "-Werror", "-c"])

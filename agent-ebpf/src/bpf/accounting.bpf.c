@@ -30,51 +30,7 @@
 
 #include "runq.h"
 
-// The few kernel fields we read, relocated against the running kernel's BTF
-// (CO-RE), so no kernel headers or vmlinux.h are needed. In tp_btf and iter
-// programs these are plain loads, not helper calls.
-struct kernfs_node {
-    __u64 id;
-} __attribute__((preserve_access_index));
-
-struct cgroup {
-    struct kernfs_node *kn;
-} __attribute__((preserve_access_index));
-
-struct css_set {
-    struct cgroup *dfl_cgrp;
-} __attribute__((preserve_access_index));
-
-struct rq {
-    __u64 clock;
-} __attribute__((preserve_access_index));
-
-struct cfs_rq {
-    struct rq *rq;
-} __attribute__((preserve_access_index));
-
-struct sched_entity {
-    __u64 sum_exec_runtime;
-    struct cfs_rq *cfs_rq;
-} __attribute__((preserve_access_index));
-
-struct sched_info {
-    __u64 last_queued;
-} __attribute__((preserve_access_index));
-
-struct task_struct {
-    unsigned int __state;
-    unsigned int flags;
-    int pid;
-    int tgid;
-    int exit_code;
-    __u64 utime;
-    __u64 stime;
-    struct sched_entity se;
-    struct sched_info sched_info;
-    struct css_set *cgroups;
-    char comm[16];
-} __attribute__((preserve_access_index));
+#include "sched.h"
 
 struct bpf_iter_meta {
     __u64 seq_num;

@@ -12,35 +12,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-struct cgroup;
-
-struct css_set {
-    struct cgroup *dfl_cgrp;
-} __attribute__((preserve_access_index));
-
-struct rq {
-    __u64 clock;
-} __attribute__((preserve_access_index));
-
-struct cfs_rq {
-    struct rq *rq;
-} __attribute__((preserve_access_index));
-
-struct sched_entity {
-    struct cfs_rq *cfs_rq;
-} __attribute__((preserve_access_index));
-
-struct sched_info {
-    __u64 last_queued;
-} __attribute__((preserve_access_index));
-
-struct task_struct {
-    int pid;
-    struct sched_entity se;
-    struct sched_info sched_info;
-    struct css_set *cgroups;
-} __attribute__((preserve_access_index));
-
+#include "sched.h"
 #include "runq.h"
 
 RUNQ_STORAGE(runq);
