@@ -180,6 +180,23 @@ fn an_agent_links_over_tls_with_its_certificate_and_a_principal_runs_a_task_over
         "run_task.py: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // SIGHUP: both read their certificates again and go on serving.
+    for pid in [cluster.master_pid(), cluster.agent_pid().unwrap()] {
+        // SAFETY: kill(2) of a child this test started.
+        #[allow(unsafe_code)]
+        let sent = unsafe { libc::kill(pid, libc::SIGHUP) };
+        assert_eq!(sent, 0);
+    }
+    wait_for("both to reload", || {
+        ["master.log", "agent.log"].iter().all(|log| {
+            std::fs::read_to_string(cluster.dir.join(log))
+                .is_ok_and(|text| text.contains("SIGHUP: TLS certificate and key read again"))
+        })
+    });
+    assert!(
+        agent_get("/health", None).ends_with("200"),
+        "the agent serves on"
+    );
     let frameworks = cluster.master_get("/frameworks").unwrap();
     assert!(
         frameworks.contains("\"principal\":\"ops\""),

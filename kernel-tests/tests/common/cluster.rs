@@ -278,6 +278,11 @@ impl Cluster {
         self.agent = Some(agent);
     }
 
+    /// The master's pid.
+    pub fn master_pid(&self) -> i32 {
+        self.master.id() as i32
+    }
+
     /// The agent's pid, while it runs.
     pub fn agent_pid(&self) -> Option<i32> {
         self.agent.as_ref().map(|a| a.id() as i32)
