@@ -155,18 +155,13 @@ fn main() -> anyhow::Result<()> {
             )],
         )?
         .map(std::sync::Arc::new);
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(std::sync::Arc::new(butte_web::tls::Tls::load(
-                butte_web::tls::TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    client_ca: None,
-                },
-            )?)),
-            _ => None,
-        };
+        let tls = butte_web::tls::Tls::from_flags(
+            config.tls_cert.as_deref(),
+            config.tls_key.as_deref(),
+            None,
+        )?;
         if let Some(tls) = tls.clone() {
-            tokio::spawn(reload_on_hangup(tls));
+            tokio::spawn(butte_web::tls::reload_on_hangup(Some(tls)));
         }
         let router = http::router(agent.clone(), authenticator);
         // Serves until the process ends: the sender is never used.
@@ -353,24 +348,4 @@ fn gpus(
     tracing::info!(backend = backend.name(), gpus = %offered, "GPUs found");
     total.add(&offered);
     Ok(Some(butte_agent::gpus::Gpus { backend, books }))
-}
-
-/// SIGHUP: the operator renewed this agent's certificate; its HTTP port
-/// serves the new one to new connections (the link reads it at reconnect).
-async fn reload_on_hangup(tls: std::sync::Arc<butte_web::tls::Tls>) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!(
-            "cannot watch for SIGHUP; the HTTP port keeps its certificate until restart"
-        );
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
-            Err(error) => {
-                tracing::error!(%error, "SIGHUP: the new certificate cannot be used; the old one stays")
-            }
-        }
-    }
 }

@@ -38,6 +38,8 @@ pub struct RunningMaster {
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
     ticker: JoinHandle<()>,
+    /// Reloads the certificate on SIGHUP.
+    hangups: JoinHandle<()>,
     tls: Option<Arc<tls::Tls>>,
 }
 
@@ -55,6 +57,7 @@ impl RunningMaster {
     /// to 2 s for connections to drain before closing the rest.
     pub async fn shutdown(mut self) {
         self.ticker.abort();
+        self.hangups.abort();
         self.shared.lock().close_streams();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -127,14 +130,11 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
         ],
     )?
     .map(Arc::new);
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(tls::TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: config.agent_ca.clone(),
-        })?)),
-        _ => None,
-    };
+    let tls = tls::Tls::from_flags(
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+        config.agent_ca.as_deref(),
+    )?;
     if config.authenticate_agents && (tls.is_none() || config.agent_ca.is_none()) {
         return Err(StartError::AgentsUnauthenticatable);
     }
@@ -172,6 +172,7 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
         plain_http,
         stopped,
     ));
+    let hangups = tokio::spawn(tls::reload_on_hangup(tls.clone()));
     tracing::info!(%addr, tls = tls.is_some(), "butte master serving");
     Ok(RunningMaster {
         addr,
@@ -179,6 +180,7 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, StartError> {
         stop: Some(stop),
         server,
         ticker,
+        hangups,
         tls,
     })
 }

@@ -2,7 +2,6 @@ use clap::Parser;
 
 use butte_api::daemon::{init_logging, shutdown_signal};
 use butte_master_lite::{MasterConfig, start};
-use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -15,19 +14,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let master = start(config).await?;
     println!("butte-master listening on {scheme}://{}", master.addr);
-    // SIGHUP: the operator renewed the certificate.
-    let mut hangups = signal(SignalKind::hangup())?;
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = hangups.recv() => match master.reload_tls() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
-                Err(error) => tracing::error!(%error, "SIGHUP: the new certificate cannot be used; the old one stays"),
-            },
-        }
-    }
+    // SIGHUP (a renewed certificate) is the server's: butte_web::tls.
+    shutdown_signal().await;
     tracing::info!("stopping");
     master.shutdown().await;
     Ok(())

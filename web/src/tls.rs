@@ -139,6 +139,46 @@ impl Tls {
     }
 }
 
+impl Tls {
+    /// From `--tls-cert` and `--tls-key` (clap makes each require the
+    /// other): None where TLS is off.
+    pub fn from_flags(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> Result<Option<Arc<Self>>, TlsError> {
+        let (Some(cert), Some(key)) = (cert, key) else {
+            return Ok(None);
+        };
+        let files = TlsFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: client_ca.map(Path::to_owned),
+        };
+        Ok(Some(Arc::new(Self::load(files)?)))
+    }
+}
+
+/// SIGHUP: the operator renewed the certificate; new connections get it
+/// (open ones go on), and a file that cannot be used keeps the old one.
+/// Without TLS, SIGHUP is taken and does nothing.
+pub async fn reload_on_hangup(tls: Option<Arc<Tls>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot watch for SIGHUP; the certificate stays until restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let Some(tls) = &tls else { continue };
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: the new certificate cannot be used; the old one stays")
+            }
+        }
+    }
+}
+
 /// Who the connection's client certificate (verified against
 /// `--agent-ca`) names: its DNS names, sorted, comma-joined; None without
 /// one.
